@@ -1,0 +1,159 @@
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor
+
+from .model import Flux, Injection, SkipSets
+
+
+def get_noise(num_samples: int, height: int, width: int, device: torch.device | str, dtype: torch.dtype, seed: int) -> Tensor:
+    """Initial latent noise. Drawn on a CPU generator in the target dtype, so a seed gives the
+    same noise on every device (the official behaviour since mid-2025)."""
+    return torch.randn(
+        num_samples,
+        16,
+        2 * math.ceil(height / 16),
+        2 * math.ceil(width / 16),
+        dtype=dtype,
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+    ).to(device)
+
+
+def pack(img: Tensor) -> Tensor:
+    """(B, 16, h, w) latent -> (B, h/2 * w/2, 64) tokens of 2x2 patches."""
+    return rearrange(img, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(x: Tensor, height: int, width: int) -> Tensor:
+    return rearrange(
+        x.float(),
+        "b (h w) (c ph pw) -> b c (h ph) (w pw)",
+        h=math.ceil(height / 16),
+        w=math.ceil(width / 16),
+        ph=2,
+        pw=2,
+    )
+
+
+def image_ids(batch: int, h: int, w: int, device: torch.device | str | None = None) -> Tensor:
+    """Position ids (B, h*w, 3) of the packed latent tokens: [0, row, column]."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
+    return repeat(ids, "h w c -> b (h w) c", b=batch).to(device)
+
+
+def prepare(t5: Callable, clip: Callable, img: Tensor, prompt: str | list[str]) -> dict[str, Tensor]:
+    """Pack the latent, build position ids and encode the prompt(s) for `denoise`."""
+    bs, _, h, w = img.shape
+    if bs == 1 and not isinstance(prompt, str):
+        bs = len(prompt)
+    img = pack(img)
+    if img.shape[0] == 1 and bs > 1:
+        img = repeat(img, "1 ... -> bs ...", bs=bs)
+    img_ids = image_ids(bs, h // 2, w // 2, img.device)
+
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    txt = t5(prompt)
+    if txt.shape[0] == 1 and bs > 1:
+        txt = repeat(txt, "1 ... -> bs ...", bs=bs)
+    txt_ids = torch.zeros(bs, txt.shape[1], 3)
+    vec = clip(prompt)
+    if vec.shape[0] == 1 and bs > 1:
+        vec = repeat(vec, "1 ... -> bs ...", bs=bs)
+    return {
+        "img": img,
+        "img_ids": img_ids,
+        "txt": txt.to(img.device),
+        "txt_ids": txt_ids.to(img.device),
+        "vec": vec.to(img.device),
+    }
+
+
+def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_lin_function(x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> Callable[[float], float]:
+    m = (y2 - y1) / (x2 - x1)
+    b = y1 - m * x1
+    return lambda x: m * x + b
+
+
+def get_schedule(
+    num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, shift: bool = True
+) -> list[float]:
+    """num_steps + 1 times from 1 to 0; shifted towards high noise for long sequences (dev)."""
+    timesteps = torch.linspace(1, 0, num_steps + 1)
+    if shift:
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)
+        timesteps = time_shift(mu, 1.0, timesteps)
+    return timesteps.tolist()
+
+
+@dataclass
+class Step:
+    """What a denoise callback sees after step `index` (0-based) moved the latent from t to t_prev."""
+
+    index: int
+    t: float
+    t_prev: float
+    latent: Tensor  # x_t, the packed latent the model saw
+    velocity: Tensor  # v = model(x_t, t)
+    x0: Tensor  # predicted clean latent x_t - t * v
+    next_latent: Tensor  # x_{t_prev} = x_t + (t_prev - t) * v
+
+
+StepCallback = Callable[[Step], Tensor | None]
+"""Called after every step; may return a tensor that replaces next_latent (used by real-image editing)."""
+
+
+def guidance_vector(guidance: float | Sequence[float] | Tensor, batch: int, device, dtype) -> Tensor:
+    """One guidance value per sample (Stable Flow's real-image edit uses 1 for the reference, 3 for edits)."""
+    if isinstance(guidance, (int, float)):
+        return torch.full((batch,), float(guidance), device=device, dtype=dtype)
+    g = torch.as_tensor(guidance, dtype=dtype).to(device)
+    if g.shape != (batch,):
+        raise ValueError(f"guidance needs one value per sample ({batch}), got shape {tuple(g.shape)}")
+    return g
+
+
+def denoise(
+    model: Flux,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    vec: Tensor,
+    timesteps: list[float],
+    guidance: float | Sequence[float] | Tensor = 4.0,
+    skip: SkipSets | None = None,
+    inject: Injection | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler integration of the flow from timesteps[0] to timesteps[-1]."""
+    guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
+    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        pred = model(
+            img=img,
+            img_ids=img_ids,
+            txt=txt,
+            txt_ids=txt_ids,
+            y=vec,
+            timesteps=t_vec,
+            guidance=guidance_vec,
+            skip=skip,
+            inject=inject,
+        )
+        next_img = img + (t_prev - t_curr) * pred
+        if callback is not None:
+            replaced = callback(Step(i, t_curr, t_prev, img, pred, img - t_curr * pred, next_img))
+            if replaced is not None:
+                next_img = replaced
+        img = next_img
+    return img
