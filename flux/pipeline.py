@@ -1,0 +1,192 @@
+"""Model loading and generation shared by every demo: load once, encode prompts once, sample, decode."""
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+from .model import Flux, Injection, SkipSets
+from .modules.autoencoder import AutoEncoder
+from .modules.conditioner import HFEmbedder
+from .sampling import StepCallback, denoise, get_noise, get_schedule, image_ids, pack, unpack
+from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 16:
+            raise UserError(f"{name} {v} is not a positive multiple of 16: FLUX packs 8x-downsampled latents in 2x2 patches")
+
+
+@dataclass
+class Text:
+    """Encoded prompts: T5 tokens, their (zero) position ids and the pooled CLIP vector."""
+
+    txt: Tensor
+    txt_ids: Tensor
+    vec: Tensor
+
+    def __len__(self) -> int:
+        return self.txt.shape[0]
+
+    def select(self, index: Sequence[int]) -> "Text":
+        """Rows of a batch, e.g. one encoded prompt repeated for many ablation variants."""
+        idx = torch.as_tensor(list(index), device=self.txt.device)
+        return Text(self.txt[idx], self.txt_ids[idx], self.vec[idx])
+
+
+@dataclass
+class FluxModels:
+    """The four networks of a FLUX model. With `offload`, each visits the GPU only while it is used."""
+
+    name: str
+    spec: ModelSpec
+    model: Flux
+    ae: AutoEncoder
+    t5: HFEmbedder
+    clip: HFEmbedder
+    device: torch.device
+    dtype: torch.dtype
+    offload: bool = False
+
+    @contextmanager
+    def on_device(self, *modules: nn.Module):
+        if self.offload:
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in modules:
+                    m.cpu()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str]) -> Text:
+        with self.on_device(self.t5, self.clip):
+            txt = self.t5(list(prompts)).to(self.device, self.dtype)
+            vec = self.clip(list(prompts)).to(self.device, self.dtype)
+        txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=self.device)
+        return Text(txt, txt_ids, vec)
+
+    def release_text_encoders(self) -> None:
+        """Move T5 and CLIP off the GPU once every prompt is encoded (frees ~10 GB for dev)."""
+        self.t5.cpu()
+        self.clip.cpu()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def noise(self, seeds: Sequence[int], width: int, height: int) -> Tensor:
+        return torch.cat([get_noise(1, height, width, self.device, self.dtype, s) for s in seeds])
+
+    def schedule(self, steps: int, width: int, height: int) -> list[float]:
+        return get_schedule(steps, (height // 16) * (width // 16), shift=self.spec.shift)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        text: Text,
+        noise: Tensor,
+        timesteps: list[float],
+        guidance: float | Sequence[float] = 3.5,
+        skip: SkipSets | None = None,
+        inject: Injection | None = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Sample packed latents from (B, 16, h, w) noise; returns (B, 16, h, w)."""
+        b, _, h, w = noise.shape
+        if len(text) != b:
+            raise ValueError(f"{len(text)} prompts for {b} latents")
+        with self.on_device(self.model):
+            x = denoise(
+                self.model,
+                pack(noise),
+                image_ids(b, h // 2, w // 2, self.device),
+                text.txt,
+                text.txt_ids,
+                text.vec,
+                timesteps,
+                guidance=guidance,
+                skip=skip,
+                inject=inject,
+                callback=callback,
+            )
+        return unpack(x, h * 8, w * 8)
+
+    @torch.inference_mode()
+    def decode(self, latent: Tensor) -> Tensor:
+        """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1]."""
+        ae_dtype = next(self.ae.parameters()).dtype
+        with self.on_device(self.ae):
+            return self.ae.decode(latent.to(self.device, ae_dtype)).clamp(-1, 1).float()
+
+    @torch.inference_mode()
+    def encode_image(self, image: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> normalised latent means (B, 16, H/8, W/8) in the model dtype."""
+        ae_dtype = next(self.ae.parameters()).dtype
+        with self.on_device(self.ae):
+            return self.ae.encode(image.to(self.device, ae_dtype)).to(self.dtype)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float | Sequence[float] = 3.5,
+        skip: SkipSets | None = None,
+        inject: Injection | None = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Text to images in [-1, 1], one batch: prompts[b] with noise from seeds[b]."""
+        check_size(width, height)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        text = self.encode(prompts)
+        latent = self.denoise(
+            text, self.noise(seeds, width, height), self.schedule(steps, width, height), guidance, skip, inject, callback
+        )
+        return self.decode(latent)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but CUDA is not available: use device \"auto\" or \"cpu\"")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} was asked for but MPS is not available: use device \"auto\" or \"cpu\"")
+    return device
+
+
+def load_models(
+    name: str,
+    device: torch.device | str = "auto",
+    dtype: torch.dtype = torch.bfloat16,
+    offload: bool = False,
+    flow_path: str | None = None,
+    ae_path: str | None = None,
+    t5_path: str | None = None,
+    clip_path: str | None = None,
+) -> FluxModels:
+    """All four networks of `name`; local paths override the Hub (see README, "Getting weights")."""
+    spec = model_spec(name)
+    device = pick_device(device) if isinstance(device, str) else device
+    home = torch.device("cpu") if offload else device
+    model = load_flow_model(name, home, dtype, path=flow_path)
+    ae = load_ae(name, home, path=ae_path)
+    t5 = load_t5(home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
+    clip = load_clip(home, version=clip_path or spec.clip_version, dtype=dtype)
+    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload)
