@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -10,9 +11,11 @@ from torch import Tensor, nn
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
-from .modules.conditioner import HFEmbedder
 from .sampling import StepCallback, denoise, get_noise, get_schedule, image_ids, pack, unpack
 from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec
+
+if TYPE_CHECKING:
+    from .modules.conditioner import HFEmbedder
 
 
 def check_size(width: int, height: int) -> None:
@@ -46,8 +49,8 @@ class FluxModels:
     spec: ModelSpec
     model: Flux
     ae: AutoEncoder
-    t5: HFEmbedder
-    clip: HFEmbedder
+    t5: "HFEmbedder"
+    clip: "HFEmbedder"
     device: torch.device
     dtype: torch.dtype
     offload: bool = False

@@ -4,13 +4,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .errors import UserError
 from .model import Flux, FluxParams
 from .modules.autoencoder import AutoEncoder, AutoEncoderParams
-from .modules.conditioner import HFEmbedder
+
+if TYPE_CHECKING:  # transformers is imported only when a text encoder is loaded
+    from .modules.conditioner import HFEmbedder
 
 PREFIX = "model.diffusion_model."
 
@@ -303,8 +307,10 @@ def load_t5(
     version: str = "google/t5-v1_1-xxl",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-) -> HFEmbedder:
+) -> "HFEmbedder":
     """T5 text encoder; version "tiny" builds a small random one (no download)."""
+    from .modules.conditioner import HFEmbedder
+
     if version == "tiny":
         return HFEmbedder.tiny("t5", max_length=max_length, seed=seed).to(device)
     return HFEmbedder(version, max_length=max_length, torch_dtype=dtype).to(device)
@@ -315,8 +321,10 @@ def load_clip(
     version: str = "openai/clip-vit-large-patch14",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-) -> HFEmbedder:
+) -> "HFEmbedder":
     """CLIP text encoder (pooled output); version "tiny" builds a small random one (no download)."""
+    from .modules.conditioner import HFEmbedder
+
     if version == "tiny":
         return HFEmbedder.tiny("clip", max_length=77, seed=seed).to(device)
     return HFEmbedder(version, max_length=77, torch_dtype=dtype).to(device)
