@@ -1,0 +1,557 @@
+"""The one config layer of the demos: a JSON file (plus `key=value` overrides) -> a typed, validated dataclass.
+
+A config class is a plain `@dataclass` whose fields all have defaults. Validation lives in each field's metadata:
+
+    steps: int = field(default=15, metadata={"help": "denoising steps", "min": 1, "max": 1000})
+
+Metadata keys: `help` (str), `min`, `max`, `multiple_of` (numbers; applied to every number of a list),
+`choices` (allowed values), `pattern` (a regular expression a string must match in full).
+Field types: str, int, float (an integer is accepted), bool, `X | None`, `list[X]`, `Literal[...]`, `str | list[str]`.
+A class may define `check(self) -> list[str]` for cross-field rules; it runs once every field is valid.
+Keys starting with "_" in a config file are comments (e.g. the "_help" block of `--print-config`) and are ignored.
+
+Every problem -- broken JSON, unknown keys, wrong types, out-of-range values -- is collected and raised at once as
+one `ConfigError`; `run_demo` turns any `UserError` into `error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, TypeVar
+
+from flux.errors import UserError
+
+if typing.TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BaseConfig", "ConfigError", "config_json", "config_to_dict", "default_config_json", "load_config",
+    "resolve_device", "resolve_dtype", "run_demo",
+]
+
+C = TypeVar("C")
+_META_KEYS = {"help", "min", "max", "multiple_of", "choices", "pattern"}
+_NoneType = type(None)
+
+
+class ConfigError(UserError):
+    """Every problem found in one config (file and overrides), one per line in the message."""
+
+    def __init__(self, problems: Sequence[str], source: str | None):
+        self.problems = list(problems)
+        self.source = source
+        where = f"config file '{source}'" if source else "the config"
+        if len(self.problems) == 1:
+            super().__init__(f"{where}: {self.problems[0]}")
+        else:
+            super().__init__(f"{where} has {len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Types: checking a JSON value against a field's annotation
+
+
+class _Mismatch(Exception):
+    """A value does not have the annotated type; `path` locates the bad element inside a list."""
+
+    def __init__(self, expected: str, value: Any, path: str = ""):
+        self.expected, self.value, self.path = expected, value, path
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _describe(tp: Any) -> str:
+    """`tp` as the words that follow 'must be'."""
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is _NoneType:
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(c) for c in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return "a list of " + plural.get(item, f"items that are each {_describe(item)}")
+    if _is_union(tp):
+        parts = [_describe(a) for a in typing.get_args(tp)]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _show(value: Any) -> str:
+    """A JSON value as it would appear in the file, with its kind where that helps."""
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    if isinstance(value, bool):
+        return f"{text} (a true/false value)"
+    if isinstance(value, str):
+        return f"{text} (a string)"
+    if isinstance(value, list):
+        return f"{text} (a list)"
+    if isinstance(value, dict):
+        return f"{text} (an object)"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{text} (a number with a fraction)"
+    return text
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` converted to `tp` (ints become floats, lists are copied); raises _Mismatch."""
+    if tp is bool or tp is str or tp is _NoneType:
+        if type(value) is tp or (tp is _NoneType and value is None):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _Mismatch("a finite number", value)
+            return float(value)
+    elif typing.get_origin(tp) is Literal:
+        if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
+            return value
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            out = []
+            for i, v in enumerate(value):
+                try:
+                    out.append(_coerce(v, item))
+                except _Mismatch as e:
+                    raise _Mismatch(e.expected, e.value, f"[{i}]{e.path}") from None
+            return out
+    elif _is_union(tp):
+        # Try the member whose JSON kind matches first, so a list gets the list's element-level message.
+        members = typing.get_args(tp)
+        errors = []
+        for member in members:
+            try:
+                return _coerce(value, member)
+            except _Mismatch as e:
+                errors.append(e)
+        for e in errors:  # a list that failed inside: report the element, not "must be a string or a list"
+            if e.path:
+                raise e
+    else:
+        raise TypeError(f"unsupported config field type {tp!r}")
+    raise _Mismatch(_describe(tp), value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema: the fields of a config class
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    type: Any
+    default: Any
+    meta: dict[str, Any]
+
+
+_schemas: dict[type, list[_Field]] = {}
+
+
+def _schema(cls: type) -> list[_Field]:
+    """The validated field list of `cls`; mistakes in the class itself are TypeErrors (bugs, not user errors)."""
+    if cls in _schemas:
+        return _schemas[cls]
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name} needs a default: every config key must have one")
+        meta = dict(f.metadata)
+        if unknown := set(meta) - _META_KEYS:
+            raise TypeError(f"{cls.__name__}.{f.name}: unknown metadata {sorted(unknown)}; allowed: {sorted(_META_KEYS)}")
+        tp = hints[f.name]
+        _describe(tp)  # rejects unsupported types now, not when a user happens to set the key
+        fields.append(_Field(f.name, tp, default, meta))
+        # The defaults must pass their own rules, or --print-config would print a config that fails to load.
+        if problems := _check_value(fields[-1], default):
+            raise TypeError(f"{cls.__name__}: default violates its own rules: {problems}")
+    _schemas[cls] = fields
+    return fields
+
+
+def _literal_choices(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    return [c for a in typing.get_args(tp) if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+
+
+def _leaves(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _check_value(f: _Field, value: Any) -> list[str]:
+    """Every rule that `value` breaks for field `f` (empty: valid)."""
+    try:
+        _convert(f, value)
+    except _Problems as p:
+        return p.messages
+    return []
+
+
+class _Problems(Exception):
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+
+
+def _convert(f: _Field, value: Any) -> Any:
+    """`value` converted for field `f`; raises _Problems with every rule it breaks."""
+    raw = value
+    try:
+        value = _coerce(value, f.type)
+    except _Mismatch as e:
+        hint = _did_you_mean(e.value, _literal_choices(f.type)) if not e.path else ""
+        raise _Problems([f"'{f.name}{e.path}' must be {e.expected}, got {_show(e.value)}{hint}"]) from None
+    problems = []
+    meta = f.meta
+    for i, leaf in enumerate(_leaves(raw)):  # the value as written: -1, not -1.0
+        where = f"'{f.name}[{i}]'" if isinstance(value, list) else f"'{f.name}'"
+        if leaf is None or isinstance(leaf, bool):
+            continue
+        if isinstance(leaf, (int, float)):
+            if "min" in meta and leaf < meta["min"]:
+                problems.append(f"{where} must be at least {meta['min']}, got {leaf}")
+            if "max" in meta and leaf > meta["max"]:
+                problems.append(f"{where} must be at most {meta['max']}, got {leaf}")
+            step = meta.get("multiple_of")
+            if step and leaf % step:
+                low = leaf // step * step
+                near = f"{low} or {low + step}" if low > 0 else f"{low + step}"
+                problems.append(f"{where} must be a multiple of {step}, got {leaf} (nearest: {near})")
+        if isinstance(leaf, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], leaf):
+            problems.append(f"{where} has an invalid value {_show(leaf)}: expected {meta.get('help', meta['pattern'])}")
+        if "choices" in meta and leaf not in meta["choices"]:
+            choices = ", ".join(json.dumps(c) for c in meta["choices"])
+            problems.append(f"{where} must be one of {choices}, got {_show(leaf)}{_did_you_mean(leaf, meta['choices'])}")
+    if problems:
+        raise _Problems(problems)
+    return value
+
+
+def _did_you_mean(word: Any, options: Sequence[Any]) -> str:
+    if not isinstance(word, str):
+        return ""
+    strings = [o for o in options if isinstance(o, str)]
+    close = difflib.get_close_matches(word, strings, n=1, cutoff=0.6)
+    return f" — did you mean {json.dumps(close[0])}?" if close else ""
+
+
+def _field_help(f: _Field) -> str:
+    """A field's help text followed by its rules, e.g. "denoising steps [integer, 1..1000]"."""
+    rules = [_describe(f.type).removeprefix("a ").removeprefix("an ")]
+    lo, hi = f.meta.get("min"), f.meta.get("max")
+    if lo is not None or hi is not None:
+        rules.append(f"{'' if lo is None else lo}..{'' if hi is None else hi}")
+    if "multiple_of" in f.meta:
+        rules.append(f"multiple of {f.meta['multiple_of']}")
+    if "choices" in f.meta:
+        rules.append("one of " + ", ".join(map(str, f.meta["choices"])))
+    text = f.meta.get("help", "")
+    return f"{text} [{'; '.join(rules)}]".strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_json(path: Path) -> tuple[Any, list[str]]:
+    """The parsed file, or None and the problems that stop it being read."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.json"))
+        hint = f" (it holds: {', '.join(inside[:8])})" if inside else ""
+        return None, [f"is a folder, not a file: pass the path of a .json config file{hint}"]
+    if not path.exists():
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*")], n=1) \
+            if path.parent.is_dir() else []
+        hint = f" — did you mean '{path.parent / near[0]}'?" if near else ""
+        return None, [f"no such file{hint}"]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: editors on Windows may add a byte-order mark
+    except OSError as e:
+        return None, [f"cannot be read: {e.strerror or e}"]
+    except UnicodeDecodeError as e:
+        return None, [f"is not a UTF-8 text file (bad byte at offset {e.start}): is it really a JSON config?"]
+    if not text.strip():
+        return None, ["is empty: write a JSON object such as {\"seed\": 0}, or print a full one with --print-config"]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = text.splitlines()[e.lineno - 1] if e.lineno - 1 < len(text.splitlines()) else ""
+        hint = ""
+        before = text[: e.pos].rstrip()
+        if e.msg.startswith("Expecting property name") and before.endswith(","):
+            hint = " (a trailing comma before '}'? JSON allows none)"
+        elif e.msg.startswith("Expecting value") and before.endswith(","):
+            hint = " (a trailing comma before ']'? JSON allows none)"
+        elif e.msg.startswith("Expecting property name") and text[e.pos:e.pos + 1] == "'":
+            hint = " (JSON needs double quotes \", not ')"
+        elif e.msg.startswith("Expecting ',' delimiter"):
+            hint = " (a missing comma between two entries?)"
+        return None, [f"broken JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}\n"
+                      f"      {line}\n      {' ' * (e.colno - 1)}^"]
+    if not isinstance(data, dict):
+        return None, [f"must hold one JSON object {{\"key\": value, ...}}, not {_show(data)}"]
+    return data, []
+
+
+def _parse_override(text: str) -> tuple[str, list[Any]] | None:
+    """"key=value" -> key and candidate values: the JSON reading first, then the plain string."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), [raw]
+    return key.strip(), [parsed, raw] if parsed != raw else [parsed]
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] = ()) -> C:
+    """The config `cls` from the JSON file at `path` (None: the defaults) with `key=value` overrides on top.
+
+    Raises ConfigError listing every problem at once.
+    """
+    fields = {f.name: f for f in _schema(cls)}
+    names = list(fields)
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded, problems = _read_json(Path(path))
+        data = loaded or {}
+    # Overrides replace file values before validation, so `width=512` also repairs a bad width in the file.
+    raw: dict[str, tuple[list[Any], str]] = {}  # key -> (candidate values, where the value came from)
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue  # comments
+        if key not in fields:
+            problems.append(f"unknown key '{key}'{_did_you_mean_key(key, names)}")
+        else:
+            raw[key] = ([value], "")
+    for text in overrides:
+        parsed = _parse_override(text)
+        if parsed is None:
+            problems.append(f"command-line override '{text}' must look like key=value (e.g. seed=7)")
+        elif parsed[0] not in fields:
+            problems.append(f"command-line override '{text}': unknown key '{parsed[0]}'"
+                            f"{_did_you_mean_key(parsed[0], names)}")
+        else:
+            raw[parsed[0]] = (parsed[1], f"command-line override '{text}': ")
+    values: dict[str, Any] = {}
+    for key, (candidates, origin) in raw.items():
+        errors: list[str] = []
+        for candidate in candidates:  # `prompt=123` is a string prompt, `seed=123` an integer
+            try:
+                values[key] = _convert(fields[key], candidate)
+                break
+            except _Problems as p:
+                errors = errors or p.messages
+        else:
+            problems += [origin + m for m in errors]
+    if problems:
+        raise ConfigError(problems, str(path) if path is not None else None)
+    cfg = cls(**values)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        try:
+            problems = list(check())
+        except UserError as e:
+            problems = [str(e)]
+        if problems:
+            raise ConfigError(problems, str(path) if path is not None else None)
+    return cfg
+
+
+def _did_you_mean_key(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:  # case or separator slips: "numSteps", "num-steps"
+        folded = {n.replace("_", "").lower(): n for n in names}
+        hit = folded.get(key.replace("-", "").replace("_", "").lower())
+        close = [hit] if hit else []
+    return f" — did you mean '{close[0]}'?" if close else " (--print-config lists every key)"
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config's keys and values in field order, as plain JSON-ready data."""
+    return {f.name: _copy(getattr(cfg, f.name)) for f in _schema(type(cfg))}
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def config_json(cfg: Any, with_help: bool = True) -> str:
+    """Pretty JSON of `cfg`; with_help adds a "_help" object (ignored when loading) explaining every key."""
+    data: dict[str, Any] = config_to_dict(cfg)
+    if with_help:
+        data["_help"] = {f.name: _field_help(f) for f in _schema(type(cfg))}
+    lines = []
+    for key, value in data.items():
+        text = json.dumps(value, ensure_ascii=False)
+        if len(text) > 80 or key == "_help":  # short lists stay on one line, long ones get one item a line
+            text = json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def default_config_json(cls: type) -> str:
+    """Every key of `cls` with its default, then "_help" with each key's meaning and rules; loads back as is."""
+    return config_json(cls())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What every demo shares
+
+
+@dataclass
+class BaseConfig:
+    """Keys every demo has: which model, where its weights are, and where it runs."""
+
+    model: Literal["flux-dev", "flux-schnell", "flux-tiny"] = field(default="flux-dev", metadata={
+        "help": "FLUX model: flux-dev (best, gated licence), flux-schnell (4 steps, Apache-2.0), "
+                "flux-tiny (random tiny weights, runs on a CPU in seconds, for tests)"})
+    flow_path: str | None = field(default=None, metadata={
+        "help": "local transformer .safetensors file instead of downloading (null: download; env FLUX_MODEL also works)"})
+    ae_path: str | None = field(default=None, metadata={
+        "help": "local autoencoder ae.safetensors instead of downloading (null: download; env FLUX_AE also works)"})
+    t5_path: str | None = field(default=None, metadata={
+        "help": "local T5 text-encoder folder (transformers format) instead of downloading"})
+    clip_path: str | None = field(default=None, metadata={
+        "help": "local CLIP text-encoder folder (transformers format) instead of downloading"})
+    dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={
+        "help": "weights and activations: bf16 (safe default), fp16 (may give black images), fp32 (CPU, tests)"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+        "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
+    offload: bool = field(default=False, metadata={
+        "help": "keep each model on the GPU only while it is used (text encoders, transformer, decoder): "
+                "less GPU memory, slower"})
+    output_dir: str = field(default="outputs", metadata={"help": "folder for the outputs (created if missing)"})
+
+    def check(self) -> list[str]:
+        """Cross-field rules; subclasses that add their own should extend `super().check()`."""
+        problems = []
+        for name in ("flow_path", "ae_path", "t5_path", "clip_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().exists():
+                problems.append(f"'{name}' points to '{value}', which does not exist "
+                                f"(fix the path, or set it to null to download the weights)")
+        out = Path(self.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            problems.append(f"'output_dir' '{self.output_dir}' is a file, not a folder: choose another output_dir")
+        return problems
+
+
+def resolve_device(name: str) -> "torch.device":
+    """The torch device for a config's `device` value; asking for hardware that is absent is a UserError."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("device=mps was asked for but this machine has no usable Apple GPU (MPS): "
+                            "set device=auto or device=cpu")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU or driver is visible"
+        raise UserError(f"device={name} was asked for but {why}: set device=auto or device=cpu")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device={name} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): choose one of those or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    """The torch dtype for a config's `dtype` value ("bf16", "fp16", "fp32")."""
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype '{name}': use bf16, fp16 or fp32")
+    return dtypes[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point of every demo
+
+
+def _looks_like_override(arg: str) -> bool:
+    return "=" in arg and not arg.endswith(".json") and not Path(arg).exists()
+
+
+def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = None, description: str = "") -> None:
+    """Parse `[config.json] [key=value ...] [--print-config]`, load and validate the config, run `main(cfg)`.
+
+    Any UserError (from the config or raised later inside `main`) prints `error: <message>` to stderr and exits
+    with status 2; Ctrl-C exits with 130.
+    """
+    prog = Path(sys.argv[0]).name if argv is None else None
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="Any key of the config can be overridden on the command line as key=value (the value is read as "
+               "JSON, else as a plain string), e.g. seed=7 'prompt=a red fox' 'layers=[0,1]'.")
+    parser.add_argument("args", nargs="*", metavar="config.json|key=value",
+                        help="the JSON config file (optional: without it the defaults are used), then overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the full config as JSON (the defaults, or the given config with the overrides "
+                             "applied) with the meaning of every key, and exit")
+    args = parser.parse_args(argv)
+    config, overrides = None, list(args.args)
+    if overrides and not _looks_like_override(overrides[0]):
+        config = overrides.pop(0)
+    try:
+        cfg = load_config(cls, config, overrides)
+        if args.print_config:
+            sys.stdout.write(config_json(cfg))
+            sys.stdout.flush()
+            raise SystemExit(0)
+        main(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted (outputs written so far are complete files)", file=sys.stderr)
+        raise SystemExit(130) from None
