@@ -1,0 +1,242 @@
+"""Writing the demos' outputs: every file appears complete or not at all, so a killed run never leaves a
+half-written PNG or JSON behind, and a resumed run can trust every file it finds."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+if TYPE_CHECKING:
+    import torch
+
+    ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+__all__ = [
+    "atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "make_grid", "read_png_metadata",
+    "save_gif", "save_png", "tensor_to_pil", "to_pil",
+]
+
+# The process umask, read once: temp files are created 0600, and the final file should get the usual permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file next to `path` for writing; on success it is fsynced and renamed onto `path`.
+
+    If the body raises (or the process dies), `path` keeps its old content and the temp file is removed.
+    `mode` is "wb" or "w" (text, UTF-8, "\\n" newlines). Missing parent folders are created.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open mode must be 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target: os.replace is atomic only within one filesystem.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave the temp file behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible or needed on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the data itself is already synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for what records commonly hold besides plain data: numpy/torch numbers and arrays, paths, dataclasses."""
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors
+        return obj.tolist()
+    raise TypeError(f"cannot write a value of type {type(obj).__name__} as JSON")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON (UTF-8, trailing newline) to `path` atomically.
+
+    Numpy and torch numbers/arrays, paths, sets and dataclasses are converted; anything else raises TypeError
+    and leaves `path` as it was.
+    """
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False, default=_json_default)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def tensor_to_pil(x: "torch.Tensor") -> Image.Image:
+    """An image tensor in [-1, 1], (C, H, W) or (1, C, H, W) with C = 1 or 3, as an 8-bit PIL image.
+
+    Like the official sampler: clamp to [-1, 1], then 127.5 * (x + 1) truncated to 0..255, so our PNGs equal its
+    PNGs byte for byte (computed in fp32 for any input dtype).
+    """
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor (C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}")
+    x = x.detach().float().clamp(-1, 1)
+    pixels = (127.5 * (x + 1.0)).to("cpu").byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+
+
+def to_pil(image: "ImageLike") -> Image.Image:
+    """A PIL image, a uint8 numpy array (H, W) or (H, W, C), or a torch tensor in [-1, 1] (C, H, W), as PIL."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"expected a uint8 array (H, W) or (H, W, C), got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    if hasattr(image, "detach"):
+        return tensor_to_pil(image)
+    raise TypeError(f"cannot make an image from a {type(image).__name__}")
+
+
+def save_png(path: str | os.PathLike, image: "ImageLike",
+             metadata: Mapping[str, str | int | float] | None = None) -> None:
+    """Save `image` as a PNG atomically, with `metadata` in its text chunks.
+
+    Strings are stored as they are; other values as JSON (3 -> "3", 3.5 -> "3.5", [0, 1] -> "[0, 1]").
+    Text that Latin-1 cannot hold (most prompts outside English) goes into a UTF-8 iTXt chunk.
+    """
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+    pil = to_pil(image)
+    with atomic_open(path, "wb") as f:
+        pil.save(f, format="PNG", pnginfo=info)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of a PNG as a dict of strings."""
+    with Image.open(path) as im:
+        im.load()  # text chunks after the image data are only read with it
+        return dict(getattr(im, "text", {}))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans where installed (wide character coverage), else Pillow's built-in font."""
+    with contextlib.suppress(OSError):
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int = 3) -> list[str]:
+    """`text` broken at spaces into lines that fit `width` pixels; overlong captions end in an ellipsis."""
+    def fits(s: str) -> bool:
+        return draw.textlength(s, font=font) <= width
+
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            if fits(f"{line} {word}" if line else word):
+                line = f"{line} {word}" if line else word
+                continue
+            if line:
+                lines.append(line)
+            while not fits(word) and len(word) > 1:  # a word wider than the tile is cut where it must be
+                cut = len(word) - 1
+                while cut > 1 and not fits(word[:cut]):
+                    cut -= 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and not fits(last + "…"):
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "…"]
+    return lines
+
+
+def make_grid(images: Sequence["ImageLike"], labels: Sequence[str] | None = None, cols: int | None = None,
+              font_size: int | None = None, pad: int = 8) -> Image.Image:
+    """The images in a grid of `cols` columns (default: nearly square), each with its label underneath.
+
+    Tiles keep their size (smaller images are centred on a tile as large as the largest); labels wrap to the
+    tile width, at most 3 lines. White background, black text in Pillow's built-in font.
+    """
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"make_grid got {len(images)} images but {len(labels)} labels")
+    pils = [to_pil(im).convert("RGB") for im in images]
+    cols = cols or math.ceil(math.sqrt(len(pils)))
+    rows = math.ceil(len(pils) / cols)
+    tile_w, tile_h = max(p.width for p in pils), max(p.height for p in pils)
+    font = _font(font_size or max(12, min(32, tile_w // 20)))
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(scratch, label, font, tile_w) for label in labels] if labels is not None else None
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
+    line_h = ascent + descent + 2
+    caption_h = (max(len(w) for w in wrapped) * line_h + pad // 2) if wrapped else 0
+    cell_w, cell_h = tile_w + pad, tile_h + caption_h + pad
+    grid = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, pil in enumerate(pils):
+        x0, y0 = pad + (i % cols) * cell_w, pad + (i // cols) * cell_h
+        grid.paste(pil, (x0 + (tile_w - pil.width) // 2, y0 + (tile_h - pil.height) // 2))
+        for j, line in enumerate(wrapped[i] if wrapped else []):
+            x = x0 + (tile_w - draw.textlength(line, font=font)) / 2
+            draw.text((x, y0 + tile_h + pad // 2 + j * line_h), line, fill="black", font=font)
+    return grid
+
+
+def save_gif(path: str | os.PathLike, frames: Sequence["ImageLike"], duration_ms: int = 100, loop: int = 0) -> None:
+    """Save `frames` as an animated GIF atomically; `loop` 0 repeats forever."""
+    if not frames:
+        raise ValueError("save_gif needs at least one frame")
+    pils = [to_pil(f).convert("RGB") for f in frames]
+    with atomic_open(path, "wb") as f:
+        pils[0].save(f, format="GIF", save_all=True, append_images=pils[1:], duration=duration_ms, loop=loop)
