@@ -142,10 +142,8 @@ def _coerce(value: Any, tp: Any) -> Any:
                     raise _Mismatch(e.expected, e.value, f"[{i}]{e.path}") from None
             return out
     elif _is_union(tp):
-        # Try the member whose JSON kind matches first, so a list gets the list's element-level message.
-        members = typing.get_args(tp)
         errors = []
-        for member in members:
+        for member in typing.get_args(tp):
             try:
                 return _coerce(value, member)
             except _Mismatch as e:
@@ -270,7 +268,7 @@ def _did_you_mean(word: Any, options: Sequence[Any]) -> str:
 
 
 def _field_help(f: _Field) -> str:
-    """A field's help text followed by its rules, e.g. "denoising steps [integer, 1..1000]"."""
+    """A field's help text followed by its rules, e.g. "denoising steps [integer; 1..1000]"."""
     rules = [_describe(f.type).removeprefix("a ").removeprefix("an ")]
     lo, hi = f.meta.get("min"), f.meta.get("max")
     if lo is not None or hi is not None:
@@ -440,8 +438,8 @@ class BaseConfig:
     """Keys every demo has: which model, where its weights are, and where it runs."""
 
     model: Literal["flux-dev", "flux-schnell", "flux-tiny"] = field(default="flux-dev", metadata={
-        "help": "FLUX model: flux-dev (best, gated licence), flux-schnell (4 steps, Apache-2.0), "
-                "flux-tiny (random tiny weights, runs on a CPU in seconds, for tests)"})
+        "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0) or "
+                "flux-tiny (tiny random weights: runs on a CPU in seconds, for tests)"})
     flow_path: str | None = field(default=None, metadata={
         "help": "local transformer .safetensors file instead of downloading (null: download; env FLUX_MODEL also works)"})
     ae_path: str | None = field(default=None, metadata={
