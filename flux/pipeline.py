@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .config import BaseConfig, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
@@ -158,22 +159,6 @@ class FluxModels:
         return self.decode(latent)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto": CUDA, then Apple MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available: use device \"auto\" or \"cpu\"")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} was asked for but MPS is not available: use device \"auto\" or \"cpu\"")
-    return device
-
-
 def load_models(
     name: str,
     device: torch.device | str = "auto",
@@ -186,10 +171,24 @@ def load_models(
 ) -> FluxModels:
     """All four networks of `name`; local paths override the Hub (see README, "Getting weights")."""
     spec = model_spec(name)
-    device = pick_device(device) if isinstance(device, str) else device
+    device = resolve_device(device) if isinstance(device, str) else device
     home = torch.device("cpu") if offload else device
     model = load_flow_model(name, home, dtype, path=flow_path)
     ae = load_ae(name, home, path=ae_path)
     t5 = load_t5(home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(home, version=clip_path or spec.clip_version, dtype=dtype)
     return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload)
+
+
+def load_models_for(cfg: BaseConfig) -> FluxModels:
+    """The models a demo's config asks for (its model, dtype, device, offload and local paths)."""
+    return load_models(
+        cfg.model,
+        resolve_device(cfg.device),
+        resolve_dtype(cfg.dtype),
+        offload=cfg.offload,
+        flow_path=cfg.flow_path,
+        ae_path=cfg.ae_path,
+        t5_path=cfg.t5_path,
+        clip_path=cfg.clip_path,
+    )
