@@ -313,7 +313,7 @@ def load_t5(
 
     if version == "tiny":
         return HFEmbedder.tiny("t5", max_length=max_length, seed=seed).to(device)
-    return HFEmbedder(version, max_length=max_length, torch_dtype=dtype).to(device)
+    return HFEmbedder(version, max_length, _subfolder(version, "text_encoder_2"), torch_dtype=dtype).to(device)
 
 
 def load_clip(
@@ -327,4 +327,9 @@ def load_clip(
 
     if version == "tiny":
         return HFEmbedder.tiny("clip", max_length=77, seed=seed).to(device)
-    return HFEmbedder(version, max_length=77, torch_dtype=dtype).to(device)
+    return HFEmbedder(version, 77, _subfolder(version, "text_encoder"), torch_dtype=dtype).to(device)
+
+
+def _subfolder(version: str, name: str) -> str | None:
+    """A local copy of a diffusers-style repo (FLUX.1-dev keeps T5 in text_encoder_2/) works as it is."""
+    return name if (Path(version) / name / "config.json").is_file() else None

@@ -237,3 +237,17 @@ def test_weights_of_another_size(tmp_path, monkeypatch):
 def test_unknown_model_name():
     with pytest.raises(UserError, match="unknown model 'flux-devv'.*flux-dev"):
         load_flow_model("flux-devv", "cpu")
+
+
+def test_text_encoders_from_a_diffusers_style_folder(tmp_path):
+    """t5_path/clip_path may point at a local FLUX.1-dev repo copy (text_encoder/, text_encoder_2/ inside)."""
+    from flux.modules.conditioner import HFEmbedder
+    from flux.util import load_clip, load_t5
+
+    t5, clip = HFEmbedder.tiny("t5", 16), HFEmbedder.tiny("clip", 77)
+    for enc, sub in ((t5, "2"), (clip, "")):
+        enc.hf_module.save_pretrained(tmp_path / f"text_encoder{'_' + sub if sub else ''}")
+        enc.tokenizer.save_pretrained(tmp_path / f"tokenizer{'_' + sub if sub else ''}")
+    prompts = ["a fox", "a lighthouse at dusk"]
+    assert torch.equal(load_t5("cpu", 16, str(tmp_path), torch.float32)(prompts), t5(prompts))
+    assert torch.equal(load_clip("cpu", str(tmp_path), torch.float32)(prompts), clip(prompts))
