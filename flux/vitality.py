@@ -57,6 +57,14 @@ class Preprocess:
 HUB_PREPROCESS = Preprocess()
 
 
+def _unreadable(path: Path, e: Exception) -> UserError:
+    if isinstance(e, FileNotFoundError):
+        return UserError(f"image {path} disappeared while being read: is another process rewriting the sweep folder? "
+                         f"Run again once it is done.")
+    return UserError(f"cannot read image {path}: {e}. Delete or regenerate it (demo_2_skip.py regenerates missing "
+                     f"images when restarted) and run again.")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Fully decode an image as RGB; a corrupt or truncated file is a UserError naming it."""
     path = Path(path)
@@ -65,10 +73,7 @@ def load_image(path: str | Path) -> Image.Image:
             im.load()  # decode now: PIL is lazy and a truncated file would otherwise fail later, far from its name
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(
-            f"cannot read image {path}: {e}. Delete or regenerate it (demo_2_skip.py regenerates missing images "
-            f"when restarted) and run again."
-        ) from e
+        raise _unreadable(path, e) from e
 
 
 def preprocess(images: Sequence[Image.Image], pp: Preprocess = HUB_PREPROCESS) -> torch.Tensor:
@@ -439,11 +444,13 @@ def size_report(sweep: Sweep) -> list[str]:
             with Image.open(p) as im:
                 return im.size
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UserError(f"cannot read image {p}: {e}. Delete or regenerate it and run again.") from e
+            raise _unreadable(p, e) from e
 
     ref_sizes = {pid: size(p) for pid, p in sweep.refs.items()}
-    odd = [f"{pid}/{path.name} {size(path)} vs ref {ref_sizes[pid]}" for pid, layer, _, path in sweep.pairs()
-           if size(path) != ref_sizes[pid]]
+    odd = []
+    for pid, _, _, path in sweep.pairs():
+        if (s := size(path)) != ref_sizes[pid]:
+            odd.append(f"{pid}/{path.name} {s[0]}x{s[1]} vs ref {ref_sizes[pid][0]}x{ref_sizes[pid][1]}")
     notes = []
     if len(set(ref_sizes.values())) > 1:
         notes.append(f"reference images come in {len(set(ref_sizes.values()))} sizes: "
