@@ -1,0 +1,191 @@
+"""The denoising trajectory (demo_1_layer.py): at every step, the noisy latent x_t and the clean image the model
+predicts from it, x0 = x_t - t * v, decoded; optionally with layers bypassed, to watch what a layer contributes.
+
+Output layout:
+
+    <out>/run.json                                  the config, the timesteps and one record per sample
+    <out>/<NN>_<prompt-slug>_seed<S>/               one folder per (prompt, seed); NN is the prompt's index
+        x_t/step_XX.png                             the latent entering step XX (XX = 00 .. steps-1), decoded
+        x0/step_XX.png                              the clean image predicted at step XX
+        final.png                                   the finished image (equals x0/step_<last>.png)
+        grid.png                                    rows: steps; columns: x_t and predicted x0, captioned
+        trajectory.gif                              one frame per step: x_t beside predicted x0
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .config import BaseConfig, config_to_dict
+from .errors import UserError
+from .io import atomic_open, atomic_write_json, make_grid, save_gif, save_png, tensor_to_pil
+from .sampling import Step, unpack
+from .util import model_spec
+
+if TYPE_CHECKING:
+    from .pipeline import FluxModels, Text
+
+
+@dataclass
+class TrajectoryConfig(BaseConfig):
+    prompt: str | list[str] = field(default="a photo of a red fox sitting in fresh snow at sunrise, detailed fur",
+                                    metadata={"help": "one prompt, or a list of prompts"})
+    seed: int | list[int] = field(default=0, metadata={"help": "one seed or a list; every prompt runs with every seed",
+                                                       "min": 0})
+    width: int = field(default=1024, metadata={"help": "image width", "min": 16, "max": 4096, "multiple_of": 16})
+    height: int = field(default=1024, metadata={"help": "image height", "min": 16, "max": 4096, "multiple_of": 16})
+    steps: int = field(default=15, metadata={"help": "denoising steps = frames of the trajectory", "min": 1,
+                                             "max": 1000})
+    guidance: float | None = field(default=None, metadata={
+        "help": "distilled guidance (null: the model's default, dev 3.5; ignored by schnell)", "min": 0, "max": 100})
+    skip_layers: list[int] = field(default_factory=list, metadata={
+        "help": "global layers to bypass at every step (double blocks first: 0..18, single 19..56 for dev); "
+                "[] for the plain model", "min": 0})
+    batch_size: int = field(default=1, metadata={"help": "samples denoised together", "min": 1, "max": 64})
+    preview_size: int = field(default=256, metadata={
+        "help": "longest side of each tile in grid.png and trajectory.gif (the per-step PNGs keep full size)",
+        "min": 16, "max": 2048})
+    gif_frame_ms: int = field(default=300, metadata={"help": "display time of one GIF frame in milliseconds",
+                                                     "min": 10, "max": 10000})
+    output_dir: str = field(default="outputs/demo_1_layer", metadata={"help": "folder for the outputs"})
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def seeds(self) -> list[int]:
+        return list(self.seed) if isinstance(self.seed, list) else [self.seed]
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.prompts():
+            problems.append("'prompt' is an empty list: give at least one prompt")
+        if not self.seeds():
+            problems.append("'seed' is an empty list: give at least one seed")
+        p = model_spec(self.model).params
+        n = p.depth + p.depth_single_blocks
+        if bad := sorted({i for i in self.skip_layers if i >= n}):
+            problems.append(f"'skip_layers' {bad} out of range: {self.model} has layers 0..{n - 1} "
+                            f"(double 0..{p.depth - 1}, single {p.depth}..{n - 1})")
+        return problems
+
+
+@dataclass
+class Trajectory:
+    """One sample's path through the sampler; latents are unpacked (16, h, w), on the CPU, in float32."""
+
+    timesteps: list[float]  # t at the start of each step
+    latents: list[torch.Tensor]  # x_t entering each step
+    x0: list[torch.Tensor]  # predicted clean latent at each step
+    final: torch.Tensor  # the sampler's output
+
+
+def record_trajectories(
+    models: FluxModels, text: Text, noise: torch.Tensor, timesteps: list[float], guidance: float,
+    skip: list[frozenset[int]] | None = None, on_step: Callable[[Step], None] | None = None,
+) -> list[Trajectory]:
+    """Denoise a batch and keep every step's x_t and predicted x0 (moved to the CPU as they come)."""
+    height, width = noise.shape[2] * 8, noise.shape[3] * 8
+    ts: list[float] = []
+    latents: list[torch.Tensor] = []
+    x0: list[torch.Tensor] = []
+
+    def keep(step: Step) -> None:
+        # Only CPU copies are kept: GPU memory stays that of a plain generation.
+        ts.append(step.t)
+        latents.append(unpack(step.latent, height, width).cpu())
+        x0.append(unpack(step.x0, height, width).cpu())
+        if on_step is not None:
+            on_step(step)
+
+    final = models.denoise(text, noise, timesteps, guidance, skip=skip, callback=keep).float().cpu()
+    return [Trajectory(list(ts), [x[b] for x in latents], [x[b] for x in x0], final[b]) for b in range(len(noise))]
+
+
+def sample_folder(prompt_index: int, prompt: str, seed: int) -> str:
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:40].rstrip("-") or "prompt"
+    return f"{prompt_index:02d}_{slug}_seed{seed}"
+
+
+def _preview(image: Image.Image, size: int) -> Image.Image:
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(new, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+
+
+def _same_size(frames: list[Image.Image]) -> list[Image.Image]:
+    """GIF frames on one canvas size (captions may wrap to a different number of lines)."""
+    w, h = max(f.width for f in frames), max(f.height for f in frames)
+    out = []
+    for f in frames:
+        canvas = Image.new("RGB", (w, h), "white")
+        canvas.paste(f, (0, 0))
+        out.append(canvas)
+    return out
+
+
+def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: dict, preview_size: int,
+                     gif_frame_ms: int) -> dict:
+    """Decode and write one sample's frames, grid and GIF; returns its record for run.json."""
+    n = len(traj.timesteps)
+    labels, tiles, frames = [], [], []
+    for k, t in enumerate(traj.timesteps):
+        pair = []
+        for kind, latent in (("x_t", traj.latents[k]), ("x0", traj.x0[k])):
+            image = tensor_to_pil(models.decode(latent[None])[0])
+            save_png(folder / kind / f"step_{k:02d}.png", image, {**meta, "step": k, "t": t, "kind": kind})
+            pair.append(_preview(image, preview_size))
+        caption = f"step {k + 1}/{n}, t={t:.3f}"
+        pair_labels = [f"x_t {caption}", f"predicted x0 {caption}"]
+        tiles += pair
+        labels += pair_labels
+        frames.append(make_grid(pair, pair_labels, cols=2))
+    save_png(folder / "final.png", models.decode(traj.final[None])[0], {**meta, "kind": "final"})
+    with atomic_open(folder / "grid.png") as f:
+        make_grid(tiles, labels, cols=2).save(f, format="PNG")
+    save_gif(folder / "trajectory.gif", _same_size(frames), duration_ms=gif_frame_ms)
+    return {"folder": folder.name, **meta, "frames": n}
+
+
+def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
+    """Every (prompt, seed) trajectory of `cfg` into cfg.output_dir; returns the sample folders."""
+    from .pipeline import load_models_for
+
+    out = Path(cfg.output_dir)
+    jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
+    models = models or load_models_for(cfg)
+    try:
+        models.model.check_layers(cfg.skip_layers, "skip_layers")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    guidance = models.spec.guidance if cfg.guidance is None else cfg.guidance
+    timesteps = models.schedule(cfg.steps, cfg.width, cfg.height)
+    start = time.perf_counter()
+    records, folders = [], []
+    bar = tqdm(total=len(jobs) * cfg.steps, unit="step", desc="denoising")
+    for i in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[i : i + cfg.batch_size]
+        text = models.encode([prompt for _, prompt, _ in batch])
+        noise = models.noise([seed for *_, seed in batch], cfg.width, cfg.height)
+        skip = [frozenset(cfg.skip_layers)] * len(batch) if cfg.skip_layers else None
+        trajs = record_trajectories(models, text, noise, timesteps, guidance, skip, on_step=lambda s: bar.update(1))
+        for (p, prompt, seed), traj in zip(batch, trajs):
+            folder = out / sample_folder(p, prompt, seed)
+            meta = {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
+                    "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
+            records.append(write_trajectory(folder, traj, models, meta, cfg.preview_size, cfg.gif_frame_ms))
+            folders.append(folder)
+    bar.close()
+    atomic_write_json(out / "run.json", {
+        "config": config_to_dict(cfg), "timesteps": timesteps, "samples": records,
+        "seconds": round(time.perf_counter() - start, 2),
+    })
+    return folders
