@@ -753,8 +753,11 @@ def summary_lines(a: Analysis) -> list[str]:
     lines = [f"scored {sum(s.num_prompts for s in a.scores)} pairs over {len(a.scores)} layer(s)",
              f"vital layers ({rule_text(a.selection)}): {a.vital}"]
     for s in sorted(a.scores, key=lambda s: -s.vitality)[:12]:
-        lines.append(f"  {s.name:<28} vitality {s.vitality:.3f}  similarity {s.mean_similarity:.3f} "
-                     f"[{s.ci_low:.3f}, {s.ci_high:.3f}]  n={s.num_prompts}{'  *' if s.layer in a.vital else ''}")
+        lines.append(f"  {s.name:<28} vitality {s.vitality:<10.4g} similarity {s.mean_similarity:.4f} "
+                     f"[{s.ci_low:.4f}, {s.ci_high:.4f}]  n={s.num_prompts}{'  *' if s.layer in a.vital else ''}")
+    if not a.vital:
+        lines.append(f"WARNING: no layer is vital under {rule_text(a.selection)}; demo_4_edit.py would inject nowhere. "
+                     f"Lower tau (see vitality.png) or use rule top_k")
     k = 10  # the paper's vital set for FLUX.1-dev has 10 layers
     span = tau_interval_for(a.scores, k)
     if span is not None and len(a.scores) > k:

@@ -263,6 +263,9 @@ def test_outputs_written_and_agree(tmp_path, embedder):
     assert (data["model"], data["dino_model"], data["num_double"], data["num_prompts"]) == ("flux-tiny", "tiny-random", 2, 3)
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
+    from flux.edit import read_vital_layers  # demo_4_edit.py's reader takes the file as written
+
+    assert read_vital_layers(paths["json"], 2, 4) == [0, 3]
     layers = data["layers"]
     assert [l["layer"] for l in layers] == list(range(6))
     for l in layers:
@@ -403,6 +406,16 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
         load_config(demo_3_dino.DinoConfig, None, [f"image_a={a}"])
     load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "demo_3_dino.json")  # the real config is valid
 
+    from flux.config import run_demo  # bad input: one message naming the problem, exit status 2, nothing written
+
+    with pytest.raises(SystemExit) as exit_:
+        run_demo(demo_3_dino.DinoConfig, demo_3_dino.main,
+                 [str(ROOT / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
+                  f"output_dir={tmp_path / 'out2'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nowhere" in err and not (tmp_path / "out2").exists()
+
 
 def test_demo_runs_on_the_tiny_config(tmp_path):
     sweep = make_sweep(tmp_path / "sweep", broken=(1, 4))
@@ -416,6 +429,22 @@ def test_demo_runs_on_the_tiny_config(tmp_path):
     assert "vital layers (top 2): [1, 4]" in run.stdout
     assert (sweep / "dino_features" / "tiny-random-seed0.safetensors").is_file()
 
-    bad = subprocess.run(cmd[:3] + [f"sweep_dir={tmp_path / 'nowhere'}", f"output_dir={out}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "error:" in bad.stderr and "nowhere" in bad.stderr
+
+
+def test_load_dino_from_a_local_folder(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    V.tiny_dino().save_pretrained(tmp_path / "dino")
+    model = V.load_dino(str(tmp_path / "dino"))
+    x = V.preprocess([Image.fromarray(gradient(0).astype(np.uint8))])
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).pooler_output, V.tiny_dino()(pixel_values=x).pooler_output)
+    assert V.model_slug(str(tmp_path / "dino")) != V.model_slug(V.TINY_RANDOM)
+    assert V.model_slug("facebook/dinov2-base") == "facebook--dinov2-base"
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(UserError, match="is a 'vit' model, not DINOv2"):
+        V.load_dino(str(tmp_path / "vit"))
+    (tmp_path / "weights_only").mkdir()
+    with pytest.raises(UserError, match="without a config.json"):
+        V.load_dino(str(tmp_path / "weights_only"))
