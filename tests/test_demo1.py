@@ -1,0 +1,68 @@
+"""demo_1_layer.py on its tiny config, run as the README says: every step's x_t and predicted x0, grid, GIF."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux.config import run_demo
+from flux.io import read_png_metadata
+from flux.trajectory import TrajectoryConfig, run
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny" / "demo_1_layer.json"
+
+
+def demo(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "demo_1_layer.py", str(TINY), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_trajectory_outputs(tmp_path):
+    steps, seeds = 4, [0, 5]
+    result = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]")
+    assert result.returncode == 0, result.stderr
+    config = json.loads(TINY.read_text())
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert len(run["samples"]) == len(config["prompt"]) * len(seeds)
+    assert len(run["timesteps"]) == steps + 1 and run["timesteps"][0] == 1.0 and run["timesteps"][-1] == 0.0
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [f.name for f in folders] == sorted(s["folder"] for s in run["samples"])
+    assert folders[0].name == "00_a-red-fox-in-the-snow_seed0"
+    for folder in folders:
+        for kind in ("x_t", "x0"):
+            frames = sorted((folder / kind).iterdir())
+            assert [f.name for f in frames] == [f"step_{k:02d}.png" for k in range(steps)]
+            with Image.open(frames[0]) as im:
+                assert im.size == (config["width"], config["height"])
+        with Image.open(folder / "trajectory.gif") as gif:
+            assert gif.n_frames == steps
+        with Image.open(folder / "grid.png") as grid:
+            assert grid.height > grid.width  # `steps` rows of two columns
+        # The prediction at the last step (t -> 0) is the final image itself.
+        assert np.array_equal(pixels(folder / "final.png"), pixels(folder / "x0" / f"step_{steps - 1:02d}.png"))
+        # x_t at the first step is pure noise, so it differs from the prediction made from it.
+        assert not np.array_equal(pixels(folder / "x_t" / "step_00.png"), pixels(folder / "x0" / "step_00.png"))
+        meta = read_png_metadata(folder / "x0" / "step_01.png")
+        assert meta["step"] == "1" and float(meta["t"]) == run["timesteps"][1] and meta["skip_layers"] == "[3]"
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+
+def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # in-process: the config check runs before any model is loaded
+        run_demo(TrajectoryConfig, run, [str(TINY), f"output_dir={out}", "skip_layers=[0,6]"])
+    assert e.value.code == 2
+    assert "'skip_layers' [6] out of range" in capsys.readouterr().err
+    assert not out.exists()

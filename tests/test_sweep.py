@@ -1,0 +1,239 @@
+"""demo_2_skip.py: the plan and its split over ranks, bad input, and real runs on flux-tiny — two ranks at once,
+and a sweep killed with SIGKILL then restarted, which must end with exactly the files of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux.config import run_demo
+from flux.errors import UserError
+from flux.io import read_png_metadata
+from flux.sweep import (
+    Dist, Item, PromptSpec, SkipConfig, load_prompts, merge_manifest, plan_batches, resolve_layers, run,
+    select_prompts, shard, sweep_manifest,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny" / "demo_2_skip.json"
+PROMPTS = [PromptSpec("fox", "a red fox in the snow", 11), PromptSpec("lamp", "a lighthouse at dusk, ünïcödé", 22)]
+N_LAYERS = 6  # flux-tiny: 2 double + 4 single blocks
+SETTINGS = ["num_prompts=null", "width=32", "height=48", "steps=2", "batch_size=3", "progress=false"]
+
+# Runs demo_2_skip.py with save_png wrapped (test-only): it logs each written path and may sleep after it,
+# so that a kill reliably lands mid-sweep. The sweep code itself is unchanged.
+RUNNER = """
+import os, runpy, sys, time
+import flux.sweep as sweep
+real, log, delay = sweep.save_png, os.environ.get("SWEEP_LOG"), float(os.environ.get("SWEEP_DELAY", "0"))
+def save_png(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{path}\\n")
+    time.sleep(delay)
+sweep.save_png = save_png
+sys.argv = ["demo_2_skip.py", *sys.argv[1:]]
+runpy.run_path("demo_2_skip.py", run_name="__main__")
+"""
+
+
+def expected_files(root: Path, prompts=PROMPTS, layers=range(N_LAYERS)) -> set[Path]:
+    return {Item(p, layer).path(root) for p in prompts for layer in [None, *layers]}
+
+
+def pngs(root: Path) -> set[Path]:
+    return set(root.glob("*/*.png"))
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in prompts]))
+    return path
+
+
+def launch(args: list[str], rank: int | None = None, world: int | None = None, **env: str) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)  # one thread: two ranks share 2 CPU cores
+    if rank is not None:
+        environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(TINY), *args], cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------ plan and split
+
+
+@pytest.mark.parametrize("n_prompts,n_layers,batch,world", [(2, 6, 3, 2), (3, 5, 4, 3), (1, 0, 1, 4), (64, 57, 8, 8)])
+def test_every_item_belongs_to_exactly_one_rank(n_prompts, n_layers, batch, world):
+    prompts = [PromptSpec(f"p{i}", "x", i) for i in range(n_prompts)]
+    batches = plan_batches(prompts, list(range(n_layers)), batch)
+    shares = [{item for b in shard(batches, r, world) for item in b} for r in range(world)]
+    everything = {Item(p, layer) for p in prompts for layer in [None, *range(n_layers)]}
+    assert sum(len(s) for s in shares) == len(everything) == n_prompts * (n_layers + 1)
+    assert set().union(*shares) == everything
+    assert all(len(b) <= batch for b in batches)
+
+
+def test_dist_from_env():
+    assert Dist.from_env({}) == Dist(0, 1, 0)
+    assert Dist.from_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == Dist(5, 8, 1)
+    for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):
+        with pytest.raises(UserError):
+            Dist.from_env(bad)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1},", "broken JSON at line 1"),
+    ("{\"id\": \"a\"}", "JSON list"),
+    ("[]", "empty list"),
+    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1}, {\"id\": \"a\", \"prompt\": \"y\", \"seed\": 2}]", "appears twice"),
+    ("[{\"id\": \"../a\", \"prompt\": \"x\", \"seed\": 1}]", "folder-safe"),
+    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": -1}]", "'seed' must be an integer >= 0"),
+    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1, \"sed\": 2}]", "unknown key"),
+])
+def test_bad_prompt_files(tmp_path, content, message):
+    path = tmp_path / "prompts.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_prompts(path)
+
+
+def test_bad_selection():
+    with pytest.raises(UserError, match=r"'fxo' \(did you mean 'fox'\?\)"):
+        select_prompts(PROMPTS, ["fxo"])
+    with pytest.raises(UserError, match="num_prompts"):
+        select_prompts(PROMPTS, None, 3)
+    assert select_prompts(PROMPTS, ["lamp", "fox"], 1) == [PROMPTS[1]]
+    with pytest.raises(UserError, match=r"layer\(s\) \[6, 99\] out of range"):
+        resolve_layers([0, 6, 99], 2, 4)
+    assert resolve_layers([3, 1, 3], 2, 4) == [1, 3]
+    assert resolve_layers(None, 19, 38) == list(range(57))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("layers=[1,6]", "out of range"),
+    ('prompt_ids=["fox","nope"]', "unknown prompt id"),
+    ("prompts_file=missing.json", "does not exist"),
+])
+def test_demo_rejects_bad_input_and_writes_nothing(tmp_path, capsys, override, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_demo(SkipConfig, run, [str(TINY), f"output_dir={out}", f"prompts_file={write_prompts(tmp_path)}",
+                                   override])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    args = ("flux-tiny", 2, 4, 32, 48, 2, 3.5, PROMPTS, [0, 1])
+    merge_manifest(tmp_path, sweep_manifest(*args))  # no manifest yet: fine
+    (tmp_path / "manifest.json").write_text(json.dumps(sweep_manifest(*args)))
+    more = sweep_manifest(*args[:7], [*PROMPTS, PromptSpec("cat", "a cat", 3)], [4])
+    merged = merge_manifest(tmp_path, more)  # extending a sweep by prompts and layers is fine
+    assert [p["id"] for p in merged["prompts"]] == ["fox", "lamp", "cat"] and merged["layers"] == [0, 1, 4]
+    with pytest.raises(UserError, match="steps 2 there, 3 now"):
+        merge_manifest(tmp_path, sweep_manifest(*args[:5], 3, *args[6:]))
+    with pytest.raises(UserError, match="'fox' has another text or seed"):
+        merge_manifest(tmp_path, sweep_manifest(*args[:7], [PromptSpec("fox", "a red fox in the snow", 12)], [0]))
+
+
+# ------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def two_rank_sweep(tmp_path_factory):
+    """The tiny sweep by two ranks running at the same time, as `torchrun --nproc_per_node 2` would start them."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    root = tmp / "out"
+    args = [f"output_dir={root}", f"prompts_file={write_prompts(tmp)}", *SETTINGS]
+    procs = [launch(args, rank=r, world=2, SWEEP_LOG=str(tmp / f"rank{r}.log")) for r in range(2)]
+    logs = [finish(p) for p in procs]
+    written = [set(map(Path, (tmp / f"rank{r}.log").read_text().split())) for r in range(2)]
+    return root, written, logs
+
+
+def test_two_ranks_make_every_image_exactly_once(two_rank_sweep):
+    root, (rank0, rank1), logs = two_rank_sweep
+    assert rank0 and rank1 and not rank0 & rank1  # both worked, on disjoint items
+    assert rank0 | rank1 == expected_files(root) == pngs(root)
+    assert len(rank0) + len(rank1) == len(PROMPTS) * (N_LAYERS + 1)
+    assert "[rank 1/2]" in logs[1]
+    assert not leftovers(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest == {
+        "model": "flux-tiny", "num_double": 2, "num_single": 4, "width": 32, "height": 48, "steps": 2,
+        "guidance": 3.5, "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in PROMPTS],
+        "layers": list(range(N_LAYERS)),
+    }
+    meta = read_png_metadata(root / "lamp" / "layer_03.png")
+    assert meta["prompt"] == PROMPTS[1].prompt and meta["seed"] == "22" and meta["layer"] == "3"
+    assert meta["layer_name"] == "single_blocks.1 (layer 3)" and meta["steps"] == "2" and meta["guidance"] == "3.5"
+    assert read_png_metadata(root / "fox" / "ref.png")["layer"] == "ref"
+    with Image.open(root / "fox" / "ref.png") as im:
+        assert im.size == (32, 48)
+    # Every variant shares the prompt's noise, and the bypass changes the image.
+    assert not np.array_equal(pixels(root / "fox" / "ref.png"), pixels(root / "fox" / "layer_00.png"))
+
+
+def test_killed_sweep_resumes_to_the_same_files(tmp_path, two_rank_sweep):
+    reference_root = two_rank_sweep[0]
+    root = tmp_path / "out"
+    args = [f"output_dir={root}", f"prompts_file={write_prompts(tmp_path)}", *SETTINGS]
+    proc = launch(args, SWEEP_DELAY="0.5")
+    deadline = time.monotonic() + 90
+    while len(pngs(root)) < 3:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the sweep wrote nothing in 90 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    survivors = {p: p.stat().st_ino for p in pngs(root)}
+    assert 3 <= len(survivors) < len(expected_files(root))  # killed mid-way
+    # What a kill during a write leaves: a temp file beside the image it was to become.
+    missing = sorted(expected_files(root) - set(survivors))[0]
+    stale = missing.parent / f".{missing.name}.k1ll3d.tmp"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a PNG")
+
+    # The restart is the plain command a user would type again.
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "demo_2_skip.py", str(TINY), *args], cwd=REPO, env=environ,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(survivors)} already done" in result.stderr
+    assert pngs(root) == expected_files(root)
+    assert not leftovers(root)
+    assert all(p.stat().st_ino == ino for p, ino in survivors.items())  # finished images were not redone
+    for path in expected_files(root):
+        same = reference_root / path.relative_to(root)
+        assert np.array_equal(pixels(path), pixels(same)), path
+        assert read_png_metadata(path) == read_png_metadata(same)
