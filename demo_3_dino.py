@@ -31,7 +31,8 @@ class DinoConfig:
     device: str = field(default="auto", metadata={
         "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
     batch_size: int = field(default=64, metadata={"help": "images per DINOv2 forward", "min": 1})
-    num_workers: int = field(default=4, metadata={"help": "threads decoding and preprocessing images", "min": 1})
+    num_workers: int = field(default=8, metadata={
+        "help": "threads decoding and resizing images (on a GPU these bound the speed, not DINOv2)", "min": 1})
     rule: Literal["threshold", "top_k"] = field(default="threshold", metadata={
         "help": "vital set: 'threshold' (vitality >= tau, the paper's rule) or 'top_k' (the k most vital layers)"})
     tau: float = field(default=V.DEFAULT_TAU, metadata={

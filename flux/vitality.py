@@ -154,25 +154,39 @@ class DinoEmbedder:
         self.batch_size, self.num_workers, self.preprocessing = batch_size, num_workers, preprocessing
 
     @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch -> [N, hidden] float32 CLS embeddings on the CPU."""
+        return self.model(pixel_values=pixels.to(self.device)).pooler_output.float().cpu()
+
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[N, hidden] float32 on the CPU."""
-        feats = []
-        for i in range(0, len(images), self.batch_size):
-            x = preprocess(images[i:i + self.batch_size], self.preprocessing).to(self.device)
-            feats.append(self.model(pixel_values=x).pooler_output.float().cpu())
+        """CLS embeddings of in-memory images, [N, hidden] float32 on the CPU."""
+        feats = [self.forward(preprocess(images[i:i + self.batch_size], self.preprocessing))
+                 for i in range(0, len(images), self.batch_size)]
         return torch.cat(feats) if feats else torch.empty(0, 0)
+
+    def _prepare(self, path: Path) -> torch.Tensor:
+        return preprocess([load_image(path)], self.preprocessing)[0]
 
     def embed_files(self, paths: Sequence[Path], on_batch: Callable[[list[Path], torch.Tensor], None] | None = None,
                     progress: bool = False) -> torch.Tensor:
-        """Embeddings of image files in order; `on_batch` sees each finished batch (used to fill the cache)."""
+        """Embeddings of image files in order; `on_batch` sees each finished batch (used to fill the cache).
+
+        Decoding and resizing (PIL releases the GIL there) run on `num_workers` threads, one batch ahead of the
+        model: on a GPU they, not the model, bound the speed. Only two batches are in memory at a time.
+        """
         from tqdm import tqdm
 
+        batches = [list(paths[i:i + self.batch_size]) for i in range(0, len(paths), self.batch_size)]
         feats = []
         with ThreadPoolExecutor(max(1, self.num_workers)) as pool, \
                 tqdm(total=len(paths), desc="DINOv2", unit="img", disable=not progress) as bar:
-            for i in range(0, len(paths), self.batch_size):
-                chunk = list(paths[i:i + self.batch_size])
-                f = self.embed(list(pool.map(load_image, chunk)))
+            def submit(k: int) -> list:
+                return [pool.submit(self._prepare, p) for p in batches[k]] if k < len(batches) else []
+
+            pending = submit(0)
+            for k, chunk in enumerate(batches):
+                ready, pending = pending, submit(k + 1)
+                f = self.forward(torch.stack([r.result() for r in ready]))
                 if on_batch is not None:
                     on_batch(chunk, f)
                 feats.append(f)
