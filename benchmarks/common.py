@@ -1,0 +1,221 @@
+"""Shared pieces of the GPU benchmarks: random full-size models, inputs, timing, JSON results.
+
+Weights are random (no checkpoint is needed to measure speed), drawn per tensor from a generator on
+the target device seeded by the tensor's position, so every run and every process builds the same
+model without ever materialising 12B parameters on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from flux.model import Flux, FluxParams  # noqa: E402
+from flux.sampling import image_ids  # noqa: E402
+from flux.util import configs  # noqa: E402
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="flux-tiny on the CPU at toy sizes: checks the script, not speed")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median reported)")
+
+
+def env_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": str(device),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        info["diffusers"] = None
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        info.update(gpu=prop.name, gpu_memory_gib=round(prop.total_memory / 2**30, 1), capability=f"{prop.major}.{prop.minor}")
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.split("\n")[0].strip()
+        except OSError:
+            pass
+    return info
+
+
+def model_params(tiny: bool) -> FluxParams:
+    return configs["flux-tiny" if tiny else "flux-dev"].params
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter in place: weights ~ N(0, 1/fan_in), biases ~ N(0, 0.02²), norm scales ~ U(0.5, 1.5).
+
+    The 1/fan_in variance keeps activations O(1) through 57 residual blocks, so that differences
+    between implementations are measured on outputs of a realistic scale.
+    """
+    for i, (name, p) in enumerate(sorted(module.named_parameters())):
+        g = torch.Generator(device=p.device).manual_seed(seed * 100_003 + i)
+        if name.endswith(".scale"):
+            p.uniform_(0.5, 1.5, generator=g)
+        elif p.ndim >= 2:
+            fan_in = math.prod(p.shape[1:])
+            p.normal_(0.0, fan_in**-0.5, generator=g)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+    return module
+
+
+def random_flux(params: FluxParams, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Flux:
+    """Flux built on the meta device and materialised directly on `device` with random weights."""
+    with torch.device("meta"):
+        model = Flux(params)
+    model = model.to_empty(device=device).to(dtype)
+    return randomize_(model, seed).eval()
+
+
+def random_inputs(
+    params: FluxParams, batch: int, size: int, txt_len: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> dict[str, Tensor]:
+    """Transformer inputs for `batch` images of size² pixels (size/16 latent patches a side)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = w = size // 16
+    return dict(
+        img=torch.randn(batch, h * w, params.in_channels, generator=g).to(device, dtype),
+        img_ids=image_ids(batch, h, w, device),
+        txt=torch.randn(batch, txt_len, params.context_in_dim, generator=g).to(device, dtype),
+        txt_ids=torch.zeros(batch, txt_len, 3, device=device),
+        timesteps=torch.full((batch,), 0.7, device=device, dtype=dtype),
+        y=torch.randn(batch, params.vec_in_dim, generator=g).to(device, dtype),
+        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
+    )
+
+
+def diffusers_twin(model: Flux):
+    """diffusers' FluxTransformer2DModel holding the same weights (views of ours: no second copy)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers_oracle import to_diffusers
+
+    p = model.params
+    with torch.device("meta"):
+        twin = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=p.in_channels,
+            out_channels=p.out_channels,
+            num_layers=p.depth,
+            num_single_layers=p.depth_single_blocks,
+            attention_head_dim=p.hidden_size // p.num_heads,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim,
+            pooled_projection_dim=p.vec_in_dim,
+            guidance_embeds=p.guidance_embed,
+            axes_dims_rope=tuple(p.axes_dim),
+        )
+    twin.load_state_dict(to_diffusers(model.state_dict(), p), strict=True, assign=True)
+    return twin.eval()
+
+
+def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:
+    return twin(
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"],
+        return_dict=False,
+    )[0]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
+    """Median and spread of `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "max_ms": round(max(times), 3), "reps": reps}
+
+
+def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call including everything it triggers (compilation)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return round(time.perf_counter() - t0, 2)
+
+
+def compare(out: Tensor, ref: Tensor) -> dict:
+    """max |out - ref|, that over max |ref|, and the relative L2 error ‖out - ref‖ / ‖ref‖ (in fp32)."""
+    out, ref = out.float(), ref.float()
+    d = out - ref
+    return {
+        "max_abs": float(d.abs().max()),
+        "max_rel": float(d.abs().max() / ref.abs().max()),
+        "rel_l2": float(d.norm() / ref.norm()),
+        "ref_max_abs": float(ref.abs().max()),
+        "finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def gib(n: int | float) -> float:
+    return round(n / 2**30, 3)
+
+
+class Results:
+    """A JSON file rewritten after every update, so a run cut short still leaves what it measured."""
+
+    def __init__(self, path: str | os.PathLike, **header):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict = dict(header)
+
+    def set(self, *keys: str, value) -> None:
+        node = self.data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+        print(f"[{time.strftime('%H:%M:%S')}] {' / '.join(keys)}: {json.dumps(value, default=str)}", flush=True)

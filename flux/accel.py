@@ -1,0 +1,479 @@
+"""Speed and memory options for the FLUX transformer, each one explicit call on a built model.
+
+- `attention_backend(name)`: a context manager choosing the scaled-dot-product-attention kernel
+  ("auto" puts cuDNN first on Hopper, where it is ~2x faster than flash at FLUX shapes).
+- `compile_blocks(model)`: regional compilation, one compiled graph per block class (reused by every
+  block of that class), so compile time stays bounded and per-sample layer skips never recompile:
+  the skip/inject logic runs in `Flux.forward`, outside the compiled blocks.
+- `quantize_fp8(model)`: the blocks' token-wise linears in float8 e4m3 with one scale per weight row
+  and per token, through `torch._scaled_mm` (Ada/Hopper GPUs; CPUs whose torch has the kernel).
+- `stream_blocks(model, device)`: blocks that do not fit a memory budget live in pinned host memory
+  and are copied to the device just before they run, the next one's copy overlapping the current
+  block's compute on a side stream. Lossless: the same bytes reach the same kernels.
+- `accelerate(model, AccelOptions(...), device)`: all of the above from config values.
+
+None of these changes the forward's signature or its hooks (skip, inject).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+from .model import Flux
+
+# ---------------------------------------------------------------------------------------------- attention
+
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def _sdp_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
+def attention_backend(name: str = "auto", device: torch.device | str | None = None) -> AbstractContextManager:
+    """Context in which every `scaled_dot_product_attention` prefers backend `name`.
+
+    "auto": cuDNN first on Hopper (and newer) GPUs, torch's own order elsewhere. A named backend goes
+    first in the priority list and the others follow as fallbacks (torch skips a backend that cannot
+    run the given inputs, e.g. cuDNN on a CPU), except "math", which is used alone. Compiled blocks
+    fix their kernel when they are traced: enter this context before their first call.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise UserError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    from torch.nn.attention import sdpa_kernel
+
+    backends = _sdp_backends()
+    if name == "auto":
+        device = torch.device(device) if device is not None else None
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if not (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0)):
+            return nullcontext()
+        name = "cudnn"
+    if name == "math":
+        return sdpa_kernel([backends["math"]])
+    order = [backends[name]] + [b for n, b in backends.items() if n != name]
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6: no priority order
+        return sdpa_kernel([backends[name], backends["math"]])
+    return sdpa_kernel(order, set_priority=True)
+
+
+# ---------------------------------------------------------------------------------------------- compilation
+
+
+def blocks(model: Flux) -> list[nn.Module]:
+    """The transformer blocks in execution order (global layer index = position in this list)."""
+    return [*model.double_blocks, *model.single_blocks]
+
+
+def is_compiled(block: nn.Module) -> bool:
+    return getattr(block, "_compiled_call_impl", None) is not None
+
+
+def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable = "inductor", fullgraph: bool = True) -> Flux:
+    """Compile each block in place (regional compilation); state-dict keys stay unchanged.
+
+    Blocks of one class share their compiled graph, so the first call compiles two graphs (double and
+    single block) per input shape; shapes are specialised (`dynamic=False`) for the fastest kernels.
+    `fullgraph=True` turns any graph break into an error instead of a silent slowdown.
+    """
+    if getattr(model, "_block_streamer", None) is not None:
+        raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
+    for block in blocks(model):
+        block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- FP8
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) -> (x_fp8, scale (M, 1) fp32) with x ≈ x_fp8 * scale, one scale per row (amax / 448)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+class FP8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored in float8 e4m3 (one fp32 scale per output row) and x quantised
+    per token on the fly; the product runs on the FP8 tensor cores with fp32 accumulation."""
+
+    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.register_buffer("weight", weight)  # (N, K) row-major: its transpose is the column-major B operand
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1))  # (1, N)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> "FP8Linear":
+        w = linear.weight.detach().to(device)
+        w_fp8, w_scale = quantize_rows(w)
+        bias = linear.bias.detach().to(device) if linear.bias is not None else None
+        return cls(w_fp8, w_scale, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias  # added outside the kernel: bias support with row-wise scales varies across torch versions
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3, scales=per-row"
+
+
+def fp8_problem(device: torch.device | str) -> str | None:
+    """Why FP8 matmuls cannot run on `device`, or None when they can."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "FP8 was asked for on CUDA, but CUDA is not available"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            return (
+                f"FP8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                f"{name} has {cap[0]}.{cap[1]}"
+            )
+        return None
+    try:  # CPU builds of recent torch have the kernel; older ones and other backends may not
+        a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
+        one = torch.ones(16, 1, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"this torch build has no FP8 matmul for {device.type} ({str(e).splitlines()[0]})"
+    return None
+
+
+def _fp8_targets(model: Flux) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """The token-wise linears of every block. Modulation linears (one row per sample: memory-bound
+    matrix-vector products where FP8 saves little time and costs accuracy) stay in bf16."""
+    for block in blocks(model):
+        for parent in block.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear) and not name == "lin":
+                    if child.in_features % 16 == 0 and child.out_features % 16 == 0:  # _scaled_mm's shape rule
+                        yield parent, name, child
+
+
+def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
+    """Replace the blocks' token-wise linears by `FP8Linear` in place, quantising each weight on
+    `device` (default: where it lives) one at a time, so a model on the CPU never needs its full bf16
+    copy on the GPU. Raises UserError where FP8 matmuls cannot run.
+
+    The result is a runtime model, not a checkpoint: its state dict holds float8 weights and scales.
+    """
+    if getattr(model, "_block_streamer", None) is not None:
+        raise UserError("quantize_fp8 must come before stream_blocks (or instead of it)")
+    if any(is_compiled(b) for b in blocks(model)):
+        raise UserError("quantize_fp8 must come before compile_blocks")
+    target = torch.device(device) if device is not None else next(model.parameters()).device
+    problem = fp8_problem(target)
+    if problem:
+        raise UserError(f"{problem}: turn the fp8 option off.")
+    for parent, name, linear in list(_fp8_targets(model)):
+        setattr(parent, name, FP8Linear.from_linear(linear, target))
+    if device is not None:
+        model.to(target)  # the rest (embedders, modulation, norms): small next to the FP8 weights
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def _align(n: int, multiple: int = 128) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class _Layout:
+    """Where each tensor of a block lives inside one flat buffer per dtype."""
+
+    def __init__(self, block: nn.Module):
+        self.entries: list[tuple[str, torch.dtype, int, torch.Size]] = []
+        self.sizes: dict[torch.dtype, int] = {}
+        for name, t in _tensors(block):
+            off = self.sizes.get(t.dtype, 0)
+            self.entries.append((name, t.dtype, off, t.shape))
+            self.sizes[t.dtype] = off + _align(t.numel())  # aligned offsets keep every view 256-byte aligned
+        self.key = tuple((n, str(d), tuple(s)) for n, d, _, s in self.entries)
+
+    def allocate(self, device: torch.device, pin: bool) -> dict[torch.dtype, Tensor]:
+        return {d: torch.empty(n, dtype=d, device=device, pin_memory=pin) for d, n in self.sizes.items()}
+
+    def views(self, flat: dict[torch.dtype, Tensor]) -> dict[str, Tensor]:
+        return {n: flat[d][o : o + s.numel()].view(s) for n, d, o, s in self.entries}
+
+
+class _HostArena:
+    """Host memory handed out in slices of 1 GiB chunks. torch's pinned allocator rounds every allocation
+    up to a power of two, which would waste up to half of each block's host copy."""
+
+    CHUNK = 2**30
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.chunks: list[Tensor] = []
+        self.used = self.CHUNK
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        n = shape.numel() * dtype.itemsize
+        size = _align(n, 256)
+        if size > self.CHUNK:
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        else:
+            if self.used + size > self.CHUNK:
+                self.chunks.append(torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=self.pin))
+                self.used = 0
+            buf = self.chunks[-1][self.used : self.used + size]
+            self.used += size
+        return buf[:n].view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.chunks) * self.CHUNK
+
+
+def _tensors(block: nn.Module) -> list[tuple[str, Tensor]]:
+    return [*block.named_parameters(), *((n, b) for n, b in block.named_buffers() if b is not None)]
+
+
+def _point(block: nn.Module, views: dict[str, Tensor]) -> None:
+    """Make every parameter/buffer of `block` use the given storage (same values, other device)."""
+    for name, t in _tensors(block):
+        t.data = views[name]
+
+
+@dataclass
+class _Slot:
+    """One device buffer set for a block layout; `owner` is the block index whose bytes it holds."""
+
+    flat: dict[torch.dtype, Tensor]
+    views: dict[str, Tensor]
+    owner: int = -1
+    loaded: torch.cuda.Event | None = None  # copy finished (side stream)
+    free: torch.cuda.Event | None = None  # last reader finished (compute stream)
+    last_use: int = 0
+
+
+class BlockStreamer:
+    """Blocks whose weights stay in (pinned) host memory and visit the device only while they run.
+
+    A forward pre-hook makes sure block k's bytes are in one of two device slots of its layout (copied
+    now if the prefetch missed, e.g. after a skipped layer) and starts copying the next streamed block;
+    a forward hook points the block back at its host copy and marks its slot free once the compute
+    stream is done with it. On a CPU "device" the same code runs with synchronous copies, which is
+    what the tests use. `keep_bytes` of blocks stay resident, spread evenly over the depth so that
+    each copy overlaps the compute of the resident blocks before it.
+    """
+
+    def __init__(self, model: Flux, device: torch.device | str, keep_bytes: int = 0):
+        if any(is_compiled(b) for b in blocks(model)):
+            raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
+        self.model = model
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.blocks = blocks(model)
+        layouts = [_Layout(b) for b in self.blocks]
+        self.streamed = _spread([sum(t.numel() * t.element_size() for _, t in _tensors(b)) for b in self.blocks], keep_bytes)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._clock = 0
+
+        block_ids = {id(b) for b in self.blocks}
+        for m in model.children():  # embedders, final layer: small, always resident
+            if id(m) not in block_ids and not isinstance(m, nn.ModuleList):
+                m.to(self.device)
+        self.arena = _HostArena(pin=self.cuda)
+        self.host: dict[int, dict[str, Tensor]] = {}
+        self.layout_of: dict[int, tuple] = {}
+        self.slots: dict[tuple, list[_Slot]] = {}
+        self.hooks = []
+        for i, (block, lay) in enumerate(zip(self.blocks, layouts)):
+            if i not in self.streamed:
+                block.to(self.device)
+                continue
+            views = {name: self.arena.empty(t.shape, t.dtype) for name, t in _tensors(block)}
+            with torch.no_grad():
+                for name, t in _tensors(block):
+                    views[name].copy_(t.data)
+            _point(block, views)  # the original storage is freed here
+            self.host[i] = views
+            self.layout_of[i] = lay.key
+            if lay.key not in self.slots:
+                self.slots[lay.key] = [self._slot(lay) for _ in range(2)]
+            self.hooks.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
+            self.hooks.append(block.register_forward_hook(self._make_post_hook(i)))
+        self.order = sorted(self.streamed)
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def _slot(self, lay: _Layout) -> _Slot:
+        flat = lay.allocate(self.device, pin=False)
+        return _Slot(flat, lay.views(flat))
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the streaming slots on the device (two per block layout)."""
+        return sum(t.numel() * t.element_size() for s in self.slots.values() for slot in s for t in slot.flat.values())
+
+    def _find(self, i: int) -> _Slot | None:
+        return next((s for s in self.slots[self.layout_of[i]] if s.owner == i), None)
+
+    def _load(self, i: int, avoid: _Slot | None = None) -> _Slot:
+        """Start copying block i into the least recently used slot of its layout (not `avoid`)."""
+        slot = min((s for s in self.slots[self.layout_of[i]] if s is not avoid), key=lambda s: s.last_use)
+        self._clock += 1
+        slot.owner, slot.last_use = i, self._clock
+        if not self.cuda:
+            for name, t in self.host[i].items():
+                slot.views[name].copy_(t)
+            return slot
+        with torch.cuda.stream(self.copy_stream):
+            if slot.free is not None:
+                self.copy_stream.wait_event(slot.free)  # its previous block may still be computing
+            for name, t in self.host[i].items():
+                slot.views[name].copy_(t, non_blocking=True)
+            slot.loaded = torch.cuda.Event()
+            slot.loaded.record(self.copy_stream)
+        return slot
+
+    def _make_pre_hook(self, i: int):
+        def pre_hook(block: nn.Module, args) -> None:
+            slot = self._find(i) or self._load(i)
+            self._clock += 1
+            slot.last_use = self._clock
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(slot.loaded)
+            _point(block, slot.views)
+            nxt = self.order[(self.order.index(i) + 1) % len(self.order)]
+            if nxt != i and self._find(nxt) is None:
+                self._load(nxt, avoid=slot)
+
+        return pre_hook
+
+    def _make_post_hook(self, i: int):
+        def post_hook(block: nn.Module, args, output) -> None:
+            _point(block, self.host[i])
+            if self.cuda:
+                slot = self._find(i)
+                slot.free = torch.cuda.Event()
+                slot.free.record(torch.cuda.current_stream(self.device))
+
+        return post_hook
+
+    def remove(self) -> None:
+        """Stop streaming: hooks off, slots freed; streamed blocks keep their host copies."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.slots.clear()
+        self.model._block_streamer = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+
+def _spread(sizes: list[int], keep_bytes: int) -> set[int]:
+    """Indices to stream so that the kept (resident) ones fit `keep_bytes` and are spread evenly:
+    block i stays when the kept share up to i does not exceed the overall kept share."""
+    total = sum(sizes)
+    share = min(max(keep_bytes, 0) / total, 1.0) if total else 1.0
+    kept, seen, streamed = 0, 0, set()
+    for i, n in enumerate(sizes):
+        seen += n
+        if kept + n <= share * seen + 1 and kept + n <= keep_bytes:
+            kept += n
+        else:
+            streamed.add(i)
+    for i in sorted(streamed, key=lambda i: sizes[i]):  # fill what the even spread left of the budget
+        if kept + sizes[i] <= keep_bytes:
+            kept += sizes[i]
+            streamed.discard(i)
+    return streamed
+
+
+def stream_blocks(model: Flux, device: torch.device | str, keep_bytes: int = 0) -> BlockStreamer:
+    """Keep the embedders, the final layer and `keep_bytes` worth of blocks on `device`; stream the
+    other blocks from pinned host memory at every forward. Returns the streamer (`.remove()` undoes
+    the hooks). Outputs are bit-identical to the resident model's."""
+    if getattr(model, "_block_streamer", None) is not None:
+        raise UserError("this model is already streaming its blocks")
+    streamer = BlockStreamer(model, device, keep_bytes)
+    model._block_streamer = streamer
+    return streamer
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class AccelOptions:
+    """The speed/memory switches a demo config exposes (defaults: plain eager bf16)."""
+
+    compile: bool = False
+    attention: str = "auto"
+    fp8: bool = False
+    stream_blocks: bool = False
+    resident_gb: float = 0.0  # with stream_blocks: GiB of blocks kept on the device
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.attention not in ATTENTION_BACKENDS:
+            problems.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.compile and self.stream_blocks:
+            problems.append("compile and stream_blocks do not combine: choose one")
+        if self.resident_gb < 0:
+            problems.append("resident_gb must be >= 0")
+        return problems
+
+
+def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
+    """Apply `options` in their one valid order: FP8, then streaming or compilation. Attention is a
+    context: wrap sampling in `attention_backend(options.attention)`."""
+    problems = options.check()
+    if problems:
+        raise UserError("; ".join(problems))
+    if options.fp8:
+        quantize_fp8(model, device if not options.stream_blocks else None)
+    if options.stream_blocks:
+        stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
+    else:
+        model.to(device)
+    if options.compile:
+        compile_blocks(model)
+    return model
+
+
+def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> float:
+    """Matmul + attention FLOPs of one transformer forward (elementwise work excluded)."""
+    h, n = params.hidden_size, img_tokens + txt_tokens
+    mlp = int(h * params.mlp_ratio)
+    per_token_block = 2 * (3 * h * h + h * h + 2 * h * mlp)  # qkv, proj, mlp in+out (= linear1 + linear2)
+    layers = params.depth + params.depth_single_blocks
+    attn = 4 * n * n * h
+    return batch * layers * (n * per_token_block + attn)
+
+
+__all__ = [
+    "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend",
+    "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "is_compiled", "quantize_fp8",
+    "quantize_rows", "stream_blocks",
+]
