@@ -105,7 +105,8 @@ def main(cfg: DinoConfig) -> None:
     sweep = None
     if cfg.image_a is None and cfg.folder_a is None:
         # Scan before loading DINOv2: an empty or mistyped sweep folder should fail in a second, not after a download.
-        sweep = V.scan_sweep(cfg.sweep_dir, cfg.num_double, exclude=[Path(cfg.output_dir)])
+        cache_file = V.cache_path(cfg.sweep_dir, cfg.dino_model, cfg.cache_dir)
+        sweep = V.scan_sweep(cfg.sweep_dir, cfg.num_double, exclude=[Path(cfg.output_dir), cache_file.parent])
         sweep.require_pairs()
     embedder = V.DinoEmbedder(V.load_dino(cfg.dino_model, device), device, cfg.batch_size, cfg.num_workers)
     if sweep is None:
@@ -119,7 +120,7 @@ def main(cfg: DinoConfig) -> None:
             print(f"  {line}")
         if len(report) > 10:
             print(f"  ... and {len(report) - 10} more")
-    cache = V.FeatureCache(V.cache_path(cfg.sweep_dir, cfg.dino_model, cfg.cache_dir), sweep.root)
+    cache = V.FeatureCache(cache_file, sweep.root)
     analysis = V.analyse_sweep(
         sweep, embedder, cache, tau=cfg.tau if cfg.rule == "threshold" else None,
         top_k=cfg.top_k if cfg.rule == "top_k" else None, n_bootstrap=cfg.bootstrap_samples, seed=cfg.seed,

@@ -417,18 +417,32 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
     assert err.startswith("error:") and "nowhere" in err and not (tmp_path / "out2").exists()
 
 
-def test_demo_runs_on_the_tiny_config(tmp_path):
+def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     sweep = make_sweep(tmp_path / "sweep", broken=(1, 4))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "demo_3_dino.py", "configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={out}"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out, cache = sweep / "scores", sweep / "features"  # both inside the sweep: they must not be taken for prompts
+    args = ["configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={out}", f"cache_dir={cache}"]
+    run = subprocess.run([sys.executable, "demo_3_dino.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "vital_layers.json").read_text())
     assert data["vital_layers"] == [1, 4] and data["selection"] == {"rule": "top_k", "k": 2}
+    assert data["complete"] is True and data["notes"] == []
     assert {p.name for p in out.iterdir()} == {"vital_layers.json", "vitality.csv", "vitality.png", "contact_sheet.png"}
-    assert "vital layers (top 2): [1, 4]" in run.stdout
-    assert (sweep / "dino_features" / "tiny-random-seed0.safetensors").is_file()
+    assert "vital layers (top 2): [1, 4]" in run.stdout and "note:" not in run.stdout
+    assert (cache / "tiny-random-seed0.safetensors").is_file()
 
+    # Again, in process, with the cache's images counted: nothing is re-embedded, the answer is the same.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+    import demo_3_dino
+    from flux.config import run_demo
+
+    built = V.load_dino
+    counters = []
+    monkeypatch.setattr(V, "load_dino", lambda *a: counters.append(CallCounter(m := built(*a))) or m)
+    run_demo(demo_3_dino.DinoConfig, demo_3_dino.main, args)
+    assert counters[0].images == 0 and "note:" not in capsys.readouterr().out
+    assert json.loads((out / "vital_layers.json").read_text())["layers"] == data["layers"]
 
 
 def test_load_dino_from_a_local_folder(tmp_path):
