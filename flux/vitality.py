@@ -132,7 +132,7 @@ def load_dino(name: str = DEFAULT_DINO, device: str | torch.device = "cpu"):
         model = Dinov2Model.from_pretrained(name, config=config)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the DINOv2 weights of {name!r}: {e}") from e
-    return model.eval().to(device)
+    return model.float().eval().to(device)  # fp32 whatever the checkpoint: similarities near 1 need the digits
 
 
 def model_slug(name: str) -> str:
