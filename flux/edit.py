@@ -133,15 +133,17 @@ def edit_chunks(num_edits: int, batch_size: int | None) -> list[list[int]]:
     if per < 1:
         raise UserError(f"batch_size {batch_size} leaves no room for an edit next to the reference: use 2 or more")
     n = math.ceil(num_edits / per)
-    size = math.ceil(num_edits / n)
-    chunks = [list(range(num_edits))[c::n] for c in range(n)]  # interleaved: sizes differ by at most one
-    chunks = [sorted(c) for c in chunks]
+    q, r = divmod(num_edits, n)  # r chunks of q + 1 edits, then n - r of q
+    starts = [k * q + min(k, r) for k in range(n + 1)]
+    size = q + (r > 0)
+    chunks = [list(range(starts[k], starts[k + 1])) for k in range(n)]
     return [c + [c[-1]] * (size - len(c)) for c in chunks]
 
 
 @dataclass
 class EditResult:
-    """Images in [-1, 1] and latents (16, h, w): the reference sample first, then the edits in prompt order."""
+    """Images in [-1, 1] and latents (16, h, w): the reference sample (for a real image: the reconstruction)
+    first, then the edits in prompt order."""
 
     reference: Tensor  # (3, H, W)
     edits: Tensor  # (N, 3, H, W)
@@ -170,7 +172,6 @@ def _denoise_chunks(
 ) -> tuple[Tensor, list[list[int]], float]:
     """Denoise [reference, edits...] (text rows 0, 1..N) from `start` (1, 16, h, w), chunk by chunk."""
     chunks = edit_chunks(len(text) - 1, batch_size)
-    models.model.check_layers(layers, "inject")
     reference, edits = None, {}
     drift = 0.0
     for chunk in chunks:
@@ -184,7 +185,7 @@ def _denoise_chunks(
             return replaced
 
         out = models.denoise(
-            text.select(rows), start.expand(len(rows), -1, -1, -1).clone(), timesteps,
+            text.select(rows), start.repeat(len(rows), 1, 1, 1), timesteps,
             guidance=[guidance[0]] + [guidance[1]] * len(chunk), inject=inject, callback=step_hook,
         )
         if reference is None:
@@ -205,6 +206,13 @@ def _encode_prompts(models: FluxModels, prompts: Sequence[str], free_text_encode
     if free_text_encoders:
         models.release_text_encoders()
     return text
+
+
+def _injection_layers(models: FluxModels, layers: Sequence[int] | None) -> list[int]:
+    p = models.model.params
+    if layers is None:
+        return default_vital_layers(p.depth, p.depth_single_blocks)
+    return check_layers(layers, models.model.num_layers)
 
 
 def _check_edits(edit_prompts: Sequence[str]) -> list[str]:
@@ -236,9 +244,8 @@ def edit_generated(
     """
     edit_prompts = _check_edits(edit_prompts)
     check_size(width, height)
-    p = models.model.params
-    layers = default_vital_layers(p.depth, p.depth_single_blocks) if layers is None else check_layers(layers, models.model.num_layers)
-    chunks = edit_chunks(len(edit_prompts), batch_size)  # fails early on a bad batch_size
+    layers = _injection_layers(models, layers)
+    edit_chunks(len(edit_prompts), batch_size)  # a bad batch_size fails before any work
     text = _encode_prompts(models, [source_prompt, *edit_prompts], free_text_encoders)
     timesteps = models.schedule(steps, width, height)
     latents, chunks, drift = _denoise_chunks(
@@ -351,16 +358,16 @@ def edit_real(
     """Edit a real image (3, H, W) in [-1, 1], H and W multiples of 16.
 
     Inversion and the reference sample use `source_guidance` (1); the edits `guidance` (3). After every step the
-    reference's latent is replaced by the inversion latent of the same noise level (the official release uses one
-    one or two levels off; we match them), so the reference output -- the reconstruction -- is the nudged input.
+    reference's latent is replaced by the inversion latent of the same noise level (the official release is one
+    or two levels off; we match them), so the reference output -- the reconstruction -- is the nudged input
+    latent, decoded: what the edits are anchored to.
     """
     edit_prompts = _check_edits(edit_prompts)
     if image.ndim == 4:
         image = image[0]
     height, width = image.shape[-2:]
     check_size(width, height)
-    p = models.model.params
-    layers = default_vital_layers(p.depth, p.depth_single_blocks) if layers is None else check_layers(layers, models.model.num_layers)
+    layers = _injection_layers(models, layers)
     edit_chunks(len(edit_prompts), batch_size)
     text = _encode_prompts(models, [source_prompt, *edit_prompts], free_text_encoders)
     latent = models.encode_image(image[None]) * nudge
