@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -360,6 +361,7 @@ def run_sweep(
         return noise_cache[p.seed]
 
     written: list[Path] = []
+    start = time.perf_counter()
     bar = _progress(todo, f"{tag}sweep", enabled=progress and dist.local_rank == 0)
     try:
         for batch in pending:
@@ -381,7 +383,9 @@ def run_sweep(
                 bar.update(1)
     finally:
         bar.close()
-    _log(f"{tag}done: wrote {len(written)} images")
+    seconds = time.perf_counter() - start
+    _log(f"{tag}done: wrote {len(written)} images on {models.device} in {seconds:.1f} s "
+         f"({seconds / max(1, len(written)):.2f} s/image)")
     return SweepResult(written, skipped, total)
 
 

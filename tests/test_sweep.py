@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flux.config import run_demo
 from flux.errors import UserError
 from flux.io import read_png_metadata
+from flux.pipeline import Text
 from flux.sweep import (
-    Dist, Item, PromptSpec, SkipConfig, load_prompts, merge_manifest, plan_batches, resolve_layers, run,
+    Dist, Item, PromptSpec, SkipConfig, load_prompts, merge_manifest, plan_batches, resolve_layers, run, run_sweep,
     select_prompts, shard, sweep_manifest,
 )
 
@@ -69,12 +71,17 @@ def write_prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
 
 
 def launch(args: list[str], rank: int | None = None, world: int | None = None, **env: str) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)  # one thread: two ranks share 2 CPU cores
+    environ = plain_env(**env)
     if rank is not None:
         environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     return subprocess.Popen([sys.executable, "-c", RUNNER, str(TINY), *args], cwd=REPO, env=environ,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def plain_env(**env: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)  # one thread: the runs share 2 CPU cores
+    return environ
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -103,6 +110,83 @@ def test_dist_from_env():
     for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):
         with pytest.raises(UserError):
             Dist.from_env(bad)
+
+
+class FakeModels:
+    """Stands in for FluxModels: records what run_sweep asks for; images encode (prompt row, seed) in pixels."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.encoded, self.batches, self.released = [], [], False
+
+    def encode(self, prompts):
+        self.encoded += prompts
+        n = len(prompts)
+        return Text(torch.zeros(n, 1, 1), torch.zeros(n, 1, 3), torch.arange(len(self.encoded) - n, len(self.encoded)
+                                                                             ).float()[:, None])
+
+    def release_text_encoders(self):
+        self.released = True
+
+    def schedule(self, steps, width, height):
+        return [1.0, 0.0]
+
+    def noise(self, seeds, width, height):
+        return torch.tensor(seeds).float().view(-1, 1, 1, 1).expand(-1, 16, height // 8, width // 8)
+
+    def denoise(self, text, noise, timesteps, guidance, skip):
+        assert not self.released or len(self.encoded) > 0
+        self.batches.append((text.vec[:, 0].tolist(), noise[:, 0, 0, 0].tolist(), [sorted(s) for s in skip]))
+        return noise
+
+    def decode(self, latent):
+        return torch.zeros(latent.shape[0], 3, 8 * latent.shape[2], 8 * latent.shape[3])
+
+
+def sweep_in_process(root: Path, dist: Dist, models: FakeModels | None = None, layers=(0, 3, 5)):
+    loads = []
+
+    def load(device):
+        loads.append(device)
+        return models
+
+    result = run_sweep(load, "flux-tiny", 2, 4, PROMPTS, list(layers), 16, 16, 1, 3.5, 3, root, "cpu", dist,
+                       progress=False)
+    return result, loads
+
+
+def composition(batch: list[Item]) -> tuple:
+    """What a batch computes: the seed and the skip set of every sample, in order."""
+    return [it.prompt.seed for it in batch], [sorted(it.skip) for it in batch]
+
+
+def test_resumed_ranks_rerun_only_their_own_unfinished_batches_unchanged(tmp_path):
+    layers = (0, 3, 5)
+    plan = plan_batches(PROMPTS, list(layers), 3)
+    fresh = FakeModels()
+    sweep_in_process(tmp_path / "fresh", Dist(), fresh, layers)
+    assert [tuple(b[1:]) for b in fresh.batches] == [composition(b) for b in plan]
+
+    root = tmp_path / "resumed"
+    done = set(sorted(expected_files(root, layers=layers))[::3])  # a previous run's work: the split ignores it
+    for path in done:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"done")
+    written = []
+    for rank in (1, 0):  # started at different times, each sees another state of the folder
+        models = FakeModels()
+        result, loads = sweep_in_process(root, Dist(rank, 2, rank), models, layers)
+        assert loads == ["cpu"] and models.released
+        assert len(set(models.encoded)) == len(models.encoded)  # each prompt encoded once
+        # Only its own share's unfinished batches, each exactly as planned (so a resumed run computes the same).
+        assert [tuple(b[1:]) for b in models.batches] == [
+            composition(b) for b in shard(plan, rank, 2) if any(it.path(root) not in done for it in b)]
+        written += result.written
+    assert sorted(written) == sorted(expected_files(root, layers=layers) - done)
+    assert all(p.read_bytes() == b"done" for p in done)  # finished files are never rewritten
+    result, loads = sweep_in_process(root, Dist(0, 2, 0), FakeModels(), layers)
+    assert loads == [] and result.written == []  # nothing left: the models are not even loaded
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -170,19 +254,38 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_rank_sweep(tmp_path_factory):
-    """The tiny sweep by two ranks running at the same time, as `torchrun --nproc_per_node 2` would start them."""
-    tmp = tmp_path_factory.mktemp("two_ranks")
-    root = tmp / "out"
-    args = [f"output_dir={root}", f"prompts_file={write_prompts(tmp)}", *SETTINGS]
-    procs = [launch(args, rank=r, world=2, SWEEP_LOG=str(tmp / f"rank{r}.log")) for r in range(2)]
-    logs = [finish(p) for p in procs]
+def sweeps(tmp_path_factory):
+    """Started together, to keep both CPU cores busy: the tiny sweep by two ranks at once (as `torchrun
+    --nproc_per_node 2` would start them) into one folder, and a slowed single-process sweep into another,
+    killed with SIGKILL once 3 images exist."""
+    tmp = tmp_path_factory.mktemp("sweeps")
+    prompts = write_prompts(tmp)
+    ranks_root, killed_root = tmp / "two_ranks", tmp / "killed"
+    procs = [launch([f"output_dir={ranks_root}", f"prompts_file={prompts}", *SETTINGS], rank=r, world=2,
+                    SWEEP_LOG=str(tmp / f"rank{r}.log")) for r in range(2)]
+    slow = launch([f"output_dir={killed_root}", f"prompts_file={prompts}", *SETTINGS], SWEEP_DELAY="0.5")
+    try:
+        deadline = time.monotonic() + 120
+        while len(pngs(killed_root)) < 3:
+            assert slow.poll() is None, slow.communicate()[1]
+            assert time.monotonic() < deadline, "the sweep wrote nothing in 120 s"
+            time.sleep(0.01)
+        slow.send_signal(signal.SIGKILL)
+        slow.communicate()
+        survivors = {p: p.stat().st_ino for p in pngs(killed_root)}
+        logs = [finish(p) for p in procs]
+    finally:
+        for p in (*procs, slow):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     written = [set(map(Path, (tmp / f"rank{r}.log").read_text().split())) for r in range(2)]
-    return root, written, logs
+    return {"ranks_root": ranks_root, "written": written, "logs": logs, "killed_root": killed_root,
+            "survivors": survivors, "prompts": prompts}
 
 
-def test_two_ranks_make_every_image_exactly_once(two_rank_sweep):
-    root, (rank0, rank1), logs = two_rank_sweep
+def test_two_ranks_make_every_image_exactly_once(sweeps):
+    root, (rank0, rank1), logs = sweeps["ranks_root"], sweeps["written"], sweeps["logs"]
     assert rank0 and rank1 and not rank0 & rank1  # both worked, on disjoint items
     assert rank0 | rank1 == expected_files(root) == pngs(root)
     assert len(rank0) + len(rank1) == len(PROMPTS) * (N_LAYERS + 1)
@@ -204,19 +307,9 @@ def test_two_ranks_make_every_image_exactly_once(two_rank_sweep):
     assert not np.array_equal(pixels(root / "fox" / "ref.png"), pixels(root / "fox" / "layer_00.png"))
 
 
-def test_killed_sweep_resumes_to_the_same_files(tmp_path, two_rank_sweep):
-    reference_root = two_rank_sweep[0]
-    root = tmp_path / "out"
-    args = [f"output_dir={root}", f"prompts_file={write_prompts(tmp_path)}", *SETTINGS]
-    proc = launch(args, SWEEP_DELAY="0.5")
-    deadline = time.monotonic() + 90
-    while len(pngs(root)) < 3:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "the sweep wrote nothing in 90 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    survivors = {p: p.stat().st_ino for p in pngs(root)}
+def test_killed_sweep_resumes_to_the_same_files(sweeps):
+    root, survivors = sweeps["killed_root"], sweeps["survivors"]
+    args = [f"output_dir={root}", f"prompts_file={sweeps['prompts']}", *SETTINGS]
     assert 3 <= len(survivors) < len(expected_files(root))  # killed mid-way
     # What a kill during a write leaves: a temp file beside the image it was to become.
     missing = sorted(expected_files(root) - set(survivors))[0]
@@ -225,8 +318,7 @@ def test_killed_sweep_resumes_to_the_same_files(tmp_path, two_rank_sweep):
     stale.write_bytes(b"half a PNG")
 
     # The restart is the plain command a user would type again.
-    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "demo_2_skip.py", str(TINY), *args], cwd=REPO, env=environ,
+    result = subprocess.run([sys.executable, "demo_2_skip.py", str(TINY), *args], cwd=REPO, env=plain_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"{len(survivors)} already done" in result.stderr
@@ -234,6 +326,6 @@ def test_killed_sweep_resumes_to_the_same_files(tmp_path, two_rank_sweep):
     assert not leftovers(root)
     assert all(p.stat().st_ino == ino for p, ino in survivors.items())  # finished images were not redone
     for path in expected_files(root):
-        same = reference_root / path.relative_to(root)
+        same = sweeps["ranks_root"] / path.relative_to(root)
         assert np.array_equal(pixels(path), pixels(same)), path
         assert read_png_metadata(path) == read_png_metadata(same)
