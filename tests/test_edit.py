@@ -184,6 +184,13 @@ def test_vital_layers_file(tmp_path):
             read_vital_layers(tmp_path / name, 2, 4)
     with pytest.raises(UserError, match="is a folder"):
         read_vital_layers(tmp_path, 2, 4)
+    # The file demo_3_dino.py writes (flux.vitality's payload) is read as it is.
+    from flux.vitality import selection_dict, vital_layers_payload
+
+    payload = vital_layers_payload([], [5, 0], selection_dict(0.2, None), model="flux-tiny", dino_model="tiny-random",
+                                   num_double=2)
+    (tmp_path / "demo3.json").write_text(json.dumps(payload))
+    assert read_vital_layers(tmp_path / "demo3.json", 2, 4) == [0, 5]
     with pytest.raises(UserError, match="does not exist"):
         read_vital_layers(tmp_path / "missing.json", 2, 4)
 
