@@ -23,7 +23,10 @@ import time
 
 import torch
 
-from common import Results, add_common_args, compare, env_info, first_call_s, gib, model_params, random_flux, random_inputs, time_ms
+from common import (
+    Results, add_common_args, attention_context, compare, env_info, fastest_attention, first_call_s, gib, model_params,
+    random_flux, random_inputs, time_ms,
+)
 from flux import accel
 from flux.model import Injection
 
@@ -74,7 +77,9 @@ def main() -> None:
     block_bytes = nbytes(p for b in accel.blocks(model) for p in b.parameters())
     res.set("weights_gib", value={"all": gib(weights), "blocks": gib(block_bytes), "rest": gib(weights - block_bytes)})
 
-    with torch.inference_mode(), accel.attention_backend("auto", device):
+    attention, sdpa = fastest_attention(device, 2, (size // 16) ** 2 + txt_len)
+    res.set("attention", value={"chosen": attention, "sdpa_ms": sdpa})
+    with torch.inference_mode(), attention_context(attention, device):
         step = lambda: model(**x, inject=inject)  # noqa: E731
         reset()
         ref = step()
@@ -88,7 +93,7 @@ def main() -> None:
         reset()
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), torch.cuda.current_device())
             res.set("cap", value={"cap_gib": args.cap_gib, "fraction": args.cap_gib * 2**30 / total,
                                   "target_gib": args.target_gib})
 

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from common import REPO, Results, add_common_args, env_info, model_params, randomize_, random_flux
+from common import REPO, Results, add_common_args, attention_context, env_info, fastest_attention, model_params, randomize_, random_flux
 from flux import accel
 from flux.modules.autoencoder import AutoEncoder
 from flux.pipeline import FluxModels
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,5,10,15,20,25,30,35,40,45,50", help="layers bypassed in the sample")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--attention", default="pick", help='"pick" (fastest SDPA at this shape), or a spec: auto, cudnn!, ...')
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--workdir", default="/tmp/bench_sweep", help="where the sample's PNGs go (deleted first)")
     args = parser.parse_args()
@@ -95,13 +96,16 @@ def main() -> None:
         res = Results(f"{args.out}/sweep_{args.tag}.json", env=env_info(device), model=name, world_size=dist.world_size,
                       sample={"prompts": len(prompts), "layers": layers, "images": n_images, "size": size,
                               "steps": steps, "batch_size": args.batch_size, "compile": not args.no_compile,
-                              "attention": "auto"})
+                              "attention": args.attention})
     workdir = f"{args.workdir}_{args.tag}"
     if dist.rank == 0:
         shutil.rmtree(workdir, ignore_errors=True)
 
     t0 = time.perf_counter()
-    with accel.attention_backend("auto", device):
+    attention, sdpa = (args.attention, {}) if args.attention != "pick" else fastest_attention(device, args.batch_size, (size // 16) ** 2 + 512)
+    if res:
+        res.set("attention", value={"chosen": attention, "sdpa_ms": sdpa})
+    with attention_context(attention, device):
         models = random_models(name, device, not args.no_compile, backend)
         build_s = time.perf_counter() - t0
         # Warm-up: compile the blocks for this batch shape (and with a per-sample skip), tune the AE convs.

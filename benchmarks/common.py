@@ -219,3 +219,40 @@ class Results:
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         tmp.replace(self.path)
         print(f"[{time.strftime('%H:%M:%S')}] {' / '.join(keys)}: {json.dumps(value, default=str)}", flush=True)
+
+
+def attention_context(spec: str, device: torch.device):
+    """"cudnn" prefers cuDNN (falls back); "cudnn!" uses cuDNN alone; "default" leaves torch's own order."""
+    import contextlib
+
+    from flux import accel
+
+    if spec == "default":
+        return contextlib.nullcontext()
+    return accel.attention_backend(spec.rstrip("!"), device, strict=spec.endswith("!"))
+
+
+def sdpa_timings(device: torch.device, batch: int, seq: int, heads: int = 24, head_dim: int = 128,
+                 specs: tuple[str, ...] = ("default", "auto", "cudnn!", "flash!", "efficient!"), reps: int = 20) -> dict:
+    """ms of one joint-attention call (FLUX layout, bf16) under each attention spec; an error message where
+    the spec cannot run these inputs."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=g).to(device, torch.bfloat16) for _ in range(3))
+    out = {}
+    for spec in specs:
+        try:
+            with attention_context(spec, device):
+                t = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, reps=reps, warmup=3)
+            out[spec] = t["median_ms"]
+        except RuntimeError as e:
+            out[spec] = f"error: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def fastest_attention(device: torch.device, batch: int, seq: int, specs: tuple[str, ...] = ("auto", "cudnn!", "flash!")) -> tuple[str, dict]:
+    """The attention spec with the fastest SDPA call at this shape (auto on a CPU)."""
+    if device.type != "cuda":
+        return "auto", {}
+    times = sdpa_timings(device, batch, seq, specs=specs)
+    ok = {s: t for s, t in times.items() if isinstance(t, float)}
+    return min(ok, key=ok.get), times

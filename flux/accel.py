@@ -44,13 +44,14 @@ def _sdp_backends() -> dict[str, object]:
     }
 
 
-def attention_backend(name: str = "auto", device: torch.device | str | None = None) -> AbstractContextManager:
+def attention_backend(name: str = "auto", device: torch.device | str | None = None, strict: bool = False) -> AbstractContextManager:
     """Context in which every `scaled_dot_product_attention` prefers backend `name`.
 
     "auto": cuDNN first on Hopper (and newer) GPUs, torch's own order elsewhere. A named backend goes
     first in the priority list and the others follow as fallbacks (torch skips a backend that cannot
-    run the given inputs, e.g. cuDNN on a CPU), except "math", which is used alone. Compiled blocks
-    fix their kernel when they are traced: enter this context before their first call.
+    run the given inputs, e.g. cuDNN on a CPU), except "math", which is used alone. `strict`: the
+    named backend alone, so that attention fails rather than silently use another kernel.
+    Compiled blocks fix their kernel when they are traced: enter this context before their first call.
     """
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -63,8 +64,8 @@ def attention_backend(name: str = "auto", device: torch.device | str | None = No
         if not (on_cuda and torch.cuda.get_device_capability(device) >= (9, 0)):
             return nullcontext()
         name = "cudnn"
-    if name == "math":
-        return sdpa_kernel([backends["math"]])
+    if name == "math" or strict:
+        return sdpa_kernel([backends[name]])
     order = [backends[name]] + [b for n, b in backends.items() if n != name]
     if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6: no priority order
         return sdpa_kernel([backends[name], backends["math"]])
