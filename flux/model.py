@@ -146,12 +146,10 @@ class Flux(nn.Module):
             raise ValueError(f"skip has {len(skip)} entries but the batch has {batch} samples")
         for s in skip:
             self.check_layers(s, "skip")
-        out = []
-        for layer in range(self.num_layers):
-            flags = [layer in s for s in skip]
-            mask = torch.tensor(flags, device=device).view(batch, 1, 1) if any(flags) and not all(flags) else None
-            out.append(_LayerSkip(any(flags), all(flags), mask))
-        return out
+        flags = [[layer in s for s in skip] for layer in range(self.num_layers)]
+        # One host-to-device copy for all layers: a copy per layer would stall the GPU queue once each.
+        masks = _to_device(torch.tensor(flags).view(self.num_layers, batch, 1, 1), device)
+        return [_LayerSkip(any(f), all(f), masks[layer]) for layer, f in enumerate(flags)]
 
     def _kv_source(self, inject: Injection | None, batch: int, device: torch.device) -> Tensor | None:
         if inject is None:
@@ -161,14 +159,21 @@ class Flux(nn.Module):
         if any(not 0 <= s < batch for s in inject.source):
             raise ValueError(f"inject.source {inject.source} names samples outside the batch of {batch}")
         self.check_layers(inject.layers, "inject")
-        return torch.tensor(inject.source, device=device, dtype=torch.long)
+        return _to_device(torch.tensor(inject.source, dtype=torch.long), device)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on `device` without making the host wait for the GPU's queue."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
 class _LayerSkip:
     any_skip: bool
     all_skip: bool
-    mask: Tensor | None  # (B, 1, 1), True where the sample bypasses the layer; None when uniform
+    mask: Tensor  # (B, 1, 1), True where the sample bypasses the layer
 
 
 def layer_name(layer: int, depth: int) -> str:

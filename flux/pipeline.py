@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,20 +55,24 @@ class FluxModels:
     device: torch.device
     dtype: torch.dtype
     offload: bool = False
+    _held: set[int] = field(default_factory=set, repr=False)
 
     @contextmanager
     def on_device(self, *modules: nn.Module):
-        if self.offload:
-            for m in modules:
-                m.to(self.device)
+        """With offload, hold `modules` on the GPU inside the block. Nested uses keep them there until the
+        outermost block ends, so a loop can hold the transformer across many denoise calls."""
+        moved = [m for m in modules if self.offload and id(m) not in self._held]
+        for m in moved:
+            m.to(self.device)
+            self._held.add(id(m))
         try:
             yield
         finally:
-            if self.offload:
-                for m in modules:
-                    m.cpu()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for m in moved:
+                m.cpu()
+                self._held.discard(id(m))
+            if moved and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[str]) -> Text:

@@ -367,7 +367,7 @@ def run_sweep(
     # PNG encoding (~0.2 s per 1024^2 image) runs in threads while the GPU denoises the next batch; waiting for
     # the previous batch's files before decoding the next keeps a kill's loss to the batches in flight.
     try:
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="png") as pool:
+        with models.on_device(models.model, models.ae), ThreadPoolExecutor(4, thread_name_prefix="png") as pool:
             writing: list[Future] = []
             for batch in pending:
                 latent = models.denoise(

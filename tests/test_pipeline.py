@@ -70,3 +70,32 @@ def test_prompts_change_the_image(models):
 def test_sizes_must_be_multiples_of_16(w, h):
     with pytest.raises(UserError, match="multiple of 16"):
         check_size(w, h)
+
+
+def test_offload_holds_a_module_across_nested_uses():
+    """With offload, a loop can keep the transformer on the device across denoise calls (the sweep does)."""
+    from flux.pipeline import FluxModels
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moves = []
+
+        def to(self, *a, **k):
+            self.moves.append("to")
+            return self
+
+        def cpu(self):
+            self.moves.append("cpu")
+            return self
+
+    spy = Spy()
+    m = FluxModels("flux-tiny", None, spy, None, None, None, torch.device("cpu"), torch.float32, offload=True)
+    with m.on_device(spy):
+        for _ in range(3):
+            with m.on_device(spy):
+                pass
+    assert spy.moves == ["to", "cpu"]
+    with m.on_device(spy):
+        pass
+    assert spy.moves == ["to", "cpu", "to", "cpu"]

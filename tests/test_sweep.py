@@ -1,6 +1,7 @@
 """demo_2_skip.py: the plan and its split over ranks, bad input, and real runs on flux-tiny — two ranks at once,
 and a sweep killed with SIGKILL then restarted, which must end with exactly the files of an uninterrupted run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -128,6 +129,12 @@ class FakeModels:
 
     def release_text_encoders(self):
         self.released = True
+
+    @contextlib.contextmanager
+    def on_device(self, *modules):
+        yield
+
+    model = ae = None
 
     def schedule(self, steps, width, height):
         return [1.0, 0.0]
