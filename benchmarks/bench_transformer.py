@@ -171,6 +171,8 @@ def main() -> None:
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if device.type == "cuda":
+            res.set("fp8_allocated_before_build_gib", value=gib(torch.cuda.memory_allocated(device)))  # leftovers count in peak_gib
         model = random_flux(params, device, dtype)
         problem = accel.fp8_problem(device)
         if problem:
