@@ -52,6 +52,9 @@ def attention_backend(name: str = "auto", device: torch.device | str | None = No
     run the given inputs, e.g. cuDNN on a CPU), except "math", which is used alone. `strict`: the
     named backend alone, so that attention fails rather than silently use another kernel.
     Compiled blocks fix their kernel when they are traced: enter this context before their first call.
+    torch's compile caches do not key on this choice (seen with torch 2.11: blocks retraced under
+    "flash" still ran cuDNN from the cache), so compare backends in eager mode or fresh processes.
+    On Hopper, torch 2.11's own order already picks cuDNN for FLUX shapes; "auto" makes sure of it.
     """
     if name not in ATTENTION_BACKENDS:
         raise UserError(f"unknown attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")

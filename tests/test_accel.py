@@ -70,16 +70,27 @@ def test_attention_backends_compute_the_plain_output(backend):
         assert rel_err(out, ref) <= 1e-5
 
 
-def test_math_backend_is_really_selected():
-    # Under "math" alone, a kernel that only flash could run would fail; instead check the context is
-    # the one torch reads: sdpa with math disabled must then fail.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def test_backend_choice_sets_torch_flags_and_priority_then_restores_them():
+    from torch.nn.attention import SDPBackend
 
+    flags = torch.backends.cuda
+    before = (flags.flash_sdp_enabled(), flags.math_sdp_enabled(), torch._C._get_sdp_priority_order())
+    with accel.attention_backend("math"):
+        assert flags.math_sdp_enabled() and not flags.flash_sdp_enabled() and not flags.cudnn_sdp_enabled()
+    with accel.attention_backend("efficient"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+        assert flags.math_sdp_enabled()  # the others stay available as fallbacks
+    with accel.attention_backend("flash", strict=True):
+        assert flags.flash_sdp_enabled() and not flags.math_sdp_enabled()
+    assert (flags.flash_sdp_enabled(), flags.math_sdp_enabled(), torch._C._get_sdp_priority_order()) == before
+
+
+def test_strict_backend_has_no_fallback():
     q = torch.randn(1, 2, 4, 8)
-    with accel.attention_backend("math"), sdpa_kernel([SDPBackend.MATH]):
+    with accel.attention_backend("cudnn", strict=True), pytest.raises(RuntimeError, match="No viable backend"):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # no cuDNN on a CPU, and nothing else allowed
+    with accel.attention_backend("cudnn"):  # not strict: falls back
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), pytest.raises(RuntimeError):
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # cuDNN cannot run on a CPU: nothing left
 
 
 def test_unknown_attention_backend_names_the_choices():
