@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import BaseConfig, config_to_dict
 from .errors import UserError
-from .io import atomic_write_json, make_grid, save_png, tensor_to_pil
+from .io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
 from .model import Injection, layer_name
 from .pipeline import FluxModels, Text, check_size, load_models_for
 from .sampling import Step, guidance_vector, image_ids, pack, unpack
@@ -38,7 +38,6 @@ GENERATED_STEPS, GENERATED_GUIDANCE = 15, 3.5  # the release's settings
 REAL_STEPS, REAL_GUIDANCE, SOURCE_GUIDANCE = 50, 3.0, 1.0
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 TINY_RANDOM = "tiny-random"  # a seeded random tiny CLIP for tests and CPU smoke runs; its scores mean nothing
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # ----------------------------------------------------------------------------------------------- vital layers
 
@@ -257,23 +256,6 @@ def edit_generated(
 
 
 # ----------------------------------------------------------------------------------------------- real images
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file fully, as RGB; a missing, folder or unreadable path is a UserError naming it."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        found = sorted(x.name for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)[:5]
-        hint = f" (it holds {', '.join(found)})" if found else ""
-        raise UserError(f"image {path} is a folder: give the path of one image file{hint}")
-    if not p.exists():
-        raise UserError(f"image {path} does not exist: fix the path (relative paths start from the working folder)")
-    try:
-        with Image.open(p) as im:
-            im.load()  # decode now: PIL is lazy, and a truncated file would otherwise fail far from its name
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}): give a PNG, JPEG or WebP file") from None
 
 
 def fit_image(image: Image.Image, size: int | None, multiple: int = 16) -> Image.Image:

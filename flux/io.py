@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +108,28 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Images
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike, fix: str = "give a PNG, JPEG or WebP file") -> Image.Image:
+    """Decode an image file fully, as RGB; a missing, folder or unreadable path is a UserError naming it and `fix`."""
+    from .errors import UserError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(x.name for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)[:5]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise UserError(f"image {path} is a folder: give the path of one image file{hint}")
+    try:
+        with Image.open(p) as im:
+            im.load()  # decode now: PIL is lazy, and a truncated file would otherwise fail far from its name
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist: fix the path (relative paths start from the working folder)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({e}): {fix}") from None
 
 
 def tensor_to_pil(x: "torch.Tensor") -> Image.Image:

@@ -25,13 +25,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flux.errors import UserError
 from flux.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, save_png
+from flux.io import load_image as read_image
+from flux.io import IMAGE_SUFFIXES
 from flux.model import layer_name  # noqa: F401  (re-exported: one naming of layers)
 
 DEFAULT_DINO = "facebook/dinov2-base"
 TINY_RANDOM = "tiny-random"  # a seeded random 2-layer Dinov2 for tests and CPU smoke runs; its scores mean nothing
 DEFAULT_TAU = 0.2
 DEFAULT_NUM_DOUBLE = 19  # FLUX.1 dev/schnell: 19 double-stream blocks, then 38 single-stream ones
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FEATURES_DIR = "dino_features"
 _LAYER_FILE = re.compile(r"^layer_(\d+)$")
 
@@ -57,23 +58,10 @@ class Preprocess:
 HUB_PREPROCESS = Preprocess()
 
 
-def _unreadable(path: Path, e: Exception) -> UserError:
-    if isinstance(e, FileNotFoundError):
-        return UserError(f"image {path} disappeared while being read: is another process rewriting the sweep folder? "
-                         f"Run again once it is done.")
-    return UserError(f"cannot read image {path}: {e}. Delete or regenerate it (demo_2_skip.py regenerates missing "
-                     f"images when restarted) and run again.")
-
-
 def load_image(path: str | Path) -> Image.Image:
-    """Fully decode an image as RGB; a corrupt or truncated file is a UserError naming it."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: PIL is lazy and a truncated file would otherwise fail later, far from its name
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise _unreadable(path, e) from e
+    """Fully decode a sweep image as RGB; a corrupt or vanished file is a UserError naming it."""
+    return read_image(path, fix="delete or regenerate it (demo_2_skip.py regenerates missing images when "
+                                   "restarted) and run again")
 
 
 def preprocess(images: Sequence[Image.Image], pp: Preprocess = HUB_PREPROCESS) -> torch.Tensor:
@@ -457,8 +445,8 @@ def size_report(sweep: Sweep) -> list[str]:
         try:
             with Image.open(p) as im:
                 return im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise _unreadable(p, e) from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return load_image(p).size  # raises the UserError that names the file
 
     ref_sizes = {pid: size(p) for pid, p in sweep.refs.items()}
     odd = []
