@@ -457,10 +457,27 @@ class BaseConfig:
         "help": "keep each model on the GPU only while it is used (text encoders, transformer, decoder): "
                 "less GPU memory, slower"})
     output_dir: str = field(default="outputs", metadata={"help": "folder for the outputs (created if missing)"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile each transformer block once (torch.compile, ~10-20 s on a GPU): ~1.45x faster steps at 1024²"})
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = field(default="auto", metadata={
+        "help": "attention kernel: auto (cuDNN first on Hopper GPUs, torch's choice elsewhere) or one to prefer"})
+    fp8: bool = field(default=False, metadata={
+        "help": "FP8 e4m3 weights for the transformer's block linears (Ada/Hopper GPUs): half the memory, "
+                "faster, approximate (~6% relative error vs bf16); not for ablation sweeps"})
+    stream_blocks: bool = field(default=False, metadata={
+        "help": "keep transformer blocks in pinned CPU memory and copy each to the GPU just before it runs "
+                "(lossless; for 24 GB cards); replaces offload for the transformer"})
+    resident_gb: float = field(default=0.0, metadata={
+        "help": "with stream_blocks: GiB of blocks that stay on the GPU (about 17 on a 24 GB card)", "min": 0})
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""
         problems = []
+        if self.compile and self.stream_blocks:
+            problems.append("'compile' and 'stream_blocks' do not combine: choose one")
+        if self.offload and self.stream_blocks:
+            problems.append("'offload' and 'stream_blocks' do not combine: stream_blocks already keeps the "
+                            "transformer off the GPU; set offload=false")
         for name in ("flow_path", "ae_path", "t5_path", "clip_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).expanduser().exists():

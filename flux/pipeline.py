@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .accel import AccelOptions, accelerate, attention_backend
 from .config import BaseConfig, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
@@ -55,6 +56,7 @@ class FluxModels:
     device: torch.device
     dtype: torch.dtype
     offload: bool = False
+    attention: str = "auto"
     _held: set[int] = field(default_factory=set, repr=False)
 
     @contextmanager
@@ -110,7 +112,7 @@ class FluxModels:
         b, _, h, w = noise.shape
         if len(text) != b:
             raise ValueError(f"{len(text)} prompts for {b} latents")
-        with self.on_device(self.model):
+        with self.on_device(self.model), attention_backend(self.attention, self.device):
             x = denoise(
                 self.model,
                 pack(noise),
@@ -172,20 +174,29 @@ def load_models(
     ae_path: str | None = None,
     t5_path: str | None = None,
     clip_path: str | None = None,
+    accel: AccelOptions | None = None,
 ) -> FluxModels:
-    """All four networks of `name`; local paths override the Hub (see README, "Getting weights")."""
+    """All four networks of `name`; local paths override the Hub (see README, "Getting weights").
+
+    `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks).
+    """
     spec = model_spec(name)
     device = resolve_device(device) if isinstance(device, str) else device
+    accel = accel or AccelOptions()
     home = torch.device("cpu") if offload else device
-    model = load_flow_model(name, home, dtype, path=flow_path)
+    # FP8 and streaming start from the CPU, so the bf16 transformer never has to fit the GPU whole.
+    flow_home = torch.device("cpu") if accel.fp8 or accel.stream_blocks else home
+    model = load_flow_model(name, flow_home, dtype, path=flow_path)
+    if accel != AccelOptions():
+        model = accelerate(model, accel, home)
     ae = load_ae(name, home, path=ae_path)
     t5 = load_t5(home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(home, version=clip_path or spec.clip_version, dtype=dtype)
-    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload)
+    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention)
 
 
 def load_models_for(cfg: BaseConfig) -> FluxModels:
-    """The models a demo's config asks for (its model, dtype, device, offload and local paths)."""
+    """The models a demo's config asks for (its model, dtype, device, offload, speed options and local paths)."""
     return load_models(
         cfg.model,
         resolve_device(cfg.device),
@@ -195,4 +206,5 @@ def load_models_for(cfg: BaseConfig) -> FluxModels:
         ae_path=cfg.ae_path,
         t5_path=cfg.t5_path,
         clip_path=cfg.clip_path,
+        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb),
     )

@@ -66,3 +66,22 @@ def test_official_cli_flags(tmp_path):
     (png,) = tmp_path.glob("*.png")
     assert Image.open(png).size == (32, 32)  # floored to multiples of 16, as the official CLI does
     assert read_png_metadata(png)["prompt"] == "a fox"
+
+
+def test_speed_options_from_the_config(tmp_path):
+    """stream_blocks is lossless (same PNG bytes); FP8 runs (this torch has CPU FP8 matmuls); bad combinations
+    and FP8 in an ablation sweep are one clear error."""
+    base = ["demo_0_test.py", "configs/tiny/demo_0_test.json", "prompt=a fox", "num_images=1", "steps=2"]
+    assert run(*base, f"output_dir={tmp_path / 'plain'}").returncode == 0
+    r = run(*base, f"output_dir={tmp_path / 'stream'}", "stream_blocks=true", "attention=math")
+    assert r.returncode == 0, r.stderr
+    plain, streamed = (Image.open(tmp_path / d / "img_000_seed0.png") for d in ("plain", "stream"))
+    assert plain.tobytes() == streamed.tobytes()
+    r = run(*base, f"output_dir={tmp_path / 'x'}", "compile=true", "stream_blocks=true", "offload=true")
+    assert r.returncode == 2 and "'compile' and 'stream_blocks' do not combine" in r.stderr
+    assert "'offload' and 'stream_blocks' do not combine" in r.stderr
+    r = run(*base, f"output_dir={tmp_path / 'fp8'}", "fp8=true")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "fp8" / "img_000_seed0.png").size == plain.size
+    r = run("demo_2_skip.py", "configs/tiny/demo_2_skip.json", "fp8=true", f"output_dir={tmp_path / 'sweep'}")
+    assert r.returncode == 2 and "confound" in r.stderr and not (tmp_path / "sweep").exists()
