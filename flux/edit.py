@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
+from .accel import attention_backend
 from .config import BaseConfig, config_to_dict
 from .errors import UserError
 from .io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
@@ -311,7 +312,7 @@ def invert(
     g = guidance_vector(guidance, 1, models.device, models.dtype)
     latents = [x]
     rev = timesteps[::-1]
-    with models.on_device(models.model):
+    with models.on_device(models.model), attention_backend(models.attention, models.device):
         for i, (t_cur, t_next) in enumerate(zip(rev[:-1], rev[1:])):
             t = torch.full((1,), t_next, dtype=x.dtype, device=x.device)
             v = models.model(img=x, img_ids=ids, txt=text.txt, txt_ids=text.txt_ids, y=text.vec, timesteps=t, guidance=g)

@@ -273,13 +273,13 @@ def load_flow_model(
     """The transformer of `name`, from `path`, $FLUX_MODEL, or the Hub (flux-tiny: random from its seed)."""
     spec = model_spec(name)
     if spec.repo_id is None and not path:
-        return _seeded_init(lambda: Flux(spec.params), spec.seed, device, dtype).eval()
+        return _seeded_init(lambda: Flux(spec.params), spec.seed, device, dtype).eval().requires_grad_(False)
     ckpt = resolve_checkpoint(path, spec.ckpt_env, spec.repo_id, spec.repo_flow)
     if verbose:
         print(f"loading {name} transformer from {ckpt}")
     with torch.device("meta"):
         model = Flux(spec.params)
-    return load_weights(model, ckpt, device, dtype).eval()
+    return load_weights(model, ckpt, device, dtype).eval().requires_grad_(False)
 
 
 def load_ae(
@@ -292,13 +292,13 @@ def load_ae(
     """The autoencoder of `name`, from `path`, $FLUX_AE (older: $AE), or the Hub. fp32 by default: it is small."""
     spec = model_spec(name)
     if spec.repo_id is None and not path:
-        return _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval()
+        return _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval().requires_grad_(False)
     ckpt = resolve_checkpoint(path, ("FLUX_AE", "AE"), spec.repo_id, spec.repo_ae)
     if verbose:
         print(f"loading {name} autoencoder from {ckpt}")
     with torch.device("meta"):
         ae = AutoEncoder(spec.ae_params)
-    return load_weights(ae, ckpt, device, dtype).eval()
+    return load_weights(ae, ckpt, device, dtype).eval().requires_grad_(False)
 
 
 def load_t5(
