@@ -389,13 +389,13 @@ def test_plain_mode_folders(tmp_path, embedder):
 
 def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    import demo_3_dino
+    from flux import vitality as demo_3_dino  # the demo's config and run live in the package
     from flux.config import ConfigError, load_config
 
     a, b = save(tmp_path / "a.png", gradient(0)), save(tmp_path / "b.png", gradient(1))
     cfg = load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "tiny" / "demo_3_dino.json",
                       [f"image_a={a}", f"image_b={b}", f"output_dir={tmp_path / 'out'}"])
-    demo_3_dino.main(cfg)
+    demo_3_dino.run(cfg)
     data = json.loads((tmp_path / "out" / "similarity.json").read_text())
     assert data["pairs"][0]["similarity"] == pytest.approx(float(capsys.readouterr().out.split()[0]), abs=1e-4)
     assert (tmp_path / "out" / "similarity.csv").read_text().startswith("name,a,b,similarity\n")
@@ -409,7 +409,7 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
     from flux.config import run_demo  # bad input: one message naming the problem, exit status 2, nothing written
 
     with pytest.raises(SystemExit) as exit_:
-        run_demo(demo_3_dino.DinoConfig, demo_3_dino.main,
+        run_demo(demo_3_dino.DinoConfig, demo_3_dino.run,
                  [str(ROOT / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
                   f"output_dir={tmp_path / 'out2'}"])
     assert exit_.value.code == 2
@@ -434,13 +434,13 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     # Again, in process, with the cache's images counted: nothing is re-embedded, the answer is the same.
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    import demo_3_dino
+    from flux import vitality as demo_3_dino  # the demo's config and run live in the package
     from flux.config import run_demo
 
     built = V.load_dino
     counters = []
     monkeypatch.setattr(V, "load_dino", lambda *a: counters.append(CallCounter(m := built(*a))) or m)
-    run_demo(demo_3_dino.DinoConfig, demo_3_dino.main, args)
+    run_demo(demo_3_dino.DinoConfig, demo_3_dino.run, args)
     assert counters[0].images == 0 and "note:" not in capsys.readouterr().out
     assert json.loads((out / "vital_layers.json").read_text())["layers"] == data["layers"]
 
