@@ -190,8 +190,10 @@ def load_models(
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
     ae = load_ae(name, home, path=ae_path)
-    t5 = load_t5(home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
-    clip = load_clip(home, version=clip_path or spec.clip_version, dtype=dtype)
+    # Streaming is for cards that cannot also hold T5-XXL (9.5 GB) beside the resident blocks: encode on the CPU.
+    text_home = torch.device("cpu") if accel.stream_blocks else home
+    t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
+    clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
     return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention)
 
 

@@ -61,13 +61,22 @@ def run(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
     def advance(step: Step) -> None:
         bar.update(1)
 
+    # Every prompt encoded once up front, so T5 and CLIP can leave the GPU before sampling starts.
+    prompts = list(dict.fromkeys(prompt for _, prompt, _ in todo))
+    text = models.encode(prompts) if todo else None
+    if models.device.type == "cuda" and not models.offload:
+        models.release_text_encoders()
+    timesteps = models.schedule(steps, cfg.width, cfg.height)
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i : i + cfg.batch_size]
-        images = models.generate(
-            [prompt for _, prompt, _ in batch], [seed for *_, seed in batch], cfg.width, cfg.height, steps, guidance,
+        latent = models.denoise(
+            text.select([prompts.index(prompt) for _, prompt, _ in batch]),
+            models.noise([seed for *_, seed in batch], cfg.width, cfg.height),
+            timesteps,
+            guidance,
             callback=advance,
         )
-        for (p, prompt, seed), image in zip(batch, images):
+        for (p, prompt, seed), image in zip(batch, models.decode(latent)):
             save_png(out / image_name(p, seed), image, {
                 "prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
                 "steps": steps, "guidance": guidance,
