@@ -115,26 +115,9 @@ def random_inputs(
 
 def diffusers_twin(model: Flux):
     """diffusers' FluxTransformer2DModel holding the same weights (views of ours: no second copy)."""
-    from diffusers import FluxTransformer2DModel
-    from diffusers_oracle import to_diffusers
+    from diffusers_oracle import diffusers_transformer
 
-    p = model.params
-    with torch.device("meta"):
-        twin = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=p.in_channels,
-            out_channels=p.out_channels,
-            num_layers=p.depth,
-            num_single_layers=p.depth_single_blocks,
-            attention_head_dim=p.hidden_size // p.num_heads,
-            num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim,
-            pooled_projection_dim=p.vec_in_dim,
-            guidance_embeds=p.guidance_embed,
-            axes_dims_rope=tuple(p.axes_dim),
-        )
-    twin.load_state_dict(to_diffusers(model.state_dict(), p), strict=True, assign=True)
-    return twin.eval()
+    return diffusers_transformer(model.state_dict(), model.params, assign=True)
 
 
 def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:

@@ -65,21 +65,25 @@ def to_diffusers(sd: dict[str, Tensor], p: FluxParams) -> dict[str, Tensor]:
     return out
 
 
-def diffusers_transformer(sd: dict[str, Tensor], p: FluxParams, dtype: torch.dtype = torch.float32):
+def diffusers_transformer(sd: dict[str, Tensor], p: FluxParams, dtype: torch.dtype | None = torch.float32, assign: bool = False):
+    """diffusers' model with our weights; `assign` makes it hold views of `sd` (no second copy, dtype kept)."""
+    from contextlib import nullcontext
+
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=p.in_channels,
-        out_channels=p.out_channels,
-        num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.hidden_size // p.num_heads,
-        num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim,
-        pooled_projection_dim=p.vec_in_dim,
-        guidance_embeds=p.guidance_embed,
-        axes_dims_rope=tuple(p.axes_dim),
-    )
-    model.load_state_dict(to_diffusers(sd, p), strict=True)
-    return model.to(dtype).eval()
+    with torch.device("meta") if assign else nullcontext():
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=p.in_channels,
+            out_channels=p.out_channels,
+            num_layers=p.depth,
+            num_single_layers=p.depth_single_blocks,
+            attention_head_dim=p.hidden_size // p.num_heads,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim,
+            pooled_projection_dim=p.vec_in_dim,
+            guidance_embeds=p.guidance_embed,
+            axes_dims_rope=tuple(p.axes_dim),
+        )
+    model.load_state_dict(to_diffusers(sd, p), strict=True, assign=assign)
+    return (model if assign else model.to(dtype)).eval()
