@@ -92,7 +92,7 @@ def random_flux(params: FluxParams, device: torch.device, dtype: torch.dtype, se
     """Flux built on the meta device and materialised directly on `device` with random weights."""
     with torch.device("meta"):
         model = Flux(params)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: the fp32 model never exists on the device
     return randomize_(model, seed).eval()
 
 

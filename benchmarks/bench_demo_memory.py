@@ -1,0 +1,124 @@
+"""Peak GPU memory of every FLUX demo at 1024², with all four networks at full size (random weights).
+
+    python benchmarks/bench_demo_memory.py --out DIR          # on a GPU
+    python benchmarks/bench_demo_memory.py --offload --out DIR   # with the demos' offload option
+    python benchmarks/bench_demo_memory.py --tiny --out DIR   # flux-tiny on the CPU: checks the script
+
+Builds the flux-dev transformer (bf16), the autoencoder (fp32), T5-XXL (bf16, 4.7 B parameters) and CLIP-L (bf16)
+on the meta device and materialises them on the GPU with random weights, then runs each demo's own `run` with
+2 steps (peak memory does not depend on the step count): demo_0 (one image), demo_1 (trajectory), demo_2 (sweep
+batch of 4), demo_4 generated (reference + 2 edits) and real (input image, inversion, reference + 2 edits).
+Before each demo the text encoders are put back on the GPU, as at a fresh start. Writes <out>/demo_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from common import REPO, add_common_args, env_info, gib, randomize_, random_flux
+from flux import edit, text2img, trajectory
+from flux.config import load_config
+from flux.io import atomic_write_json
+from flux.modules.autoencoder import AutoEncoder
+from flux.modules.conditioner import HFEmbedder
+from flux.pipeline import FluxModels
+from flux.sweep import PromptSpec, run_sweep
+from flux.util import configs
+
+
+def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    with torch.device("meta"):
+        module = build()
+    return randomize_(module.to(dtype).to_empty(device=device), seed).eval().requires_grad_(False)
+
+
+def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
+    """T5-XXL and CLIP-L shapes with random weights; the tiny tokenizers (their ids fit any vocabulary)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    t5_cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    clip_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+    t5 = HFEmbedder.tiny("t5", max_length=512)
+    t5.hf_module = random_module(lambda: T5EncoderModel(t5_cfg), device, dtype, seed=7)
+    # CLIP is built for real, not on meta: its position_ids buffer must hold 0..76 (to_empty leaves garbage there).
+    clip = HFEmbedder.tiny("clip", max_length=77)
+    clip.hf_module = CLIPTextModel(clip_cfg).to(device, dtype).eval().requires_grad_(False)
+    return t5, clip
+
+
+def build_models(tiny: bool, device: torch.device, offload: bool = False) -> FluxModels:
+    """With offload, every network is built in host memory and visits the GPU only while it is used."""
+    name = "flux-tiny" if tiny else "flux-dev"
+    home = torch.device("cpu") if offload else device
+    spec = configs[name]
+    dtype = torch.float32 if tiny else torch.bfloat16
+    model = random_flux(spec.params, home, dtype)
+    ae = random_module(lambda: AutoEncoder(spec.ae_params), home, torch.float32, seed=3)
+    if tiny:
+        t5, clip = HFEmbedder.tiny("t5", spec.max_length), HFEmbedder.tiny("clip", 77)
+    else:
+        t5, clip = full_size_text_encoders(home, dtype)
+    return FluxModels(name, spec, model, ae, t5.to(home), clip.to(home), device, dtype, offload=offload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--offload", action="store_true", help="the demos' offload option: networks live in host memory")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    size = 64 if args.tiny else 1024
+    t0 = time.perf_counter()
+    models = build_models(args.tiny, device, args.offload)
+    results = {"env": env_info(device), "size": size, "offload": args.offload, "build_s": round(time.perf_counter() - t0, 1), "demos": {}}
+    if device.type == "cuda":
+        results["resident_gib"] = {n: gib(sum(p.numel() * p.element_size() for p in m.parameters()))
+                                   for n, m in (("transformer", models.model), ("ae", models.ae),
+                                                ("t5", models.t5), ("clip", models.clip))}
+    work = tempfile.mkdtemp()
+    base = {"model": models.name, "width": size, "height": size, "steps": 2, "device": str(device)}
+    demos = {
+        "demo_0_test": lambda: text2img.run(load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models),
+        "demo_1_layer": lambda: trajectory.run(load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models),
+        "demo_2_skip (batch 4)": lambda: run_sweep(lambda d: models, models.name, models.spec.params.depth,
+                                                   models.spec.params.depth_single_blocks, [PromptSpec("p0", "a fox", 0)],
+                                                   [0, 1, 2], size, size, 2, 3.5, 4, f"{work}/d2", str(device), progress=False),
+        "demo_4_edit generated (ref + 2 edits)": lambda: edit.run(load_config(edit.EditConfig, None, _args(
+            base, output_dir=f"{work}/d4", edits=["a dog", "a cat"], batch_size=3)), models),
+        "demo_4_edit real (ref + 2 edits)": lambda: edit.run(load_config(edit.EditConfig, None, _args(
+            base, output_dir=f"{work}/d4r", image=str(REPO / "tests/data/house.png"), size=size,
+            edits=["a red house", "a house in snow"], batch_size=3)), models),
+    }
+    for name, run in demos.items():
+        if not args.offload:
+            models.t5.to(device), models.clip.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        run()
+        entry = {"seconds": round(time.perf_counter() - t, 1)}
+        if device.type == "cuda":
+            entry["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated())
+            entry["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
+        results["demos"][name] = entry
+        print(name, entry, flush=True)
+        atomic_write_json(f"{args.out}/demo_memory{'_offload' if args.offload else ''}.json", results)  # after each demo
+
+
+def _args(base: dict, **more) -> list[str]:
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in {**base, **more}.items()]
+
+
+if __name__ == "__main__":
+    main()
