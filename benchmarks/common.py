@@ -113,24 +113,14 @@ def random_inputs(
     )
 
 
+from diffusers_oracle import diffusers_forward  # noqa: E402,F401  (re-exported for the benchmarks)
+
+
 def diffusers_twin(model: Flux):
     """diffusers' FluxTransformer2DModel holding the same weights (views of ours: no second copy)."""
     from diffusers_oracle import diffusers_transformer
 
     return diffusers_transformer(model.state_dict(), model.params, assign=True)
-
-
-def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:
-    return twin(
-        hidden_states=x["img"],
-        encoder_hidden_states=x["txt"],
-        pooled_projections=x["y"],
-        timestep=x["timesteps"],
-        img_ids=x["img_ids"][0],
-        txt_ids=x["txt_ids"][0],
-        guidance=x["guidance"],
-        return_dict=False,
-    )[0]
 
 
 def sync(device: torch.device) -> None:

@@ -87,3 +87,17 @@ def diffusers_transformer(sd: dict[str, Tensor], p: FluxParams, dtype: torch.dty
         )
     model.load_state_dict(to_diffusers(sd, p), strict=True, assign=assign)
     return (model if assign else model.to(dtype)).eval()
+
+
+def diffusers_forward(model, x: dict[str, Tensor]) -> Tensor:
+    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours)."""
+    return model(
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"] if model.config.guidance_embeds else None,
+        return_dict=False,
+    )[0]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusers_oracle import diffusers_transformer
+from diffusers_oracle import diffusers_forward, diffusers_transformer
 from flux.model import Flux, FluxParams
 from flux.sampling import get_noise, get_schedule, image_ids, pack, time_shift, unpack
 from flux.util import configs
@@ -45,16 +45,7 @@ def test_transformer_matches_diffusers(guidance_embed, batch, h, w, txt_len):
     x = random_inputs(batch, h, w, txt_len, p)
     with torch.no_grad():
         out = ours(**x)
-        ref = theirs(
-            hidden_states=x["img"],
-            encoder_hidden_states=x["txt"],
-            pooled_projections=x["y"],
-            timestep=x["timesteps"],
-            img_ids=x["img_ids"][0],
-            txt_ids=x["txt_ids"][0],
-            guidance=x["guidance"] if guidance_embed else None,
-            return_dict=False,
-        )[0]
+        ref = diffusers_forward(theirs, x)
     assert out.shape == (batch, (h // 2) * (w // 2), 64)
     rel = (out - ref).abs().max() / ref.abs().max()
     assert rel <= 1e-5, rel
