@@ -133,8 +133,8 @@ def _same_size(frames: list[Image.Image]) -> list[Image.Image]:
 
 
 def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: dict, preview_size: int,
-                     gif_frame_ms: int) -> dict:
-    """Decode and write one sample's frames, grid and GIF; returns its record for run.json."""
+                     gif_frame_ms: int) -> None:
+    """Decode and write one sample's frames, final image, grid and (last, marking it complete) GIF."""
     n = len(traj.timesteps)
     labels, tiles, frames = [], [], []
     for k, t in enumerate(traj.timesteps):
@@ -152,7 +152,6 @@ def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: d
     with atomic_open(folder / "grid.png") as f:
         make_grid(tiles, labels, cols=2).save(f, format="PNG")
     save_gif(folder / "trajectory.gif", _same_size(frames), duration_ms=gif_frame_ms)
-    return {"folder": folder.name, **meta, "frames": n}
 
 
 def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
@@ -161,6 +160,8 @@ def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
 
     out = Path(cfg.output_dir)
     jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
+    # trajectory.gif is a sample's last file: where it exists, the sample is complete and a re-run skips it.
+    todo = [j for j in jobs if not (out / sample_folder(*j) / "trajectory.gif").exists()]
     models = models or load_models_for(cfg)
     try:
         models.model.check_layers(cfg.skip_layers, "skip_layers")
@@ -168,24 +169,26 @@ def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
         raise UserError(str(e)) from None
     guidance = models.spec.guidance if cfg.guidance is None else cfg.guidance
     timesteps = models.schedule(cfg.steps, cfg.width, cfg.height)
+
+    def meta(p: int, prompt: str, seed: int) -> dict:
+        return {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
+                "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
+
     start = time.perf_counter()
-    records, folders = [], []
-    bar = tqdm(total=len(jobs) * cfg.steps, unit="step", desc="denoising")
-    for i in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[i : i + cfg.batch_size]
+    bar = tqdm(total=len(todo) * cfg.steps, unit="step", desc="denoising")
+    for i in range(0, len(todo), cfg.batch_size):
+        batch = todo[i : i + cfg.batch_size]
         text = models.encode([prompt for _, prompt, _ in batch])
         noise = models.noise([seed for *_, seed in batch], cfg.width, cfg.height)
         skip = [frozenset(cfg.skip_layers)] * len(batch) if cfg.skip_layers else None
         trajs = record_trajectories(models, text, noise, timesteps, guidance, skip, on_step=lambda s: bar.update(1))
         for (p, prompt, seed), traj in zip(batch, trajs):
-            folder = out / sample_folder(p, prompt, seed)
-            meta = {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
-                    "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
-            records.append(write_trajectory(folder, traj, models, meta, cfg.preview_size, cfg.gif_frame_ms))
-            folders.append(folder)
+            write_trajectory(out / sample_folder(p, prompt, seed), traj, models, meta(p, prompt, seed),
+                             cfg.preview_size, cfg.gif_frame_ms)
     bar.close()
     atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "timesteps": timesteps, "samples": records,
-        "seconds": round(time.perf_counter() - start, 2),
+        "config": config_to_dict(cfg), "timesteps": timesteps,
+        "samples": [{"folder": sample_folder(*j), **meta(*j), "frames": cfg.steps} for j in jobs],
+        "generated_this_run": len(todo), "seconds": round(time.perf_counter() - start, 2),
     })
-    return folders
+    return [out / sample_folder(*j) for j in jobs]

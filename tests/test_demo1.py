@@ -58,6 +58,18 @@ def test_trajectory_outputs(tmp_path):
         assert meta["step"] == "1" and float(meta["t"]) == run["timesteps"][1] and meta["skip_layers"] == "[3]"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
+    # A re-run finds every sample complete (its GIF, written last, exists): nothing is rewritten.
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    (folders[-1] / "trajectory.gif").unlink()  # as if killed while writing the last sample
+    again = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["generated_this_run"] == 1
+    assert json.loads((tmp_path / "run.json").read_text())["samples"] == run["samples"]
+    assert (folders[-1] / "trajectory.gif").exists()
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert all(after[p] == before[p] for p in before if folders[-1] not in p.parents)
+    assert any(after[p] != before[p] for p in before if folders[-1] in p.parents)
+
 
 def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "out"
