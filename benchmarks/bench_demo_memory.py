@@ -14,7 +14,6 @@ Before each demo the text encoders are put back on the GPU, as at a fresh start.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 

@@ -887,7 +887,3 @@ def run(cfg: DinoConfig) -> None:
                                   contact_sheet_columns=cfg.contact_sheet_layers)
     print("\n".join(summary_lines(analysis)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-if __name__ == "__main__":
-    run_demo(DinoConfig, main, description=__doc__.split("\n")[0])
