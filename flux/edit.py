@@ -10,7 +10,6 @@ overwritten with the inversion latent of the same noise level, so the edits inje
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from .accel import attention_backend
 from .config import BaseConfig, config_to_dict
 from .errors import UserError
-from .io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
+from .io import atomic_write_json, load_image, make_grid, save_png, slug, tensor_to_pil
 from .model import Injection, layer_name
 from .pipeline import FluxModels, Text, check_size, load_models_for
 from .sampling import Step, guidance_vector, image_ids, pack, unpack
@@ -531,17 +530,8 @@ class EditConfig(BaseConfig):
         return problems
 
 
-def slug(text: str, max_len: int = 40) -> str:
-    """A file-name-safe short form of a prompt: lowercase ASCII words joined by dashes."""
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if len(s) > max_len:  # cut at a word boundary where there is one
-        cut = s[: max_len + 1].rfind("-")
-        s = s[: cut if cut > 0 else max_len]
-    return s or "edit"
-
-
 def edit_file(index: int, prompt: str) -> str:
-    return f"edit_{index:02d}_{slug(prompt)}.png"
+    return f"edit_{index:02d}_{slug(prompt, fallback='edit')}.png"
 
 
 def run(cfg: EditConfig, models: FluxModels | None = None) -> dict:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
@@ -108,6 +109,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Images
+
+
+def slug(text: str, max_len: int = 40, fallback: str = "prompt") -> str:
+    """A file-name-safe short form of a prompt: lowercase ASCII words joined by dashes, cut at a word boundary."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(s) > max_len:
+        cut = s[: max_len + 1].rfind("-")
+        s = s[: cut if cut > 0 else max_len]
+    return s or fallback
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

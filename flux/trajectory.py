@@ -14,7 +14,6 @@ Output layout:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from .config import BaseConfig, config_to_dict
 from .errors import UserError
-from .io import atomic_open, atomic_write_json, make_grid, save_gif, save_png, tensor_to_pil
+from .io import atomic_open, atomic_write_json, make_grid, save_gif, save_png, slug, tensor_to_pil
 from .sampling import Step, unpack
 from .util import model_spec
 
@@ -111,8 +110,7 @@ def record_trajectories(
 
 
 def sample_folder(prompt_index: int, prompt: str, seed: int) -> str:
-    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:40].rstrip("-") or "prompt"
-    return f"{prompt_index:02d}_{slug}_seed{seed}"
+    return f"{prompt_index:02d}_{slug(prompt)}_seed{seed}"
 
 
 def _preview(image: Image.Image, size: int) -> Image.Image:

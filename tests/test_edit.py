@@ -36,11 +36,10 @@ from flux.edit import (
     read_vital_layers,
     run,
     scale_layers,
-    slug,
     tiny_clip,
 )
 from flux.errors import UserError
-from flux.io import tensor_to_pil
+from flux.io import slug, tensor_to_pil
 from flux.pipeline import load_models
 from flux.sampling import image_ids, pack, unpack
 
@@ -346,7 +345,7 @@ def test_clip_scores(tmp_path):
 def test_slug():
     assert slug("A photo of a dog, wearing SUNGLASSES!") == "a-photo-of-a-dog-wearing-sunglasses"
     assert slug("a red house with a blue door on white snow") == "a-red-house-with-a-blue-door-on-white"
-    assert slug("日本") == "edit"
+    assert slug("日本", fallback="edit") == "edit" and slug("日本") == "prompt"
 
 
 # ----------------------------------------------------------------------------------------------- the demo
