@@ -36,6 +36,7 @@ if typing.TYPE_CHECKING:
 
 __all__ = [
     "BaseConfig", "ConfigError", "config_json", "config_to_dict", "default_config_json", "load_config",
+    "output_dir_problems",
     "resolve_device", "resolve_dtype", "run_demo",
 ]
 
@@ -483,10 +484,15 @@ class BaseConfig:
             if value is not None and not Path(value).expanduser().exists():
                 problems.append(f"'{name}' points to '{value}', which does not exist "
                                 f"(fix the path, or set it to null to download the weights)")
-        out = Path(self.output_dir).expanduser()
-        if out.exists() and not out.is_dir():
-            problems.append(f"'output_dir' '{self.output_dir}' is a file, not a folder: choose another output_dir")
-        return problems
+        return problems + output_dir_problems(self.output_dir)
+
+
+def output_dir_problems(output_dir: str) -> list[str]:
+    """The config problem of an output folder that is really a file (empty when fine)."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"'output_dir' '{output_dir}' is a file, not a folder: choose another output_dir"]
+    return []
 
 
 def resolve_device(name: str) -> "torch.device":

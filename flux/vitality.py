@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flux.config import resolve_device
+from flux.config import output_dir_problems, resolve_device
 from flux.errors import UserError
 from flux.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, save_png
 from flux.io import IMAGE_SUFFIXES
@@ -821,10 +821,7 @@ class DinoConfig:
             for name, value in ((f"{kind}_a", a), (f"{kind}_b", b)):
                 if value is not None and not exists(Path(value)):
                     problems.append(f"'{name}' '{value}' is not an existing {'file' if kind == 'image' else 'folder'}")
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            problems.append(f"'output_dir' '{self.output_dir}' is a file, not a folder: choose another output_dir")
-        return problems
+        return problems + output_dir_problems(self.output_dir)
 
 
 def run_plain(cfg: DinoConfig, embedder: DinoEmbedder) -> None:
