@@ -62,15 +62,15 @@ def run(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
         bar.update(1)
 
     # Every prompt encoded once up front, so T5 and CLIP can leave the GPU before sampling starts.
-    prompts = list(dict.fromkeys(prompt for _, prompt, _ in todo))
-    text = models.encode(prompts) if todo else None
+    row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompt for _, prompt, _ in todo))}
+    text = models.encode(list(row)) if todo else None
     if models.device.type == "cuda" and not models.offload:
         models.release_text_encoders()
     timesteps = models.schedule(steps, cfg.width, cfg.height)
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i : i + cfg.batch_size]
         latent = models.denoise(
-            text.select([prompts.index(prompt) for _, prompt, _ in batch]),
+            text.select([row[prompt] for _, prompt, _ in batch]),
             models.noise([seed for *_, seed in batch], cfg.width, cfg.height),
             timesteps,
             guidance,
