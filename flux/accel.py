@@ -5,6 +5,8 @@
 - `compile_blocks(model)`: regional compilation, one compiled graph per block class (reused by every
   block of that class), so compile time stays bounded and per-sample layer skips never recompile:
   the skip/inject logic runs in `Flux.forward`, outside the compiled blocks.
+- `fuse_gelu(model)`: each MLP's tanh-GELU in its matmul's epilogue (cuBLASLt), and the single
+  blocks' linear2 as two accumulating matmuls instead of one over a concatenation.
 - `quantize_fp8(model)`: the blocks' token-wise linears in float8 e4m3 with one scale per weight row
   and per token, through `torch._scaled_mm` (Ada/Hopper GPUs; CPUs whose torch has the kernel).
 - `stream_blocks(model, device)`: blocks that do not fit a memory budget live in pinned host memory
@@ -23,10 +25,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
 from .model import Flux
+from .modules.layers import SingleStreamBlock
 
 # ---------------------------------------------------------------------------------------------- attention
 
@@ -101,6 +105,78 @@ def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable
     return model
 
 
+# ---------------------------------------------------------------------------------------------- fused GELU
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """tanh-GELU(x Wᵀ + b). On CUDA the GELU runs in the cuBLASLt matmul's epilogue, on the fp32
+    accumulator, so the hidden layer is written once instead of written, read and written again."""
+    if x.is_cuda:
+        y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    # Elsewhere torch's _addmm_activation applies the erf GELU, not FLUX's tanh form.
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+class LinearGELU(nn.Linear):
+    """An MLP's first linear with its tanh-GELU fused in (same parameters, same state-dict keys)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_gelu(x, self.weight, self.bias)
+
+
+class FusedSingleStreamBlock(SingleStreamBlock):
+    """A single-stream block whose MLP hidden layer (12,288 wide at FLUX.1 sizes) never takes an extra
+    pass over memory: linear1 runs as two matmuls (q,k,v; MLP with GELU in the epilogue) and linear2 as
+    two matmuls accumulating into one output, so nothing is concatenated. Same parameters and keys."""
+
+    def project_in(self, x_mod: Tensor) -> tuple[Tensor, Tensor]:
+        n = 3 * self.hidden_size
+        w, b = self.linear1.weight, self.linear1.bias
+        return F.linear(x_mod, w[:n], b[:n]), linear_gelu(x_mod, w[n:], b[n:])
+
+    def project_out(self, attn: Tensor, mlp_hidden: Tensor) -> Tensor:
+        w = self.linear2.weight
+        out = F.linear(attn, w[:, : self.hidden_size], self.linear2.bias).flatten(0, 1)
+        out = torch.addmm(out, mlp_hidden.flatten(0, 1), w[:, self.hidden_size :].t())
+        return out.view(*attn.shape[:-1], -1)
+
+
+def _recast(module: nn.Module, cls: type) -> nn.Module:
+    """A module of class `cls` sharing `module`'s submodules, parameters and buffers."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def fuse_gelu(model: Flux) -> Flux:
+    """Fuse every block's GELU into its matmul's epilogue, in place (see LinearGELU,
+    FusedSingleStreamBlock). Outputs change by bf16 rounding only: the GELU reads the fp32 accumulator
+    instead of the rounded bf16 product. Blocks whose linears are FP8 stay as they are."""
+    if any(is_compiled(b) for b in blocks(model)):
+        raise UserError("fuse_gelu must come before compile_blocks")
+    for block in model.double_blocks:
+        for mlp in (block.img_mlp, block.txt_mlp):
+            if type(mlp[0]) is nn.Linear:
+                mlp[0], mlp[1] = _recast(mlp[0], LinearGELU), nn.Identity()
+    for i, block in enumerate(model.single_blocks):
+        if type(block) is SingleStreamBlock and type(block.linear1) is nn.Linear and type(block.linear2) is nn.Linear:
+            model.single_blocks[i] = _recast(block, FusedSingleStreamBlock)
+    return model
+
+
+def unfuse_gelu(model: Flux) -> Flux:
+    """Undo fuse_gelu (the official forward again)."""
+    for block in model.double_blocks:
+        for mlp in (block.img_mlp, block.txt_mlp):
+            if type(mlp[0]) is LinearGELU:
+                mlp[0], mlp[1] = _recast(mlp[0], nn.Linear), nn.GELU(approximate="tanh")
+    for i, block in enumerate(model.single_blocks):
+        if type(block) is FusedSingleStreamBlock:
+            model.single_blocks[i] = _recast(block, SingleStreamBlock)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- FP8
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -118,27 +194,29 @@ class FP8Linear(nn.Module):
     """y = x Wᵀ + b with W stored in float8 e4m3 (one fp32 scale per output row) and x quantised
     per token on the fly; the product runs on the FP8 tensor cores with fp32 accumulation."""
 
-    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None):
+    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, bias_in_kernel: bool = False):
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
+        self.bias_in_kernel = bias_in_kernel  # else added apart: not every torch build takes a bias with row-wise scales
         self.register_buffer("weight", weight)  # (N, K) row-major: its transpose is the column-major B operand
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1))  # (1, N)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None, bias_in_kernel: bool = False) -> "FP8Linear":
         w = linear.weight.detach().to(device)
         w_fp8, w_scale = quantize_rows(w)
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
-        return cls(w_fp8, w_scale, bias)
+        return cls(w_fp8, w_scale, bias, bias_in_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias  # added outside the kernel: bias support with row-wise scales varies across torch versions
+        fused = self.bias if self.bias_in_kernel else None
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused, out_dtype=x.dtype)
+        if self.bias is not None and fused is None:
+            y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -160,12 +238,26 @@ def fp8_problem(device: torch.device | str) -> str | None:
             )
         return None
     try:  # CPU builds of recent torch have the kernel; older ones and other backends may not
-        a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
-        one = torch.ones(16, 1, device=device)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.bfloat16)
+        _probe_scaled_mm(device, bias=False)
     except (RuntimeError, NotImplementedError) as e:
         return f"this torch build has no FP8 matmul for {device.type} ({str(e).splitlines()[0]})"
     return None
+
+
+def _probe_scaled_mm(device: torch.device, bias: bool) -> None:
+    a = torch.ones(16, 16, device=device).to(FP8_DTYPE)
+    one = torch.ones(16, 1, device=device)
+    b = torch.ones(16, device=device, dtype=torch.bfloat16) if bias else None
+    torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one.t(), bias=b, out_dtype=torch.bfloat16)
+
+
+def scaled_mm_takes_bias(device: torch.device | str) -> bool:
+    """Whether torch._scaled_mm adds a bias inside the kernel with row-wise scales on `device`."""
+    try:
+        _probe_scaled_mm(torch.device(device), bias=True)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _fp8_targets(model: Flux) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
@@ -194,8 +286,9 @@ def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     problem = fp8_problem(target)
     if problem:
         raise UserError(f"{problem}: turn the fp8 option off.")
+    in_kernel = scaled_mm_takes_bias(target)
     for parent, name, linear in list(_fp8_targets(model)):
-        setattr(parent, name, FP8Linear.from_linear(linear, target))
+        setattr(parent, name, FP8Linear.from_linear(linear, target, in_kernel))
     if device is not None:
         model.to(target)  # the rest (embedders, modulation, norms): small next to the FP8 weights
     return model
@@ -437,6 +530,7 @@ class AccelOptions:
     fp8: bool = False
     stream_blocks: bool = False
     resident_gb: float = 0.0  # with stream_blocks: GiB of blocks kept on the device
+    fuse_gelu: bool = False
 
     def check(self) -> list[str]:
         problems = []
@@ -450,13 +544,16 @@ class AccelOptions:
 
 
 def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
-    """Apply `options` in their one valid order: FP8, then streaming or compilation. Attention is a
-    context: wrap sampling in `attention_backend(options.attention)`."""
+    """Apply `options` in their one valid order: FP8, fused GELU (on the linears FP8 left in bf16),
+    then streaming or compilation. Attention is a context: wrap sampling in
+    `attention_backend(options.attention)`."""
     problems = options.check()
     if problems:
         raise UserError("; ".join(problems))
     if options.fp8:
         quantize_fp8(model, device if not options.stream_blocks else None)
+    if options.fuse_gelu:
+        fuse_gelu(model)
     if options.stream_blocks:
         stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
     else:
@@ -478,6 +575,6 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 
 __all__ = [
     "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend",
-    "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "is_compiled", "quantize_fp8",
-    "quantize_rows", "stream_blocks",
+    "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
+    "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "unfuse_gelu",
 ]

@@ -130,9 +130,13 @@ class FluxModels:
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:
-        """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1]."""
+        """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1].
+
+        With a bf16 model the decoder runs under bf16 autocast, as the official CLI decodes (about 3x
+        faster than float32 at 1024²); a float32 model decodes in float32."""
         ae_dtype = next(self.ae.parameters()).dtype
-        with self.on_device(self.ae):
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        with self.on_device(self.ae), autocast:
             return self.ae.decode(latent.to(self.device, ae_dtype)).clamp(-1, 1).float()
 
     @torch.inference_mode()
@@ -208,5 +212,5 @@ def load_models_for(cfg: BaseConfig) -> FluxModels:
         ae_path=cfg.ae_path,
         t5_path=cfg.t5_path,
         clip_path=cfg.clip_path,
-        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb),
+        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu),
     )

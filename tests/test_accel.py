@@ -12,6 +12,7 @@ from torch import nn
 from flux import accel
 from flux.errors import UserError
 from flux.model import Injection
+from flux.modules.layers import SingleStreamBlock
 from flux.sampling import image_ids, pack
 from flux.util import configs, load_flow_model
 
@@ -137,6 +138,52 @@ def test_compiled_blocks_through_aot_autograd_match_eager():
         assert rel_err(run(model, x, skip=[{1}, {4}]), ref) <= 1e-5
 
 
+# ---------------------------------------------------------------------------------------------- fused GELU
+
+
+def test_fused_gelu_computes_the_plain_output_with_every_hook():
+    model, x = tiny(), inputs()
+    refs = [run(model, x, **hooks) for hooks in HOOKS]
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    accel.fuse_gelu(model)
+    assert all(type(b) is accel.FusedSingleStreamBlock for b in model.single_blocks)
+    assert all(type(b.img_mlp[0]) is accel.LinearGELU and type(b.txt_mlp[1]) is nn.Identity for b in model.double_blocks)
+    # Same tensors under the same keys: a checkpoint loads into the fused model unchanged.
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    for hooks, ref in zip(HOOKS, refs):
+        assert rel_err(run(model, x, **hooks), ref) <= 1e-5  # float32: only the summation order differs
+    accel.compile_blocks(model, backend="eager")
+    assert rel_err(run(model, x, **HOOKS[1]), refs[1]) <= 1e-5
+    with pytest.raises(UserError, match="before compile_blocks"):
+        accel.fuse_gelu(model)
+
+
+def test_unfuse_gelu_restores_the_official_modules_and_outputs():
+    model, x = tiny(), inputs()
+    ref = run(model, x)
+    accel.unfuse_gelu(accel.fuse_gelu(model))
+    assert all(type(b) is SingleStreamBlock for b in model.single_blocks)
+    assert all(type(b.img_mlp[0]) is nn.Linear and isinstance(b.img_mlp[1], nn.GELU) for b in model.double_blocks)
+    assert torch.equal(run(model, x), ref)
+
+
+def test_linear_gelu_is_the_tanh_gelu_of_the_linear():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 32), torch.randn(24, 32), torch.randn(24)
+    expected = nn.functional.gelu(x @ w.t() + b, approximate="tanh")
+    assert rel_err(accel.linear_gelu(x, w, b), expected) <= 1e-6
+    assert rel_err(nn.functional.gelu(x @ w.t() + b), expected) > 1e-5  # the erf form would be caught
+
+
+def test_fused_gelu_leaves_fp8_linears_alone():
+    model, x = tiny(), inputs()
+    ref = run(model, x)
+    accel.accelerate(model, accel.AccelOptions(fp8=True, fuse_gelu=True), "cpu")
+    assert isinstance(model.single_blocks[0].linear1, accel.FP8Linear)
+    assert type(model.single_blocks[0]) is SingleStreamBlock and type(model.double_blocks[0].img_mlp[0]) is accel.FP8Linear
+    assert rel_err(run(model, x), ref) <= 0.05
+
+
 # ---------------------------------------------------------------------------------------------- FP8
 
 
@@ -164,6 +211,15 @@ def test_fp8_linear_is_the_product_of_the_dequantised_operands():
     assert out.shape == (2, 7, 48) and out.dtype == torch.bfloat16
     assert rel_err(out, expected.reshape(2, 7, 48)) <= 1e-2  # bf16 output rounding
     assert rel_err(out, lin(x)) <= 0.1  # and near the bf16 layer it replaces
+
+
+@pytest.mark.skipif(not accel.scaled_mm_takes_bias("cpu"), reason="this torch's FP8 matmul takes no bias with row-wise scales")
+def test_fp8_bias_inside_the_kernel_matches_the_bias_added_apart():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(torch.bfloat16)
+    inside, apart = accel.FP8Linear.from_linear(lin, bias_in_kernel=True), accel.FP8Linear.from_linear(lin)
+    x = torch.randn(9, 64, dtype=torch.bfloat16)
+    assert rel_err(inside(x), apart(x)) <= 1e-2  # apart, the product is rounded to bf16 before the bias
 
 
 def test_fp8_model_stays_close_and_keeps_modulation_in_full_precision():

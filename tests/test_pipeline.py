@@ -99,3 +99,19 @@ def test_offload_holds_a_module_across_nested_uses():
     with m.on_device(spy):
         pass
     assert spy.moves == ["to", "cpu", "to", "cpu"]
+
+
+def test_bf16_models_decode_under_bf16_autocast_like_the_official_cli(models):
+    """The official CLI decodes a bf16 model's latents with the float32 AE under bf16 autocast; a float32
+    model decodes in float32."""
+    from dataclasses import replace
+
+    latent = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fp32 = models.decode(latent)
+        assert torch.equal(fp32, models.ae.decode(latent).clamp(-1, 1))
+        bf16 = replace(models, dtype=torch.bfloat16).decode(latent)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            official = models.ae.decode(latent).clamp(-1, 1).float()
+    assert torch.equal(bf16, official)
+    assert 0 < (bf16 - fp32).abs().max() < 0.05

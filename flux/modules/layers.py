@@ -189,13 +189,21 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_len: int = 0, kv_source: Tensor | None = None) -> Tensor:
         mod, _ = self.modulation(vec)
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        qkv, mlp_hidden = self.project_in(x_mod)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         k, v = take_image_kv(k, v, txt_len, kv_source)
         attn = attention(q, k, v, pe=pe)
-        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
-        return x + mod.gate * output
+        return x + mod.gate * self.project_out(attn, mlp_hidden)
+
+    def project_in(self, x_mod: Tensor) -> tuple[Tensor, Tensor]:
+        """linear1, split into the q,k,v projection and the activated MLP hidden layer."""
+        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        return qkv, self.mlp_act(mlp)
+
+    def project_out(self, attn: Tensor, mlp_hidden: Tensor) -> Tensor:
+        """linear2 over the attention output and the MLP hidden layer side by side."""
+        return self.linear2(torch.cat((attn, mlp_hidden), 2))
 
 
 class LastLayer(nn.Module):

@@ -1,0 +1,133 @@
+"""Which compile settings and fusions pay at FLUX.1-dev shapes: one process, one model, many variants.
+
+    python benchmarks/explore_speed.py --out DIR               # GPU
+    python benchmarks/explore_speed.py --tiny --out DIR        # flux-tiny on the CPU: checks the script
+
+Each variant recompiles the blocks from scratch (torch._dynamo.reset) and reports its compile time,
+ms/step (median), the kernel time per category (torch.profiler) and its output's error against our
+bf16 eager forward. Variants:
+- default: flux.accel.compile_blocks as the demos use it;
+- max-autotune: inductor's Triton GEMM templates (epilogue fusion) against cuBLAS, per shape;
+- coordinate-descent: inductor's block-size tuning of the fused elementwise kernels;
+- fused-epilogues: flux.accel.fuse_gelu (GELU in the cuBLASLt matmul epilogue, no concatenation
+  before linear2);
+- cuda-graph: the whole compiled forward captured once and replayed;
+- fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune.
+Writes <out>/explore.json as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import Results, add_common_args, attention_context, compare, env_info, first_call_s, model_params, random_flux, random_inputs, time_ms
+from flux import accel
+from profile_transformer import kernel_table
+
+
+def uncompile(model) -> None:
+    for block in accel.blocks(model):
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--variants", default="default,fused-epilogues,cuda-graph,coordinate-descent,max-autotune,fp8,fp8-bias-apart,fp8-max-autotune")
+    parser.add_argument("--cases", default="1024x1,512x4")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.bfloat16
+    params = model_params(args.tiny)
+    backend = "aot_eager" if args.tiny else "inductor"
+    txt_len = 16 if args.tiny else 512
+    sizes = {"1024x1": (1024, 1), "512x4": (512, 4), "64x1": (64, 1)}
+    cases = ["64x1"] if args.tiny else args.cases.split(",")
+    res = Results(f"{args.out}/explore.json", env=env_info(device))
+    inputs = {c: random_inputs(params, sizes[c][1], sizes[c][0], txt_len, device, dtype, seed=1) for c in cases}
+    flops = {c: accel.flops_per_forward(params, sizes[c][1], (sizes[c][0] // 16) ** 2, txt_len) for c in cases}
+    model = random_flux(params, device, dtype)
+    ref = {}
+    with torch.inference_mode(), attention_context("auto", device):
+        for c in cases:
+            ref[c] = model(**inputs[c])
+
+    def run_variant(name: str, model, compile_kw: dict | None, inductor: dict | None = None, graph: bool = False) -> None:
+        uncompile(model)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), attention_context("auto", device), torch._inductor.config.patch(inductor or {}):
+            if compile_kw is not None:
+                accel.compile_blocks(model, backend=backend, **compile_kw)
+            for ci, c in enumerate(cases):
+                x = inputs[c]
+                fn = lambda: model(**x)  # noqa: E731
+                compile_s = first_call_s(fn, device)
+                if graph and device.type == "cuda":
+                    fn()
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        static_out = model(**x)
+                    fn = lambda: (g.replay(), static_out)[1]  # noqa: E731
+                out = fn()
+                t = time_ms(fn, device, reps=args.reps)
+                entry = {**t, "tflops": round(flops[c] / (t["median_ms"] * 1e-3) / 1e12, 1), "compile_s": compile_s,
+                         "vs_ours_eager": compare(out, ref[c])}
+                if ci == 0 and device.type == "cuda":
+                    table = kernel_table(fn, device, calls=2, top=12)
+                    entry["gpu_ms_per_call"] = table["gpu_ms_per_call"]
+                    entry["by_category_ms"] = table["by_category_ms"]
+                    entry["top_kernels"] = table["top_kernels"]
+                res.set("variants", name, c, value=entry)
+                if graph:
+                    del g, static_out
+        res.set("variants", name, "total_s", value=round(time.perf_counter() - t0, 1))
+
+    variants = args.variants.split(",")
+    plain = {
+        "default": ({}, None),
+        "coordinate-descent": ({}, {"coordinate_descent_tuning": True}),
+        "max-autotune": ({"mode": "max-autotune-no-cudagraphs"}, None),
+    }
+    for v in variants:
+        try:
+            if v in plain:
+                run_variant(v, model, *plain[v])
+            elif v == "cuda-graph":
+                run_variant(v, model, {}, graph=True)
+            elif v == "fused-epilogues":
+                uncompile(model)
+                accel.fuse_gelu(model)
+                run_variant(v, model, {})
+                accel.unfuse_gelu(model)
+        except Exception as e:  # record and go on: one failing variant must not cost the others
+            res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
+
+    fp8 = [v for v in variants if v.startswith("fp8")]
+    if fp8 and not accel.fp8_problem(device):
+        uncompile(model)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = accel.quantize_fp8(random_flux(params, device, dtype))
+        for v in fp8:
+            try:
+                for m in model.modules():
+                    if isinstance(m, accel.FP8Linear):
+                        m.bias_in_kernel = v != "fp8-bias-apart" and accel.scaled_mm_takes_bias(device)
+                run_variant(v, model, {"mode": "max-autotune-no-cudagraphs"} if "autotune" in v else {})
+            except Exception as e:
+                res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
+    # The table, last, so that the end of the log carries it.
+    for v, cs in res.data.get("variants", {}).items():
+        print(v.ljust(20), "  ".join(f"{c}: {e['median_ms']:.1f} ms ({e['vs_ours_eager']['rel_l2']:.3g})" for c, e in cs.items() if isinstance(e, dict)))
+
+
+if __name__ == "__main__":
+    main()
