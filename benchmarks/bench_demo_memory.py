@@ -3,6 +3,8 @@
     python benchmarks/bench_demo_memory.py --out DIR          # on a GPU
     python benchmarks/bench_demo_memory.py --offload --out DIR   # with the demos' offload option
     python benchmarks/bench_demo_memory.py --tiny --out DIR   # flux-tiny on the CPU: checks the script
+    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --options stream_blocks=true,resident_gb=17
+    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --offload --options fp8=true   # a 24 GB card
 
 Builds the flux-dev transformer (bf16), the autoencoder (fp32), T5-XXL (bf16, 4.7 B parameters) and CLIP-L (bf16)
 on the meta device and materialises them on the GPU with random weights, then runs each demo's own `run` with
@@ -14,6 +16,7 @@ Before each demo the text encoders are put back on the GPU, as at a fresh start.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from common import REPO, add_common_args, env_info, gib, randomize_, random_flux
-from flux import edit, text2img, trajectory
+from flux import accel, edit, text2img, trajectory
+from flux.accel import AccelOptions
 from flux.config import load_config
 from flux.io import atomic_write_json
 from flux.modules.autoencoder import AutoEncoder
@@ -53,31 +57,56 @@ def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[H
     return t5, clip
 
 
-def build_models(tiny: bool, device: torch.device, offload: bool = False) -> FluxModels:
-    """With offload, every network is built in host memory and visits the GPU only while it is used."""
+def build_models(tiny: bool, device: torch.device, offload: bool = False, options: AccelOptions | None = None) -> FluxModels:
+    """The networks where flux.pipeline.load_models puts them for these options. Random weights are drawn
+    on `device` (fast) and then moved to their home: with offload every network lives in host memory and
+    visits the GPU only while it is used; with stream_blocks the blocks stream from pinned host memory
+    and T5/CLIP encode on the CPU."""
     name = "flux-tiny" if tiny else "flux-dev"
+    options = options or AccelOptions()
     home = torch.device("cpu") if offload else device
     spec = configs[name]
     dtype = torch.float32 if tiny else torch.bfloat16
-    model = random_flux(spec.params, home, dtype)
-    ae = random_module(lambda: AutoEncoder(spec.ae_params), home, torch.float32, seed=3)
+    model = random_flux(spec.params, device, dtype)
+    if options.fp8:
+        accel.quantize_fp8(model)
+    model.to(home if not options.stream_blocks else "cpu")
+    if options.stream_blocks:
+        accel.stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
+    if options.fuse_gelu:
+        accel.fuse_gelu(model)
+    if options.compile:
+        accel.compile_blocks(model, backend="aot_eager" if tiny else "inductor")
+    ae = random_module(lambda: AutoEncoder(spec.ae_params), device, torch.float32, seed=3).to(home)
     if tiny:
         t5, clip = HFEmbedder.tiny("t5", spec.max_length), HFEmbedder.tiny("clip", 77)
     else:
-        t5, clip = full_size_text_encoders(home, dtype)
-    return FluxModels(name, spec, model, ae, t5.to(home), clip.to(home), device, dtype, offload=offload)
+        t5, clip = full_size_text_encoders(device, dtype)
+    text_home = torch.device("cpu") if options.stream_blocks else home
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return FluxModels(name, spec, model, ae, t5.to(text_home), clip.to(text_home), device, dtype, offload=offload)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--offload", action="store_true", help="the demos' offload option: networks live in host memory")
+    parser.add_argument("--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=17")
+    parser.add_argument("--cap", type=float, default=None, help="cap the GPU at this many GiB (a smaller card)")
+    parser.add_argument("--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
+    options = AccelOptions(**{k: json.loads(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))})
     t0 = time.perf_counter()
-    models = build_models(args.tiny, device, args.offload)
-    results = {"env": env_info(device), "size": size, "offload": args.offload, "build_s": round(time.perf_counter() - t0, 1), "demos": {}}
+    models = build_models(args.tiny, device, args.offload, options)
+    results = {"env": env_info(device), "size": size, "offload": args.offload, "options": str(options),
+               "build_s": round(time.perf_counter() - t0, 1), "demos": {}}
+    if args.cap and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / total)
+        results["cap_gib"] = args.cap
     if device.type == "cuda":
         results["resident_gib"] = {n: gib(sum(p.numel() * p.element_size() for p in m.parameters()))
                                    for n, m in (("transformer", models.model), ("ae", models.ae),
@@ -96,9 +125,15 @@ def main() -> None:
             base, output_dir=f"{work}/d4r", image=str(REPO / "tests/data/house.png"), size=size,
             edits=["a red house", "a house in snow"], batch_size=3)), models),
     }
+    if args.edit_only:  # the 24 GB case: batches of two images
+        demos = {f"{name} (2-image batches)": lambda name=name: edit.run(load_config(edit.EditConfig, None, _args(
+            base, output_dir=f"{work}/{i}", edits=["a dog", "a cat"], batch_size=2,
+            **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}))), models)
+            for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))}
+    text_home = next(models.t5.parameters()).device
     for name, run in demos.items():
-        if not args.offload:
-            models.t5.to(device), models.clip.to(device)
+        if not args.offload:  # back where loading put them, as at a fresh start
+            models.t5.to(text_home), models.clip.to(text_home)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -110,7 +145,8 @@ def main() -> None:
             entry["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
         results["demos"][name] = entry
         print(name, entry, flush=True)
-        atomic_write_json(f"{args.out}/demo_memory{'_offload' if args.offload else ''}.json", results)  # after each demo
+        tag = "_offload" * args.offload + ("_" + args.options.replace("=", "-").replace(",", "_") if args.options else "")
+        atomic_write_json(f"{args.out}/demo_memory{tag}.json", results)  # after each demo
 
 
 def _args(base: dict, **more) -> list[str]:

@@ -48,9 +48,11 @@ class RandomText(nn.Module):
         return torch.stack(rows)
 
 
-def random_models(name: str, device: torch.device, compile_blocks: bool, backend: str) -> FluxModels:
+def random_models(name: str, device: torch.device, compile_blocks: bool, backend: str, fuse_gelu: bool = False) -> FluxModels:
     spec = configs[name]
     model = random_flux(spec.params, device, torch.bfloat16)
+    if fuse_gelu:
+        accel.fuse_gelu(model)
     with torch.device("meta"):
         ae = AutoEncoder(spec.ae_params)
     ae = randomize_(ae.to_empty(device=device), seed=1).eval()  # fp32, as load_ae gives it
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--attention", default="pick", help='"pick" (fastest SDPA at this shape), or a spec: auto, cudnn!, ...')
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--fuse-gelu", action="store_true", help="flux.accel.fuse_gelu (the config key fuse_gelu)")
     parser.add_argument("--workdir", default="/tmp/bench_sweep", help="where the sample's PNGs go (deleted first)")
     args = parser.parse_args()
 
@@ -95,7 +98,7 @@ def main() -> None:
     if dist.rank == 0:
         res = Results(f"{args.out}/sweep_{args.tag}.json", env=env_info(device), model=name, world_size=dist.world_size,
                       sample={"prompts": len(prompts), "layers": layers, "images": n_images, "size": size,
-                              "steps": steps, "batch_size": args.batch_size, "compile": not args.no_compile,
+                              "steps": steps, "batch_size": args.batch_size, "compile": not args.no_compile, "fuse_gelu": args.fuse_gelu,
                               "attention": args.attention})
     workdir = f"{args.workdir}_{args.tag}"
     if dist.rank == 0:
@@ -106,7 +109,7 @@ def main() -> None:
     if res:
         res.set("attention", value={"chosen": attention, "sdpa_ms": sdpa})
     with attention_context(attention, device):
-        models = random_models(name, device, not args.no_compile, backend)
+        models = random_models(name, device, not args.no_compile, backend, args.fuse_gelu)
         build_s = time.perf_counter() - t0
         # Warm-up: compile the blocks for this batch shape (and with a per-sample skip), tune the AE convs.
         b = args.batch_size

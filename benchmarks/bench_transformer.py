@@ -5,7 +5,8 @@
 
 Cases: 1024² batch 1 (4096 image + 512 text tokens) and 512² batch 4. For each: eager (torch's default
 attention and cuDNN attention), regionally compiled (ours: flux.accel.compile_blocks; diffusers:
-compile_repeated_blocks), and ours with FP8 weights; ms/step (median), TFLOP/s, the difference to
+compile_repeated_blocks), ours with the GELU fused into the matmuls (flux.accel.fuse_gelu), eager and
+compiled, and ours with FP8 weights; ms/step (median), TFLOP/s, the difference to
 diffusers and to our bf16 eager output, peak memory, compile time, and whether layer skips recompile.
 Writes <out>/transformer.json as it goes.
 """
@@ -21,7 +22,7 @@ import torch
 
 from common import (
     Results, add_common_args, attention_context, compare, diffusers_forward, diffusers_twin, env_info, first_call_s, gib, model_params,
-    random_flux, random_inputs, sync, time_ms,
+    random_flux, random_inputs, sync, time_ms, uncompile,
 )
 from flux import accel
 from flux.model import Injection
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto,cudnn!", help="attention choices for the compiled model, the first is the default")
     parser.add_argument("--mode", default=None, help="torch.compile mode for our blocks (default: inductor's default)")
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: eager,compiled,diffusers_compiled,fp8")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: eager,compiled,fused,diffusers_compiled,fp8")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -150,6 +151,20 @@ def main() -> None:
                 except Exception as e:  # a backend that cannot run these inputs: record it, go on
                     res.set("errors", key, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
             res.set("best_compiled_attention", value=best[1])
+
+        # --- ours with the GELU fused into the matmul epilogues (flux.accel.fuse_gelu), eager and compiled.
+        if "fused" not in skip:
+            uncompile(model)
+            accel.fuse_gelu(model)
+            with attention_context(best[1], device):
+                for case, x in inputs.items():
+                    measure("ours_eager_fuse_gelu", case, lambda: model(**x), ref[case])
+                accel.compile_blocks(model, mode=args.mode, backend=backend)
+                for case, x in inputs.items():
+                    compile_s = first_call_s(lambda: model(**x), device)
+                    measure("ours_compiled_fuse_gelu", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+            uncompile(model)
+            accel.unfuse_gelu(model)
 
         # --- diffusers compiled the same regional way (its own helper), torch's default attention.
         if "diffusers_compiled" not in skip:

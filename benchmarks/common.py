@@ -158,6 +158,15 @@ def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
     return round(time.perf_counter() - t0, 2)
 
 
+def uncompile(model: Flux) -> None:
+    """Back to eager blocks (to re-compile under other settings); the compile caches are dropped."""
+    from flux import accel
+
+    for block in accel.blocks(model):
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
 def compare(out: Tensor, ref: Tensor) -> dict:
     """max |out - ref|, that over max |ref|, and the relative L2 error ‖out - ref‖ / ‖ref‖ (in fp32)."""
     out, ref = out.float(), ref.float()

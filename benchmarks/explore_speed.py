@@ -24,15 +24,12 @@ import time
 
 import torch
 
-from common import Results, add_common_args, attention_context, compare, env_info, first_call_s, model_params, random_flux, random_inputs, time_ms
+from common import (
+    Results, add_common_args, attention_context, compare, env_info, first_call_s, model_params, random_flux, random_inputs, time_ms,
+    uncompile,
+)
 from flux import accel
 from profile_transformer import kernel_table
-
-
-def uncompile(model) -> None:
-    for block in accel.blocks(model):
-        block._compiled_call_impl = None
-    torch._dynamo.reset()
 
 
 def main() -> None:

@@ -132,8 +132,8 @@ class FluxModels:
     def decode(self, latent: Tensor) -> Tensor:
         """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1].
 
-        With a bf16 model the decoder runs under bf16 autocast, as the official CLI decodes (about 3x
-        faster than float32 at 1024²); a float32 model decodes in float32."""
+        With a bf16 model the decoder runs under bf16 autocast, as the official CLI decodes; a float32
+        model decodes in float32."""
         ae_dtype = next(self.ae.parameters()).dtype
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with self.on_device(self.ae), autocast:
