@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=17")
     parser.add_argument("--cap", type=float, default=None, help="cap the GPU at this many GiB (a smaller card)")
     parser.add_argument("--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)")
+    parser.add_argument("--only", default="", help="run only the demos whose name contains this text")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
@@ -130,6 +131,7 @@ def main() -> None:
             base, output_dir=f"{work}/{i}", edits=["a dog", "a cat"], batch_size=2,
             **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}))), models)
             for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))}
+    demos = {name: run for name, run in demos.items() if args.only in name}
     text_home = next(models.t5.parameters()).device
     for name, run in demos.items():
         if not args.offload:  # back where loading put them, as at a fresh start

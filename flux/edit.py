@@ -195,11 +195,6 @@ def _denoise_chunks(
     return latents, chunks, drift
 
 
-def _decode(models: FluxModels, latents: Tensor, batch_size: int | None) -> Tensor:
-    step = batch_size or len(latents)
-    return torch.cat([models.decode(latents[i : i + step]) for i in range(0, len(latents), step)])
-
-
 def _encode_prompts(models: FluxModels, prompts: Sequence[str], free_text_encoders: bool) -> Text:
     text = models.encode(prompts)
     if free_text_encoders:
@@ -251,7 +246,7 @@ def edit_generated(
         models, text, models.noise([seed], width, height), timesteps, (guidance, guidance), layers, batch_size,
         None, callback,
     )
-    images = _decode(models, latents, batch_size)
+    images = models.decode(latents)
     return EditResult(images[0], images[1:], latents, list(layers), chunks, drift, timesteps)
 
 
@@ -366,7 +361,7 @@ def edit_real(
     latents, chunks, drift = _denoise_chunks(
         models, text, start, timesteps, (source_guidance, guidance), layers, batch_size, overwrite_reference, callback,
     )
-    images = _decode(models, latents, batch_size)
+    images = models.decode(latents)
     return EditResult(images[0], images[1:], latents, list(layers), chunks, drift, timesteps,
                           input=image.float().cpu(), inversion=inversion)
 

@@ -133,11 +133,13 @@ class FluxModels:
         """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1].
 
         With a bf16 model the decoder runs under bf16 autocast, as the official CLI decodes; a float32
-        model decodes in float32."""
+        model decodes in float32. One image at a time: at 1024² the decoder's activations take ~2.5 GB
+        per image, which a 24 GB card holding the transformer does not have twice over."""
         ae_dtype = next(self.ae.parameters()).dtype
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with self.on_device(self.ae), autocast:
-            return self.ae.decode(latent.to(self.device, ae_dtype)).clamp(-1, 1).float()
+            images = [self.ae.decode(z[None].to(self.device, ae_dtype)).clamp(-1, 1).float() for z in latent]
+        return torch.cat(images)
 
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:
