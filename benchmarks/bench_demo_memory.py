@@ -3,14 +3,17 @@
     python benchmarks/bench_demo_memory.py --out DIR          # on a GPU
     python benchmarks/bench_demo_memory.py --offload --out DIR   # with the demos' offload option
     python benchmarks/bench_demo_memory.py --tiny --out DIR   # flux-tiny on the CPU: checks the script
-    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --options stream_blocks=true,resident_gb=17
+    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --options stream_blocks=true,resident_gb=15
     python benchmarks/bench_demo_memory.py --cap 24 --edit-only --offload --options fp8=true   # a 24 GB card
 
 Builds the flux-dev transformer (bf16), the autoencoder (fp32), T5-XXL (bf16, 4.7 B parameters) and CLIP-L (bf16)
-on the meta device and materialises them on the GPU with random weights, then runs each demo's own `run` with
-2 steps (peak memory does not depend on the step count): demo_0 (one image), demo_1 (trajectory), demo_2 (sweep
-batch of 4), demo_4 generated (reference + 2 edits) and real (input image, inversion, reference + 2 edits).
-Before each demo the text encoders are put back on the GPU, as at a fresh start. Writes <out>/demo_memory.json.
+on the meta device and materialises them on the GPU with random weights, then moves each where
+flux.pipeline.load_models would put it for the given options, and runs each demo's own `run` with 2 steps (peak
+memory does not depend on the step count): demo_0 (one image), demo_1 (trajectory), demo_2 (sweep batch of 4),
+demo_4 generated (reference + 2 edits) and real (input image, inversion, reference + 2 edits); with --edit-only the
+two demo_4 runs in batches of two images. Before each demo the text encoders go back where loading put them, as at
+a fresh start. `--cap` limits the process to that many GiB of the GPU (a smaller card). Writes
+<out>/demo_memory[_offload][_options].json after each demo.
 """
 
 from __future__ import annotations
@@ -70,11 +73,11 @@ def build_models(tiny: bool, device: torch.device, offload: bool = False, option
     model = random_flux(spec.params, device, dtype)
     if options.fp8:
         accel.quantize_fp8(model)
+    if options.fuse_gelu:
+        accel.fuse_gelu(model)
     model.to(home if not options.stream_blocks else "cpu")
     if options.stream_blocks:
         accel.stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
-    if options.fuse_gelu:
-        accel.fuse_gelu(model)
     if options.compile:
         accel.compile_blocks(model, backend="aot_eager" if tiny else "inductor")
     ae = random_module(lambda: AutoEncoder(spec.ae_params), device, torch.float32, seed=3).to(home)
@@ -92,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--offload", action="store_true", help="the demos' offload option: networks live in host memory")
-    parser.add_argument("--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=17")
+    parser.add_argument("--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=15")
     parser.add_argument("--cap", type=float, default=None, help="cap the GPU at this many GiB (a smaller card)")
     parser.add_argument("--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)")
     parser.add_argument("--only", default="", help="run only the demos whose name contains this text")

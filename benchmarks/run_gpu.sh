@@ -17,9 +17,9 @@ export PYTHONUNBUFFERED=1
 ) &
 (
     CUDA_VISIBLE_DEVICES=1 timeout "${T_MEMORY:-200}" python3 benchmarks/bench_memory.py --out "$out" > "$out/memory.log" 2>&1
-    CUDA_VISIBLE_DEVICES=1 timeout "${T_SWEEP1:-170}" python3 benchmarks/bench_sweep.py --out "$out" --tag 1gpu >> "$out/sweep.log" 2>&1
+    CUDA_VISIBLE_DEVICES=1 timeout "${T_SWEEP1:-170}" python3 benchmarks/bench_sweep.py --out "$out" --tag 1gpu --fuse-gelu >> "$out/sweep.log" 2>&1
 ) &
 wait
-timeout "${T_SWEEP2:-140}" python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/bench_sweep.py --out "$out" --tag 2gpu \
+timeout "${T_SWEEP2:-140}" python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/bench_sweep.py --out "$out" --tag 2gpu --fuse-gelu \
     >> "$out/sweep.log" 2>&1
 for f in "$out"/*.log; do echo "== $f"; grep -E "Error|Traceback" -A2 "$f" | tail -8; tail -n 4 "$f" | cut -c1-400; done
