@@ -307,3 +307,12 @@ def test_flops_formula_matches_the_published_count():
     dev = configs["flux-dev"].params
     assert accel.flops_per_forward(dev, 1, 4096, 512) == pytest.approx(74.4e12, rel=2e-3)
     assert accel.flops_per_forward(dev, 1, 1024, 512) == pytest.approx(21.5e12, rel=3e-3)
+
+
+def test_streaming_a_fused_model_is_bit_identical_to_the_fused_model():
+    model, x = tiny(), inputs()
+    fused = run(accel.fuse_gelu(model), x, **HOOKS[1])
+    accel.unfuse_gelu(model)
+    accel.accelerate(model, accel.AccelOptions(fuse_gelu=True, stream_blocks=True), "cpu")
+    assert type(model.single_blocks[0]) is accel.FusedSingleStreamBlock
+    assert torch.equal(run(model, x, **HOOKS[1]), fused)
