@@ -84,6 +84,15 @@ class FluxModels:
         txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=self.device)
         return Text(txt, txt_ids, vec)
 
+    def encode_all(self, prompts: Sequence[str]) -> tuple[Text, dict[str, int]]:
+        """Every distinct prompt encoded once, then T5 and CLIP leave the GPU so that sampling has the room.
+        Returns the encodings and each prompt's row in them (for `Text.select`)."""
+        row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        text = self.encode(list(row))
+        if self.device.type == "cuda" and not self.offload:
+            self.release_text_encoders()
+        return text, row
+
     def release_text_encoders(self) -> None:
         """Move T5 and CLIP off the GPU once every prompt is encoded (frees ~10 GB for dev)."""
         self.t5.cpu()

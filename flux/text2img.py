@@ -61,11 +61,7 @@ def run(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
     def advance(step: Step) -> None:
         bar.update(1)
 
-    # Every prompt encoded once up front, so T5 and CLIP can leave the GPU before sampling starts.
-    row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompt for _, prompt, _ in todo))}
-    text = models.encode(list(row)) if todo else None
-    if models.device.type == "cuda" and not models.offload:
-        models.release_text_encoders()
+    text, row = models.encode_all([prompt for _, prompt, _ in todo]) if todo else (None, {})
     timesteps = models.schedule(steps, cfg.width, cfg.height)
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i : i + cfg.batch_size]

@@ -174,9 +174,10 @@ def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
 
     start = time.perf_counter()
     bar = tqdm(total=len(todo) * cfg.steps, unit="step", desc="denoising")
+    all_text, row = models.encode_all([prompt for _, prompt, _ in todo]) if todo else (None, {})
     for i in range(0, len(todo), cfg.batch_size):
         batch = todo[i : i + cfg.batch_size]
-        text = models.encode([prompt for _, prompt, _ in batch])
+        text = all_text.select([row[prompt] for _, prompt, _ in batch])
         noise = models.noise([seed for *_, seed in batch], cfg.width, cfg.height)
         skip = [frozenset(cfg.skip_layers)] * len(batch) if cfg.skip_layers else None
         trajs = record_trajectories(models, text, noise, timesteps, guidance, skip, on_step=lambda s: bar.update(1))
