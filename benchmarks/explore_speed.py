@@ -12,6 +12,9 @@ bf16 eager forward. Variants:
 - fused-epilogues: flux.accel.fuse_gelu (GELU in the cuBLASLt matmul epilogue, no concatenation
   before linear2);
 - cuda-graph: the whole compiled forward captured once and replayed;
+- fused-persistent / fused-multi-kernel, fp8-persistent / fp8-multi-kernel: inductor's persistent
+  row reductions allowed up to 16k elements (forced, or benchmarked against the looped form), so that a
+  row's norm or FP8 quantisation can run in one pass;
 - fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune.
 Writes <out>/explore.json as it goes.
 """
@@ -35,7 +38,7 @@ from profile_transformer import kernel_table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--variants", default="default,fused-epilogues,cuda-graph,coordinate-descent,max-autotune,fp8,fp8-bias-apart,fp8-max-autotune")
+    parser.add_argument("--variants", default="default,fused-epilogues,fused-persistent,fp8,fp8-persistent")
     parser.add_argument("--cases", default="1024x1,512x4")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -85,42 +88,51 @@ def main() -> None:
                     del g, static_out
         res.set("variants", name, "total_s", value=round(time.perf_counter() - t0, 1))
 
-    variants = args.variants.split(",")
-    plain = {
-        "default": ({}, None),
-        "coordinate-descent": ({}, {"coordinate_descent_tuning": True}),
-        "max-autotune": ({"mode": "max-autotune-no-cudagraphs"}, None),
+    # name: (fuse_gelu, fp8, compile kwargs, inductor config, CUDA graph)
+    autotune = {"mode": "max-autotune-no-cudagraphs"}
+    persistent = {"triton.multi_kernel": 2}  # row reductions up to 16k wide in one pass, epilogue fused
+    table = {
+        "default": (False, False, {}, None, False),
+        "fused-epilogues": (True, False, {}, None, False),
+        "fused-persistent": (True, False, {}, persistent, False),
+        "fused-multi-kernel": (True, False, {}, {"triton.multi_kernel": 1}, False),
+        "cuda-graph": (False, False, {}, None, True),
+        "coordinate-descent": (False, False, {}, {"coordinate_descent_tuning": True}, False),
+        "max-autotune": (False, False, autotune, None, False),
+        "fp8": (False, True, {}, None, False),
+        "fp8-bias-apart": (False, True, {}, None, False),
+        "fp8-persistent": (False, True, {}, persistent, False),
+        "fp8-multi-kernel": (False, True, {}, {"triton.multi_kernel": 1}, False),
+        "fp8-max-autotune": (False, True, autotune, None, False),
     }
-    for v in variants:
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in table]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {', '.join(table)}")
+    for v in sorted(variants, key=lambda v: table[v][1]):  # bf16 first, then one FP8 model for the rest
+        fuse, fp8, compile_kw, inductor, graph = table[v]
         try:
-            if v in plain:
-                run_variant(v, model, *plain[v])
-            elif v == "cuda-graph":
-                run_variant(v, model, {}, graph=True)
-            elif v == "fused-epilogues":
+            if fp8 and not isinstance(model.single_blocks[0].linear1, accel.FP8Linear):
+                if accel.fp8_problem(device):
+                    break
+                uncompile(model)
+                del model
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                model = accel.quantize_fp8(random_flux(params, device, dtype))
+            for m in model.modules():
+                if isinstance(m, accel.FP8Linear):
+                    m.bias_in_kernel = v != "fp8-bias-apart" and accel.scaled_mm_takes_bias(device)
+            if fuse:
                 uncompile(model)
                 accel.fuse_gelu(model)
-                run_variant(v, model, {})
+            run_variant(v, model, compile_kw, inductor, graph)
+            if fuse:
+                uncompile(model)
                 accel.unfuse_gelu(model)
         except Exception as e:  # record and go on: one failing variant must not cost the others
             res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
-
-    fp8 = [v for v in variants if v.startswith("fp8")]
-    if fp8 and not accel.fp8_problem(device):
-        uncompile(model)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        model = accel.quantize_fp8(random_flux(params, device, dtype))
-        for v in fp8:
-            try:
-                for m in model.modules():
-                    if isinstance(m, accel.FP8Linear):
-                        m.bias_in_kernel = v != "fp8-bias-apart" and accel.scaled_mm_takes_bias(device)
-                run_variant(v, model, {"mode": "max-autotune-no-cudagraphs"} if "autotune" in v else {})
-            except Exception as e:
-                res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
     # The table, last, so that the end of the log carries it.
     for v, cs in res.data.get("variants", {}).items():
         print(v.ljust(20), "  ".join(f"{c}: {e['median_ms']:.1f} ms ({e['vs_ours_eager']['rel_l2']:.3g})" for c, e in cs.items() if isinstance(e, dict)))

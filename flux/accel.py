@@ -97,11 +97,15 @@ def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable
     Blocks of one class share their compiled graph, so the first call compiles two graphs (double and
     single block) per input shape; shapes are specialised (`dynamic=False`) for the fastest kernels.
     `fullgraph=True` turns any graph break into an error instead of a silent slowdown.
+    With inductor's default mode, row reductions up to 16k elements (LayerNorm, FP8 per-token scales)
+    may run as one-pass persistent kernels, which inductor benchmarks against its looped form at the
+    first call ("multi-kernel"; measured on an H100: -1% bf16, -3.5% FP8 step time).
     """
     if getattr(model, "_block_streamer", None) is not None:
         raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
+    options = {"triton.multi_kernel": 1} if backend == "inductor" and mode is None else None
     for block in blocks(model):
-        block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False)
+        block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False, options=options)
     return model
 
 
