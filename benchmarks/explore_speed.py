@@ -121,9 +121,11 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 model = accel.quantize_fp8(random_flux(params, device, dtype))
-            for m in model.modules():
-                if isinstance(m, accel.FP8Linear):
-                    m.bias_in_kernel = v != "fp8-bias-apart" and accel.scaled_mm_takes_bias(device)
+            if fp8:
+                in_kernel = v != "fp8-bias-apart" and accel.scaled_mm_takes_bias(device)
+                for m in model.modules():
+                    if isinstance(m, accel.FP8Linear):
+                        m.bias_in_kernel = in_kernel
             if fuse:
                 uncompile(model)
                 accel.fuse_gelu(model)
