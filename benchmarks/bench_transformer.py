@@ -202,6 +202,12 @@ def main() -> None:
                 for case, x in inputs.items():
                     compile_s = first_call_s(lambda: model(**x), device)
                     measure("ours_fp8_compiled", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                if "fused" not in skip:
+                    uncompile(model)
+                    accel.compile_blocks(accel.fuse_gelu(model), mode=args.mode, backend=backend)
+                    for case, x in inputs.items():
+                        compile_s = first_call_s(lambda: model(**x), device)
+                        measure("ours_fp8_compiled_fuse_gelu", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
     res.set("total_s", value=round(time.perf_counter() - t0, 1))
 
 

@@ -15,7 +15,8 @@ bf16 eager forward. Variants:
 - fused-persistent / fused-multi-kernel, fp8-persistent / fp8-multi-kernel: inductor's persistent
   row reductions allowed up to 16k elements (forced, or benchmarked against the looped form), so that a
   row's norm or FP8 quantisation can run in one pass;
-- fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune.
+- fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune;
+- fp8-fused: FP8 with flux.accel.fuse_gelu (GELU + per-token amax + quantisation in one Triton kernel).
 Writes <out>/explore.json as it goes.
 """
 
@@ -104,6 +105,7 @@ def main() -> None:
         "fp8-persistent": (False, True, {}, persistent, False),
         "fp8-multi-kernel": (False, True, {}, {"triton.multi_kernel": 1}, False),
         "fp8-max-autotune": (False, True, autotune, None, False),
+        "fp8-fused": (True, True, {}, None, False),
     }
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in table]

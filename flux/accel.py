@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
+from .kernels import FP8_DTYPE, FP8_MAX, gelu_quantize_rows, quantize_rows
 from .model import Flux
 from .modules.layers import SingleStreamBlock
 
@@ -154,18 +155,26 @@ def _recast(module: nn.Module, cls: type) -> nn.Module:
 
 
 def fuse_gelu(model: Flux) -> Flux:
-    """Fuse every block's GELU into its matmul's epilogue, in place (see LinearGELU,
-    FusedSingleStreamBlock). Outputs change by bf16 rounding only: the GELU reads the fp32 accumulator
-    instead of the rounded bf16 product. Blocks whose linears are FP8 stay as they are."""
+    """Fuse every block's GELU into a neighbouring kernel, in place. bf16 linears: into the matmul's
+    epilogue (LinearGELU, FusedSingleStreamBlock); outputs change by bf16 rounding only, as the GELU reads
+    the fp32 accumulator instead of the rounded bf16 product. FP8 linears (quantize_fp8 first): into the
+    next linear's input quantisation (FP8GELULinear, FP8FusedSingleStreamBlock), which then takes the
+    GELU in float32 before quantising instead of after rounding to bf16."""
     if any(is_compiled(b) for b in blocks(model)):
         raise UserError("fuse_gelu must come before compile_blocks")
     for block in model.double_blocks:
         for mlp in (block.img_mlp, block.txt_mlp):
             if type(mlp[0]) is nn.Linear:
                 mlp[0], mlp[1] = _recast(mlp[0], LinearGELU), nn.Identity()
+            elif type(mlp[2]) is FP8Linear:
+                mlp[1], mlp[2] = nn.Identity(), _recast(mlp[2], FP8GELULinear)
     for i, block in enumerate(model.single_blocks):
-        if type(block) is SingleStreamBlock and type(block.linear1) is nn.Linear and type(block.linear2) is nn.Linear:
+        if type(block) is not SingleStreamBlock:
+            continue
+        if type(block.linear1) is nn.Linear and type(block.linear2) is nn.Linear:
             model.single_blocks[i] = _recast(block, FusedSingleStreamBlock)
+        elif type(block.linear2) is FP8Linear:
+            model.single_blocks[i] = _recast(block, FP8FusedSingleStreamBlock)
     return model
 
 
@@ -175,24 +184,15 @@ def unfuse_gelu(model: Flux) -> Flux:
         for mlp in (block.img_mlp, block.txt_mlp):
             if type(mlp[0]) is LinearGELU:
                 mlp[0], mlp[1] = _recast(mlp[0], nn.Linear), nn.GELU(approximate="tanh")
+            elif type(mlp[2]) is FP8GELULinear:
+                mlp[1], mlp[2] = nn.GELU(approximate="tanh"), _recast(mlp[2], FP8Linear)
     for i, block in enumerate(model.single_blocks):
-        if type(block) is FusedSingleStreamBlock:
+        if type(block) in (FusedSingleStreamBlock, FP8FusedSingleStreamBlock):
             model.single_blocks[i] = _recast(block, SingleStreamBlock)
     return model
 
 
 # ---------------------------------------------------------------------------------------------- FP8
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (M, K) -> (x_fp8, scale (M, 1) fp32) with x ≈ x_fp8 * scale, one scale per row (amax / 448)."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = amax.clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
 
 class FP8Linear(nn.Module):
     """y = x Wᵀ + b with W stored in float8 e4m3 (one fp32 scale per output row) and x quantised
@@ -215,16 +215,41 @@ class FP8Linear(nn.Module):
         return cls(w_fp8, w_scale, bias, bias_in_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
         x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        return self.matmul(x_fp8, x_scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul(self, x_fp8: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """(M, out_features) from an input already quantised per row."""
         fused = self.bias if self.bias_in_kernel else None
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused, out_dtype=x.dtype)
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused, out_dtype=out_dtype)
         if self.bias is not None and fused is None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3, scales=per-row"
+
+
+class FP8GELULinear(FP8Linear):
+    """An MLP's second FP8 linear taking the hidden layer before its tanh-GELU: the GELU, the per-token
+    amax and the quantisation happen in one pass over the hidden layer (flux.kernels)."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        x_fp8, x_scale = gelu_quantize_rows([h], [True])
+        return self.matmul(x_fp8, x_scale, h.dtype).reshape(*h.shape[:-1], self.out_features)
+
+
+class FP8FusedSingleStreamBlock(SingleStreamBlock):
+    """A single-stream block with FP8 linears whose linear2 input, cat(attention, GELU(MLP)), is formed,
+    GELU'd and quantised in one pass (flux.kernels) instead of being written out in bf16 first."""
+
+    def project_in(self, x_mod: Tensor) -> tuple[Tensor, Tensor]:
+        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        return qkv, mlp  # before the GELU: project_out applies it
+
+    def project_out(self, attn: Tensor, mlp: Tensor) -> Tensor:
+        x_fp8, x_scale = gelu_quantize_rows([attn, mlp], [False, True])
+        return self.linear2.matmul(x_fp8, x_scale, attn.dtype).view(*attn.shape[:-1], -1)
 
 
 def fp8_problem(device: torch.device | str) -> str | None:
@@ -286,6 +311,8 @@ def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
         raise UserError("quantize_fp8 must come before stream_blocks (or instead of it)")
     if any(is_compiled(b) for b in blocks(model)):
         raise UserError("quantize_fp8 must come before compile_blocks")
+    if any(isinstance(m, (LinearGELU, FusedSingleStreamBlock)) for m in model.modules()):
+        raise UserError("quantize_fp8 must come before fuse_gelu")
     target = torch.device(device) if device is not None else next(model.parameters()).device
     problem = fp8_problem(target)
     if problem:
@@ -548,8 +575,7 @@ class AccelOptions:
 
 
 def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
-    """Apply `options` in their one valid order: FP8, fused GELU (on the linears FP8 left in bf16),
-    then streaming or compilation. Attention is a context: wrap sampling in
+    """Apply `options` in their one valid order: FP8, fused GELU, then streaming or compilation. Attention is a context: wrap sampling in
     `attention_backend(options.attention)`."""
     problems = options.check()
     if problems:
@@ -579,6 +605,6 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 
 __all__ = [
     "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend",
-    "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
+    "FP8FusedSingleStreamBlock", "FP8GELULinear", "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
     "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "unfuse_gelu",
 ]
