@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
-from .kernels import FP8_DTYPE, FP8_MAX, gelu_quantize_rows, quantize_rows
+from .kernels import FP8_DTYPE, gelu_quantize_rows, quantize_rows
 from .model import Flux
 from .modules.layers import SingleStreamBlock
 

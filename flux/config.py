@@ -472,7 +472,8 @@ class BaseConfig:
         "help": "with stream_blocks: GiB of blocks that stay on the GPU (15 on a 24 GB card)", "min": 0})
     fuse_gelu: bool = field(default=False, metadata={
         "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
-                "concatenation: 1-3% faster compiled steps on a GPU (~5% eager), outputs within bf16 rounding"})
+                "concatenation: 1-3% faster compiled steps on a GPU (~5% eager), outputs within bf16 rounding; "
+                "with fp8, GELU and quantisation of the MLP hidden layer in one kernel (6-8% faster)"})
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""
