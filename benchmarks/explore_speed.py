@@ -16,7 +16,9 @@ bf16 eager forward. Variants:
   row reductions allowed up to 16k elements (forced, or benchmarked against the looped form), so that a
   row's norm or FP8 quantisation can run in one pass;
 - fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune;
-- fp8-fused: FP8 with flux.accel.fuse_gelu (GELU + per-token amax + quantisation in one Triton kernel).
+- fp8-fused: FP8 with flux.accel.fuse_gelu (GELU + per-token amax + quantisation in one Triton kernel);
+  fp8-fused-exact-accum: the same without Hopper's fast FP8 accumulation (FP8Linear's default since
+  2026-11-26; the fp8 variants above ran without it on that day).
 Writes <out>/explore.json as it goes.
 """
 
@@ -106,6 +108,7 @@ def main() -> None:
         "fp8-multi-kernel": (False, True, {}, {"triton.multi_kernel": 1}, False),
         "fp8-max-autotune": (False, True, autotune, None, False),
         "fp8-fused": (True, True, {}, None, False),
+        "fp8-fused-exact-accum": (True, True, {}, None, False),
     }
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in table]
@@ -128,6 +131,7 @@ def main() -> None:
                 for m in model.modules():
                     if isinstance(m, accel.FP8Linear):
                         m.bias_in_kernel = in_kernel
+                        m.fast_accum = not v.endswith("exact-accum")
             if fuse:
                 uncompile(model)
                 accel.fuse_gelu(model)

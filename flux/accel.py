@@ -196,13 +196,16 @@ def unfuse_gelu(model: Flux) -> Flux:
 
 class FP8Linear(nn.Module):
     """y = x Wᵀ + b with W stored in float8 e4m3 (one fp32 scale per output row) and x quantised
-    per token on the fly; the product runs on the FP8 tensor cores with fp32 accumulation."""
+    per token on the fly; the product runs on the FP8 tensor cores (fast accumulation, see below)."""
 
     def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, bias_in_kernel: bool = False):
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.bias_in_kernel = bias_in_kernel  # else added apart: not every torch build takes a bias with row-wise scales
+        # Hopper's fast FP8 accumulation (fewer promotions to fp32): 10% faster FLUX steps on an H100 for a
+        # relative error of 6.53% instead of 6.49% against bf16 (benchmarks/explore_speed.py).
+        self.fast_accum = True
         self.register_buffer("weight", weight)  # (N, K) row-major: its transpose is the column-major B operand
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1))  # (1, N)
         self.register_buffer("bias", bias)
@@ -221,7 +224,8 @@ class FP8Linear(nn.Module):
     def matmul(self, x_fp8: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
         """(M, out_features) from an input already quantised per row."""
         fused = self.bias if self.bias_in_kernel else None
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused, out_dtype=out_dtype)
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused,
+                             out_dtype=out_dtype, use_fast_accum=self.fast_accum)
         if self.bias is not None and fused is None:
             y = y + self.bias
         return y
