@@ -579,8 +579,8 @@ class AccelOptions:
 
 
 def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
-    """Apply `options` in their one valid order: FP8, fused GELU, then streaming or compilation. Attention is a context: wrap sampling in
-    `attention_backend(options.attention)`."""
+    """Apply `options` in their one valid order: FP8, fused GELU, then streaming or compilation.
+    Attention is a context: wrap sampling in `attention_backend(options.attention)`."""
     problems = options.check()
     if problems:
         raise UserError("; ".join(problems))
