@@ -128,6 +128,18 @@ def test_compiled_blocks_match_eager_and_skips_do_not_recompile():
     assert counter.frame_count == graphs + 2
 
 
+def test_compile_blocks_asks_inductor_for_multi_kernel_reductions(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    model = tiny()
+    accel.compile_blocks(model)
+    assert len(calls) == 6 and all(c["backend"] == "inductor" and c["options"] == {"triton.multi_kernel": 1} for c in calls)
+    calls.clear()
+    accel.compile_blocks(model, mode="max-autotune-no-cudagraphs")  # torch takes options or a mode, not both
+    accel.compile_blocks(model, backend="aot_eager")  # inductor's options mean nothing to other backends
+    assert len(calls) == 12 and all(c["options"] is None for c in calls)
+
+
 def test_compiled_blocks_through_aot_autograd_match_eager():
     # aot_eager runs the decompositions inductor sees (SDPA backend choice included), without C++ codegen.
     torch._dynamo.reset()
