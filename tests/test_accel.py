@@ -17,6 +17,8 @@ from flux.sampling import image_ids, pack
 from flux.util import configs, load_flow_model
 
 P = configs["flux-tiny"].params
+# FP8 tests run on the CPU (torch 2.13's CPU build, as in CI, has the kernel); some CUDA builds of torch lack it there.
+needs_cpu_fp8 = pytest.mark.skipif(accel.fp8_problem("cpu") is not None, reason="this torch has no FP8 matmul on the CPU")
 
 
 def tiny(dtype: torch.dtype = torch.float32):
@@ -187,6 +189,7 @@ def test_linear_gelu_is_the_tanh_gelu_of_the_linear():
     assert rel_err(nn.functional.gelu(x @ w.t() + b), expected) > 1e-5  # the erf form would be caught
 
 
+@needs_cpu_fp8
 def test_fused_gelu_on_fp8_quantises_the_gelu_inside_the_next_linear():
     model, x = tiny(), inputs()
     ref = run(model, x)
@@ -249,6 +252,7 @@ def test_row_quantisation_scales_each_row_to_the_fp8_range():
     assert rel.max() <= 2**-4 * 448 / 256  # e4m3: 3 mantissa bits; error ≤ half an ulp of the row's largest binade
 
 
+@needs_cpu_fp8
 def test_fp8_linear_is_the_product_of_the_dequantised_operands():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
@@ -271,6 +275,7 @@ def test_fp8_bias_inside_the_kernel_matches_the_bias_added_apart():
     assert rel_err(inside(x), apart(x)) <= 1e-2  # apart, the product is rounded to bf16 before the bias
 
 
+@needs_cpu_fp8
 def test_fp8_model_stays_close_and_keeps_modulation_in_full_precision():
     model, x = tiny(), inputs()
     refs = [run(model, x, **hooks) for hooks in HOOKS]
@@ -339,6 +344,7 @@ def test_streaming_combinations_are_refused_clearly():
 # ---------------------------------------------------------------------------------------------- options
 
 
+@needs_cpu_fp8
 def test_accelerate_applies_options_and_rejects_bad_ones():
     with pytest.raises(UserError, match="do not combine"):
         accel.accelerate(tiny(), accel.AccelOptions(compile=True, stream_blocks=True), "cpu")
