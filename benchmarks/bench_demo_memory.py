@@ -33,7 +33,7 @@ from flux.config import load_config
 from flux.io import atomic_write_json
 from flux.modules.autoencoder import AutoEncoder
 from flux.modules.conditioner import HFEmbedder
-from flux.pipeline import FluxModels
+from flux.pipeline import FluxModels, text_encoder_home
 from flux.sweep import PromptSpec, run_sweep
 from flux.util import configs
 
@@ -85,7 +85,7 @@ def build_models(tiny: bool, device: torch.device, offload: bool = False, option
         t5, clip = HFEmbedder.tiny("t5", spec.max_length), HFEmbedder.tiny("clip", 77)
     else:
         t5, clip = full_size_text_encoders(device, dtype)
-    text_home = torch.device("cpu") if options.stream_blocks else home
+    text_home = text_encoder_home(options, home)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return FluxModels(name, spec, model, ae, t5.to(text_home), clip.to(text_home), device, dtype, offload=offload)

@@ -542,9 +542,8 @@ def run(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     guidance = cfg.guidance if cfg.guidance is not None else (REAL_GUIDANCE if real else GENERATED_GUIDANCE)
     chunks = edit_chunks(len(cfg.edits), cfg.batch_size)
     bar = tqdm(total=steps * (len(chunks) + real), unit="step", desc="editing")
-    free = models.device.type == "cuda" and not models.offload
     start = time.perf_counter()
-    common = dict(layers=layers, batch_size=cfg.batch_size, callback=lambda s: bar.update(1), free_text_encoders=free)
+    common = dict(layers=layers, batch_size=cfg.batch_size, callback=lambda s: bar.update(1), free_text_encoders=True)
     if real:
         result = edit_real(models, pil_to_tensor(fitted), cfg.source_prompt, cfg.edits, steps, guidance,
                            cfg.source_guidance, cfg.nudge, **common)

@@ -89,12 +89,12 @@ class FluxModels:
         Returns the encodings and each prompt's row in them (for `Text.select`)."""
         row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         text = self.encode(list(row))
-        if self.device.type == "cuda" and not self.offload:
-            self.release_text_encoders()
+        self.release_text_encoders()
         return text, row
 
     def release_text_encoders(self) -> None:
-        """Move T5 and CLIP off the GPU once every prompt is encoded (frees ~10 GB for dev)."""
+        """Move T5 and CLIP off the GPU once every prompt is encoded (frees ~10 GB for dev). Nothing moves
+        where they already live in host memory (a CPU run, offload, stream_blocks)."""
         self.t5.cpu()
         self.clip.cpu()
         if self.device.type == "cuda":
@@ -180,6 +180,12 @@ class FluxModels:
         return self.decode(latent)
 
 
+def text_encoder_home(accel: AccelOptions, home: torch.device) -> torch.device:
+    """Where T5 and CLIP live. Streaming is for cards that cannot also hold T5-XXL (9.5 GB) beside the
+    resident blocks: they encode on the CPU."""
+    return torch.device("cpu") if accel.stream_blocks else home
+
+
 def load_models(
     name: str,
     device: torch.device | str = "auto",
@@ -205,8 +211,7 @@ def load_models(
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
     ae = load_ae(name, home, path=ae_path)
-    # Streaming is for cards that cannot also hold T5-XXL (9.5 GB) beside the resident blocks: encode on the CPU.
-    text_home = torch.device("cpu") if accel.stream_blocks else home
+    text_home = text_encoder_home(accel, home)
     t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
     return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention)
