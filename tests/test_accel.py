@@ -371,3 +371,63 @@ def test_streaming_a_fused_model_is_bit_identical_to_the_fused_model():
     accel.accelerate(model, accel.AccelOptions(fuse_gelu=True, stream_blocks=True), "cpu")
     assert type(model.single_blocks[0]) is accel.FusedSingleStreamBlock
     assert torch.equal(run(model, x, **HOOKS[1]), fused)
+
+
+# ---------------------------------------------------------------------------------------------- FP8 attention
+
+
+def test_attention_quantisation_scales_each_token_and_channel_to_the_fp8_range():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) * 10 * torch.rand(2, 3, 40, 1, generator=g) for _ in range(3))
+    q8, q_scale, k8, k_scale, v8, v_scale = kernels.quantize_attention_inputs(q, k, v)
+    assert {t.dtype for t in (q8, k8, v8)} == {kernels.FP8_DTYPE}
+    assert q_scale.shape == k_scale.shape == (2, 3, 40) and v_scale.shape == (2, 3, 16)
+    assert torch.all(q8.float().abs().amax(-1) == 448) and torch.all(k8.float().abs().amax(-1) == 448)  # per token
+    assert torch.all(v8.float().abs().amax(-2) == 448)  # per channel
+    for x8, scale, x in ((q8, q_scale[..., None], q), (k8, k_scale[..., None], k), (v8, v_scale[..., None, :], v)):
+        # e4m3: half an ulp is 2^-4 of a normal number, 2^-10 (times the scale) below 2^-6
+        assert torch.all((x8.float() * scale - x).abs() <= 2**-4 * x.abs() + 2**-10 * scale + 1e-7)
+
+
+def test_fp8_attention_approximates_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=g) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    out = kernels.fp8_attention(q, k, v)
+    assert out.shape == exact.shape == (2, 50, 48)
+    assert 0 < ((out - exact).norm() / exact.norm()).item() < 0.06
+
+
+def test_fp8_attention_in_every_block_stays_close_under_every_hook_and_switches_off_exactly():
+    model, x = tiny(), inputs()
+    plain = [run(model, x, **hooks) for hooks in HOOKS]
+    accel.quantize_attention(model)
+    assert all(b.fp8_attention for b in accel.blocks(model))
+    approx = [run(model, x, **hooks) for hooks in HOOKS]
+    for hooks, a, p in zip(HOOKS, approx, plain):
+        assert 0 < rel_err(a, p) < 0.1, hooks
+    assert not torch.allclose(approx[0], approx[1])  # the hooks still act
+    accel.quantize_attention(model, on=False)
+    assert torch.equal(run(model, x), plain[0])
+
+
+def test_fp8_attention_errors_are_clear():
+    model = tiny()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available.*turn the fp8_attention option off"):
+            accel.quantize_attention(model, "cuda")
+    with pytest.raises(UserError, match="not on meta"):
+        accel.quantize_attention(model, "meta")
+    accel.compile_blocks(model, backend="eager")
+    with pytest.raises(UserError, match="quantize_attention must come before compile_blocks"):
+        accel.quantize_attention(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="the Triton kernel needs CUDA")
+def test_fp8_attention_kernel_matches_its_reference():
+    torch.manual_seed(0)
+    for batch, length in ((1, 4608), (2, 333)):  # whole blocks of tokens, and a ragged last block
+        q, k, v = (torch.randn(batch, 24, length, 128, device="cuda") for _ in range(3))
+        q, k = (torch.nn.functional.rms_norm(t, (128,)).bfloat16() for t in (q, k))
+        out, ref = kernels.fp8_attention(q, k, v.bfloat16()), kernels.fp8_attention_reference(q, k, v.bfloat16())
+        assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 0.02  # P's fp8 rounding alone
