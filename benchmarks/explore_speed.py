@@ -18,8 +18,7 @@ bf16 eager forward. Variants:
 - fp8 (bias inside the FP8 matmul where torch allows) / fp8-bias-apart / fp8-max-autotune;
 - fp8-fused: FP8 with flux.accel.fuse_gelu (GELU + per-token amax + quantisation in one Triton kernel);
   fp8-fused-exact-accum: the same without Hopper's fast FP8 accumulation (FP8Linear's default since
-  2026-11-26; the fp8 variants above ran without it on that day);
-- *-fp8-attention: the variant with attention on FP8 operands (flux.accel.quantize_attention).
+  2026-11-26; the fp8 variants above ran without it on that day).
 Writes <out>/explore.json as it goes.
 """
 
@@ -110,8 +109,6 @@ def main() -> None:
         "fp8-max-autotune": (False, True, autotune, None, False),
         "fp8-fused": (True, True, {}, None, False),
         "fp8-fused-exact-accum": (True, True, {}, None, False),
-        "fused-fp8-attention": (True, False, {}, None, False),
-        "fp8-fused-fp8-attention": (True, True, {}, None, False),
     }
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in table]
@@ -135,12 +132,9 @@ def main() -> None:
                     if isinstance(m, accel.FP8Linear):
                         m.bias_in_kernel = in_kernel
                         m.fast_accum = not v.endswith("exact-accum")
-            attention8 = v.endswith("fp8-attention")
-            if fuse or attention8:
-                uncompile(model)
             if fuse:
+                uncompile(model)
                 accel.fuse_gelu(model)
-            accel.quantize_attention(model, device, on=attention8)
             run_variant(v, model, compile_kw, inductor, graph)
             if fuse:
                 uncompile(model)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
 from .errors import UserError
 from .kernels import FP8_DTYPE, gelu_quantize_rows, quantize_rows
 from .model import Flux
@@ -330,26 +329,6 @@ def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     return model
 
 
-def quantize_attention(model: Flux, device: torch.device | str | None = None, on: bool = True) -> Flux:
-    """Run every block's attention with FP8 operands (flux.kernels.fp8_attention) on `device` (default:
-    where the model lives), or the official attention again with on=False. Approximate: for generation
-    and editing, not for ablation measurements. Raises UserError where the FP8 kernel cannot run."""
-    if on:
-        target = torch.device(device) if device is not None else next(model.parameters()).device
-        problem = None
-        if target.type == "cuda":
-            problem = fp8_problem(target) or (None if kernels.triton else "FP8 attention needs Triton (pip install triton)")
-        elif target.type != "cpu":  # the CPU runs the torch reference (slow: for tests and tiny models)
-            problem = f"FP8 attention runs on CUDA GPUs (and, for tests, the CPU), not on {target.type}"
-        if problem:
-            raise UserError(f"{problem}: turn the fp8_attention option off.")
-    if any(is_compiled(b) for b in blocks(model)):
-        raise UserError("quantize_attention must come before compile_blocks")
-    for block in blocks(model):
-        block.fp8_attention = on
-    return model
-
-
 # ---------------------------------------------------------------------------------------------- streaming
 
 
@@ -587,7 +566,6 @@ class AccelOptions:
     stream_blocks: bool = False
     resident_gb: float = 0.0  # with stream_blocks: GiB of blocks kept on the device
     fuse_gelu: bool = False
-    fp8_attention: bool = False
 
     def check(self) -> list[str]:
         problems = []
@@ -610,8 +588,6 @@ def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -
         quantize_fp8(model, device if not options.stream_blocks else None)
     if options.fuse_gelu:
         fuse_gelu(model)
-    if options.fp8_attention:
-        quantize_attention(model, device)
     if options.stream_blocks:
         stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
     else:
@@ -634,5 +610,5 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 __all__ = [
     "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend",
     "FP8FusedSingleStreamBlock", "FP8GELULinear", "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
-    "is_compiled", "linear_gelu", "quantize_attention", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "unfuse_gelu",
+    "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "unfuse_gelu",
 ]

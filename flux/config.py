@@ -474,9 +474,6 @@ class BaseConfig:
         "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
                 "concatenation: 1-3% faster compiled steps on a GPU (~5% eager), outputs within bf16 rounding; "
                 "with fp8, GELU and quantisation of the MLP hidden layer in one kernel (6-8% faster)"})
-    fp8_attention: bool = field(default=False, metadata={
-        "help": "attention with FP8 operands (a Triton kernel; Ada/Hopper GPUs): faster, approximate; "
-                "combines with fp8; not for ablation sweeps"})
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""

@@ -4,14 +4,9 @@ from einops import rearrange
 from torch import Tensor
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, fp8: bool = False) -> Tensor:
-    """Joint attention over B H L D tensors with rotary positions; returns B L (H D).
-    `fp8`: both products on FP8 operands (flux.kernels.fp8_attention): faster, approximate."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """Joint attention over B H L D tensors with rotary positions; returns B L (H D)."""
     q, k = apply_rope(q, k, pe)
-    if fp8:
-        from .kernels import fp8_attention
-
-        return fp8_attention(q, k, v)
     x = F.scaled_dot_product_attention(q, k, v)
     return rearrange(x, "B H L D -> B L (H D)")
 

@@ -199,7 +199,7 @@ def load_models(
 ) -> FluxModels:
     """All four networks of `name`; local paths override the Hub (see README, "Getting weights").
 
-    `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, fp8_attention, stream_blocks, …).
+    `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks).
     """
     spec = model_spec(name)
     device = resolve_device(device) if isinstance(device, str) else device
@@ -228,6 +228,5 @@ def load_models_for(cfg: BaseConfig) -> FluxModels:
         ae_path=cfg.ae_path,
         t5_path=cfg.t5_path,
         clip_path=cfg.clip_path,
-        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu,
-                           cfg.fp8_attention),
+        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu),
     )

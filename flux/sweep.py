@@ -440,10 +440,9 @@ class SkipConfig(BaseConfig):
 
     def check(self) -> list[str]:
         problems = super().check()
-        for lossy in ("fp8", "fp8_attention"):
-            if getattr(self, lossy):
-                problems.append(f"'{lossy}' is off limits for the ablation sweep: its rounding would confound the "
-                                "layer measurements (use compile or stream_blocks for speed or memory)")
+        if self.fp8:
+            problems.append("'fp8' is off limits for the ablation sweep: its rounding would confound the layer "
+                            "measurements (use compile or stream_blocks for speed or memory)")
         p = model_spec(self.model).params
         for rule in (lambda: resolve_layers(self.layers, p.depth, p.depth_single_blocks),
                      lambda: select_prompts(load_prompts(self.prompts_path()), self.prompt_ids, self.num_prompts)):

@@ -145,7 +145,6 @@ class DoubleStreamBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
         )
-        self.fp8_attention = False  # set by flux.accel.quantize_attention; off: the official attention
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, kv_source: Tensor | None = None
@@ -161,7 +160,7 @@ class DoubleStreamBlock(nn.Module):
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
         k, v = take_image_kv(k, v, txt.shape[1], kv_source)
-        attn = attention(q, k, v, pe=pe, fp8=self.fp8_attention)
+        attn = attention(q, k, v, pe=pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -186,7 +185,6 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
-        self.fp8_attention = False  # set by flux.accel.quantize_attention; off: the official attention
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_len: int = 0, kv_source: Tensor | None = None) -> Tensor:
         mod, _ = self.modulation(vec)
@@ -195,7 +193,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         k, v = take_image_kv(k, v, txt_len, kv_source)
-        attn = attention(q, k, v, pe=pe, fp8=self.fp8_attention)
+        attn = attention(q, k, v, pe=pe)
         return x + mod.gate * self.project_out(attn, mlp_hidden)
 
     def project_in(self, x_mod: Tensor) -> tuple[Tensor, Tensor]:
