@@ -7,7 +7,7 @@
 Runs flux.sweep.run_sweep itself (batches of ablation variants with per-sample skip sets, AE decode,
 PNG writing) with a random flux-dev transformer and AE; the text encoders are stand-ins returning
 random embeddings of the right shapes (encoding 64 prompts is a one-time cost of seconds). The
-transformer is compiled per block with cuDNN attention (flux.accel), and warmed up (compiled) before
+transformer is compiled per block with cuDNN attention (flux.accel), the AE decoder as a whole, and warmed up (compiled) before
 the timed sample. Writes <out>/sweep_<tag>.json.
 """
 
@@ -56,8 +56,9 @@ def random_models(name: str, device: torch.device, compile_blocks: bool, backend
     with torch.device("meta"):
         ae = AutoEncoder(spec.ae_params)
     ae = randomize_(ae.to_empty(device=device), seed=1).eval()  # fp32, as load_ae gives it
-    if compile_blocks:
+    if compile_blocks:  # as load_models does with the compile option: the blocks and the AE decoder
         accel.compile_blocks(model, backend=backend)
+        accel.compile_decoder(ae, backend=backend)
     t5 = RandomText(spec.params.context_in_dim, spec.max_length)
     clip = RandomText(spec.params.vec_in_dim, None)
     return FluxModels(name, spec, model, ae, t5, clip, device, torch.bfloat16)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .accel import AccelOptions, accelerate, attention_backend
+from .accel import AccelOptions, accelerate, attention_backend, compile_decoder
 from .config import BaseConfig, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
@@ -211,6 +211,8 @@ def load_models(
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
     ae = load_ae(name, home, path=ae_path)
+    if accel.compile:
+        compile_decoder(ae)
     text_home = text_encoder_home(accel, home)
     t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)

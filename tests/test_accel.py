@@ -130,6 +130,21 @@ def test_compiled_blocks_match_eager_and_skips_do_not_recompile():
     assert counter.frame_count == graphs + 2
 
 
+def test_compiled_decoder_matches_eager_and_comes_with_the_compile_option():
+    from flux.pipeline import load_models
+
+    models = load_models("flux-tiny", "cpu", torch.float32, accel=accel.AccelOptions(compile=True))
+    assert accel.is_compiled(models.ae.decoder) and not accel.is_compiled(models.ae.encoder)
+    assert not accel.is_compiled(load_models("flux-tiny", "cpu", torch.float32).ae.decoder)
+    ae = models.ae
+    z = torch.randn(2, ae.params.z_channels, 8, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ae.decoder._compiled_call_impl = None  # eager first
+        eager = ae.decode(z)
+        accel.compile_decoder(ae, backend="aot_eager")  # traced whole (fullgraph), as inductor gets it
+        assert torch.allclose(ae.decode(z), eager, atol=1e-5, rtol=1e-5)
+
+
 def test_compile_blocks_asks_inductor_for_multi_kernel_reductions(monkeypatch):
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
