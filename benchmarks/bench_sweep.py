@@ -68,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--tag", default="1gpu")
-    parser.add_argument("--prompts", type=int, default=2, help="prompts in the sample")
+    parser.add_argument("--prompts", type=int, default=4,
+                        help="prompts in the sample: a multiple of --batch-size, like the real sweep's 64 (its batches "
+                             "then hold one variant each)")
     parser.add_argument("--layers", default="0,5,10,15,20,25,30,35,40,45,50", help="layers bypassed in the sample")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
