@@ -80,8 +80,9 @@ def build_models(tiny: bool, device: torch.device, offload: bool = False, option
         accel.stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
     ae = random_module(lambda: AutoEncoder(spec.ae_params), device, torch.float32, seed=3).to(home)
     if options.compile:
-        accel.compile_blocks(model, backend="aot_eager" if tiny else "inductor")
-        accel.compile_decoder(ae, backend="aot_eager" if tiny else "inductor")
+        backend = "aot_eager" if tiny else "inductor"
+        accel.compile_blocks(model, backend=backend)
+        accel.compile_decoder(ae, backend=backend)
     if tiny:
         t5, clip = HFEmbedder.tiny("t5", spec.max_length), HFEmbedder.tiny("clip", 77)
     else:

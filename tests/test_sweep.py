@@ -108,7 +108,7 @@ def test_every_item_belongs_to_exactly_one_rank(n_prompts, n_layers, batch, worl
 def test_a_batch_bypasses_one_layer_in_every_sample_and_groups_of_prompts_finish_in_turn():
     prompts = [PromptSpec(f"p{i}", "x", i) for i in range(7)]
     batches = plan_batches(prompts, [0, 3, 5], 3)
-    assert [b[0].prompt.id for b in batches[:4]] == ["p0"] * 4 and [len({it.layer for it in b}) for b in batches[:8]] == [1] * 8
+    assert all(len({it.layer for it in b}) == 1 for b in batches[:8])  # two full groups: one variant per batch
     assert [[it.prompt.id for it in b] for b in batches[:4]] == [["p0", "p1", "p2"]] * 4
     assert [it.layer for b in batches[:4] for it in b[:1]] == [None, 0, 3, 5]  # the reference, then the layers
     assert {it.prompt.id for b in batches[4:8] for it in b} == {"p3", "p4", "p5"}
