@@ -104,7 +104,10 @@ def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable
     """
     if getattr(model, "_block_streamer", None) is not None:
         raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
-    options = {"triton.multi_kernel": 1} if backend == "inductor" and mode is None else None
+    # Inductor's FX graph cache stays off for these graphs: with torch 2.11 / Triton 3.6 a multi-kernel graph
+    # loaded from it in a later process fails (TypeError in triton's JITFunction.cache_key), so every process
+    # compiles afresh (Triton's own kernel cache still serves).
+    options = {"triton.multi_kernel": 1, "fx_graph_cache": False} if backend == "inductor" and mode is None else None
     for block in blocks(model):
         block.compile(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False, options=options)
     return model
