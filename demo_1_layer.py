@@ -4,8 +4,8 @@
     python demo_1_layer.py configs/demo_1_layer.json 'skip_layers=[18]'  # the same, with layer 18 bypassed
 """
 
-from flux.config import run_demo
-from flux.trajectory import TrajectoryConfig, run
+from stableflow.config import run_demo
+from stableflow.trajectory import TrajectoryConfig, run
 
 if __name__ == "__main__":
     run_demo(TrajectoryConfig, run, description=__doc__.split("\n\n")[0])

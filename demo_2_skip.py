@@ -8,8 +8,8 @@ Writes <output_dir>/<prompt_id>/ref.png and layer_XX.png plus <output_dir>/manif
 settings to resume: only missing images are made.  --print-config lists every key.
 """
 
-from flux.config import run_demo
-from flux.sweep import SkipConfig, run
+from stableflow.config import run_demo
+from stableflow.sweep import SkipConfig, run
 
 if __name__ == "__main__":
     run_demo(SkipConfig, run, description=__doc__.split("\n\n")[0])

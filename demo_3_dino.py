@@ -7,8 +7,8 @@
 Re-running after more sweep images arrive embeds only the new ones (features are cached inside the sweep folder).
 """
 
-from flux.config import run_demo
-from flux.vitality import DinoConfig, run
+from stableflow.config import run_demo
+from stableflow.vitality import DinoConfig, run
 
 if __name__ == "__main__":
     run_demo(DinoConfig, run, description=__doc__.split("\n\n")[0])

@@ -7,8 +7,8 @@ Edits attend with the reference's image keys/values in the vital layers (a list,
 vital_layers.json, or the release's default). Outputs: PNGs, a captioned grid.png, results.json.
 """
 
-from flux.config import run_demo
-from flux.edit import EditConfig, run
+from stableflow.config import run_demo
+from stableflow.edit import EditConfig, run
 
 if __name__ == "__main__":
     run_demo(EditConfig, run, description=__doc__)

@@ -11,7 +11,7 @@ in bf16, output clamped and cast to fp32):
 4. bf16 weights in channels_last;  5. torch.compile of the decoder for 1. and for the fastest of 2.-4.;
 6. a batch of 2 latents in the fastest setting (ms per image);  and cudnn.benchmark on the fastest eager one.
 Each: median ms per image, peak memory above the resident weights, the error against 1. and against a strict
-fp32 decode (TF32 off), raw and as the 8-bit pixels flux.io writes. Encode of a (1, 3, 1024, 1024) image: fp32
+fp32 decode (TF32 off), raw and as the 8-bit pixels stableflow.io writes. Encode of a (1, 3, 1024, 1024) image: fp32
 as FluxModels.encode_image runs it (no autocast), 1. and 2. Writes <out>/decode.json as it goes.
 
 Random weights: convolutions ~ N(0, 1/fan_in) (common.randomize_), GroupNorm scales ~ U(0.5, 1.5) (randomize_
@@ -57,7 +57,7 @@ def random_ae(name: str, device: torch.device) -> AutoEncoder:
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:
-    """The 8-bit pixels flux.io.tensor_to_pil saves (clamp, 127.5 * (x + 1), truncated)."""
+    """The 8-bit pixels stableflow.io.tensor_to_pil saves (clamp, 127.5 * (x + 1), truncated)."""
     return (127.5 * (x.float().clamp(-1, 1) + 1.0)).to(torch.uint8)
 
 
@@ -243,7 +243,7 @@ def print_table(data: dict) -> None:
             peak = f"{e['peak_extra_gib']:8.3f}" if "peak_extra_gib" in e else f"{'-':>8}"
             print(f"{section[:3]} {key:28} {e['ms_per_image']:8.2f} {peak}"
                   f" {e.get('compile_s', e.get('autotune_s', '')):>7} | {err(first):>35} | {err(second):>27}")
-    print("px≠: share of 8-bit pixels (as flux.io saves them) that differ. Encode rows: vs the pipeline's fp32 encode"
+    print("px≠: share of 8-bit pixels (as stableflow.io saves them) that differ. Encode rows: vs the pipeline's fp32 encode"
           " (TF32 convolutions) and vs strict fp32. peak+: peak memory above the resident weights.")
 
 

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 
 from common import REPO, add_common_args, env_info, gib, randomize_, random_flux
-from flux import accel, edit, text2img, trajectory
+from flux import accel
+from stableflow import edit, text2img, trajectory
 from flux.accel import AccelOptions
-from flux.config import load_config
-from flux.io import atomic_write_json
+from stableflow.config import load_config
+from stableflow.io import atomic_write_json
 from flux.modules.autoencoder import AutoEncoder
 from flux.modules.conditioner import HFEmbedder
 from flux.pipeline import FluxModels, text_encoder_home
-from flux.sweep import PromptSpec, run_sweep
+from stableflow.sweep import PromptSpec, run_sweep
 from flux.util import configs
 
 

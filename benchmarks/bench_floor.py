@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from common import Results, add_common_args, env_info, gib, model_params, time_ms
 from flux import accel
-from flux.kernels import quantize_rows
+from flux.accel.kernels import quantize_rows
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 benchmarks/bench_sweep.py --tag 2gpu   # one process per GPU
     python benchmarks/bench_sweep.py --tiny --out /tmp/b               # flux-tiny on the CPU: checks the script
 
-Runs flux.sweep.run_sweep itself (batches of ablation variants with per-sample skip sets, AE decode,
+Runs stableflow.sweep.run_sweep itself (batches of ablation variants with per-sample skip sets, AE decode,
 PNG writing) with a random flux-dev transformer and AE; the text encoders are stand-ins returning
 random embeddings of the right shapes (encoding 64 prompts is a one-time cost of seconds). The
 transformer is compiled per block with cuDNN attention (flux.accel), the AE decoder as a whole, and warmed up (compiled) before
@@ -26,7 +26,7 @@ from common import REPO, Results, add_common_args, attention_context, env_info, 
 from flux import accel
 from flux.modules.autoencoder import AutoEncoder
 from flux.pipeline import FluxModels
-from flux.sweep import Dist, load_prompts, run_sweep, select_prompts
+from stableflow.sweep import Dist, load_prompts, run_sweep, select_prompts
 from flux.util import configs
 
 FULL_SWEEP_IMAGES = 64 * 58

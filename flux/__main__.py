@@ -1,41 +1,66 @@
-"""`python -m flux`: the official CLI's main flags, running our text-to-image path."""
+"""`python -m flux`: the official CLI's main flags, text to image with this package."""
 
 import argparse
-import json
 import random
 import sys
+from pathlib import Path
 
-from .config import run_demo
-from .text2img import Text2ImgConfig, run
+from PIL import PngImagePlugin
+
+from .errors import UserError
+from .util import configs
+
+DTYPES = ("bf16", "fp16", "fp32")
+DEFAULT_PROMPT = (
+    'a photo of a forest with mist swirling around the tree trunks. The word "FLUX" is painted over it in big, red '
+    "brush strokes with visible texture"
+)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux", description="Text to image with FLUX.")
     parser.add_argument("command", nargs="?", choices=["t2i"], help="optional, as in the official CLI")
-    parser.add_argument("--name", default="flux-schnell", help="flux-dev, flux-schnell or flux-tiny")
+    parser.add_argument("--name", default="flux-schnell", choices=list(configs))
     parser.add_argument("--width", type=int, default=1360)
     parser.add_argument("--height", type=int, default=768)
-    parser.add_argument("--prompt", default=Text2ImgConfig.prompt)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--seed", type=int, default=None, help="default: random")
-    parser.add_argument("--num_steps", type=int, default=None, help="default: 4 for schnell, 50 for dev")
+    parser.add_argument("--num_steps", type=int, default=None, help="default: the model's (schnell 4, dev 50)")
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--output_dir", default="output")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES)
     args = parser.parse_args(argv)
     seed = random.randrange(2**31) if args.seed is None else args.seed
-    # As the official CLI: sizes are floored to multiples of 16 rather than rejected.
+    # As the official CLI: sizes are floored to multiples of 16 rather than rejected, but we say so.
     width, height = 16 * (args.width // 16), 16 * (args.height // 16)
-    overrides = {
-        "model": args.name, "width": width, "height": height, "prompt": args.prompt, "seed": seed,
-        "steps": args.num_steps, "guidance": args.guidance, "offload": args.offload, "output_dir": args.output_dir,
-        "device": args.device, "dtype": args.dtype,
-    }
-    # The same validation and error handling as the demos (exit status 2 with one clear message).
-    pairs = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    run_demo(Text2ImgConfig, lambda cfg: print("\n".join(str(p) for p in run(cfg))), argv=pairs)
+    if (width, height) != (args.width, args.height):
+        print(f"size {args.width}x{args.height} floored to {width}x{height}: FLUX needs multiples of 16")
+    try:
+        import torch
+
+        from .pipeline import load_models, resolve_device, resolve_dtype, tensor_to_pil
+
+        if min(width, height) < 16:
+            raise UserError(f"width and height must be at least 16, got {args.width}x{args.height}")
+        models = load_models(args.name, resolve_device(args.device), resolve_dtype(args.dtype), offload=args.offload)
+        steps = args.num_steps or models.spec.num_steps
+        image = models.generate([args.prompt], [seed], width, height, steps, args.guidance)[0]
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"img_{len(list(out.glob('img_*.png')))}.png"
+        info = PngImagePlugin.PngInfo()
+        for key, value in {"prompt": args.prompt, "seed": seed, "model": args.name, "steps": steps,
+                           "guidance": args.guidance}.items():
+            info.add_text(key, str(value))
+        tensor_to_pil(image.to(torch.float32)).save(path, pnginfo=info)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({width}x{height}, seed {seed}, {steps} steps)")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -5,11 +5,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import re
+
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from .accel import AccelOptions, accelerate, attention_backend, compile_decoder
-from .config import BaseConfig, resolve_device, resolve_dtype
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
@@ -24,6 +26,21 @@ def check_size(width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % 16:
             raise UserError(f"{name} {v} is not a positive multiple of 16: FLUX packs 8x-downsampled latents in 2x2 patches")
+
+
+def tensor_to_pil(x: Tensor) -> Image.Image:
+    """An image tensor in [-1, 1], (C, H, W) or (1, C, H, W) with C = 1 or 3, as an 8-bit PIL image.
+
+    Like the official sampler: clamp to [-1, 1], then 127.5 * (x + 1) truncated to 0..255, so our PNGs equal its
+    PNGs byte for byte (computed in fp32 for any input dtype).
+    """
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor (C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}")
+    x = x.detach().float().clamp(-1, 1)
+    pixels = (127.5 * (x + 1.0)).to("cpu").byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
 
 
 @dataclass
@@ -180,6 +197,42 @@ class FluxModels:
         return self.decode(latent)
 
 
+def resolve_device(name: str) -> "torch.device":
+    """The torch device for a config's `device` value; asking for hardware that is absent is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("device=mps was asked for but this machine has no usable Apple GPU (MPS): "
+                            "set device=auto or device=cpu")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU or driver is visible"
+        raise UserError(f"device={name} was asked for but {why}: set device=auto or device=cpu")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device={name} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): choose one of those or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    """The torch dtype for a config's `dtype` value ("bf16", "fp16", "fp32")."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in dtypes:
+        raise UserError(f"unknown dtype '{name}': use bf16, fp16 or fp32")
+    return dtypes[name]
+
+
 def text_encoder_home(accel: AccelOptions, home: torch.device) -> torch.device:
     """Where T5 and CLIP live. Streaming is for cards that cannot also hold T5-XXL (9.5 GB) beside the
     resident blocks: they encode on the CPU."""
@@ -217,18 +270,3 @@ def load_models(
     t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
     return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention)
-
-
-def load_models_for(cfg: BaseConfig) -> FluxModels:
-    """The models a demo's config asks for (its model, dtype, device, offload, speed options and local paths)."""
-    return load_models(
-        cfg.model,
-        resolve_device(cfg.device),
-        resolve_dtype(cfg.dtype),
-        offload=cfg.offload,
-        flow_path=cfg.flow_path,
-        ae_path=cfg.ae_path,
-        t5_path=cfg.t5_path,
-        clip_path=cfg.clip_path,
-        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu),
-    )

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from flux import accel, kernels
+from flux import accel
+from flux.accel import kernels
 from flux.errors import UserError
 from flux.model import Injection
 from flux.modules.layers import SingleStreamBlock
@@ -338,11 +339,11 @@ def test_streamed_blocks_are_bit_identical(keep_blocks):
 
 def test_spread_keeps_resident_blocks_evenly_within_budget():
     sizes = [2] * 4 + [1] * 8
-    streamed = accel._spread(sizes, keep_bytes=8)
+    streamed = accel.stream._spread(sizes, keep_bytes=8)
     kept = [i for i in range(12) if i not in streamed]
     assert sum(sizes[i] for i in kept) <= 8
     assert kept[0] < 4 and kept[-1] >= 8  # resident blocks at the start and the end, not bunched
-    assert accel._spread(sizes, 0) == set(range(12)) and accel._spread(sizes, 100) == set()
+    assert accel.stream._spread(sizes, 0) == set(range(12)) and accel.stream._spread(sizes, 100) == set()
 
 
 def test_streaming_combinations_are_refused_clearly():
@@ -369,7 +370,7 @@ def test_accelerate_applies_options_and_rejects_bad_ones():
     ref = run(model, x)
     accel.accelerate(model, accel.AccelOptions(fp8=True, stream_blocks=True, resident_gb=0.0), "cpu")
     assert isinstance(model.single_blocks[0].linear1, accel.FP8Linear)
-    assert len(model._block_streamer.streamed) == 6
+    assert len(accel.streamer_of(model).streamed) == 6
     assert rel_err(run(model, x), ref) <= 0.05
 
 

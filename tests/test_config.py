@@ -10,10 +10,10 @@ from typing import Literal
 
 import pytest
 
-from flux.config import (
-    BaseConfig, ConfigError, config_json, config_to_dict, default_config_json, load_config, resolve_device,
-    resolve_dtype, run_demo,
+from stableflow.config import (
+    BaseConfig, ConfigError, config_json, config_to_dict, default_config_json, load_config, run_demo,
 )
+from flux.pipeline import resolve_device, resolve_dtype
 from flux.errors import UserError
 
 
@@ -369,7 +369,7 @@ def test_demo_script_as_a_subprocess(tmp_path):
     script.write_text(textwrap.dedent("""
         from dataclasses import dataclass, field
         from pathlib import Path
-        from flux.config import BaseConfig, run_demo
+        from stableflow.config import BaseConfig, run_demo
 
         @dataclass
         class Config(BaseConfig):

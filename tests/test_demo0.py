@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from flux.io import read_png_metadata
+from stableflow.io import read_png_metadata
 
 ROOT = Path(__file__).parents[1]
 
@@ -31,7 +31,7 @@ def test_tiny_config_end_to_end_and_resume(tmp_path):
     # The batched demo (prompts encoded once, rows selected per batch) gives the one-image generate() result.
     import torch
 
-    from flux.io import tensor_to_pil
+    from stableflow.io import tensor_to_pil
     from flux.pipeline import load_models
 
     models = load_models("flux-tiny", "cpu", torch.float32)

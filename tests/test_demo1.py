@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flux.config import run_demo
-from flux.io import read_png_metadata
-from flux.trajectory import TrajectoryConfig, run
+from stableflow.config import run_demo
+from stableflow.io import read_png_metadata
+from stableflow.trajectory import TrajectoryConfig, run
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny" / "demo_1_layer.json"

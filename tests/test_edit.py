@@ -1,4 +1,4 @@
-"""Stable Flow editing (flux.edit, demo_4_edit.py) on flux-tiny, CPU, fp32.
+"""Stable Flow editing (stableflow.edit, demo_4_edit.py) on flux-tiny, CPU, fp32.
 
 Tolerances. "Equal" between two runs with different batch sizes means max |a - b| <= 1e-6 * max(1, max |b|): CPU
 matmuls round differently for different batch sizes (measured 4-6e-7 on latents up to ~3 here), and that is the
@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flux.config import load_config, run_demo
-from flux.edit import (
+from stableflow.config import load_config, run_demo
+from stableflow.edit import (
     RELEASE_VITAL_LAYERS,
     ClipScorer,
     EditConfig,
@@ -39,7 +39,7 @@ from flux.edit import (
     tiny_clip,
 )
 from flux.errors import UserError
-from flux.io import slug, tensor_to_pil
+from stableflow.io import slug, tensor_to_pil
 from flux.pipeline import load_models
 from flux.sampling import image_ids, pack, unpack
 
@@ -183,8 +183,8 @@ def test_vital_layers_file(tmp_path):
             read_vital_layers(tmp_path / name, 2, 4)
     with pytest.raises(UserError, match="is a folder"):
         read_vital_layers(tmp_path, 2, 4)
-    # The file demo_3_dino.py writes (flux.vitality's payload) is read as it is.
-    from flux.vitality import selection_dict, vital_layers_payload
+    # The file demo_3_dino.py writes (stableflow.vitality's payload) is read as it is.
+    from stableflow.vitality import selection_dict, vital_layers_payload
 
     payload = vital_layers_payload([], [5, 0], selection_dict(0.2, None), model="flux-tiny", dino_model="tiny-random",
                                    num_double=2)

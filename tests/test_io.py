@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flux import io
-from flux.io import (
+from stableflow import io
+from stableflow.io import (
     atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, read_png_metadata, save_gif,
     save_png, tensor_to_pil,
 )

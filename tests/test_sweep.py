@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flux.config import run_demo
+from stableflow.config import run_demo
 from flux.errors import UserError
-from flux.io import read_png_metadata
+from stableflow.io import read_png_metadata
 from flux.pipeline import Text
-from flux.sweep import (
+from stableflow.sweep import (
     Dist, Item, PromptSpec, SkipConfig, load_prompts, merge_manifest, plan_batches, resolve_layers, run, run_sweep,
     select_prompts, shard, sweep_manifest,
 )
@@ -34,7 +34,7 @@ SETTINGS = ["num_prompts=null", "width=32", "height=48", "steps=2", "batch_size=
 # so that a kill reliably lands mid-sweep. The sweep code itself is unchanged.
 RUNNER = """
 import os, runpy, sys, time
-import flux.sweep as sweep
+import stableflow.sweep as sweep
 real, log, delay = sweep.save_png, os.environ.get("SWEEP_LOG"), float(os.environ.get("SWEEP_DELAY", "0"))
 def save_png(path, *args, **kwargs):
     real(path, *args, **kwargs)

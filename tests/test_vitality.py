@@ -1,4 +1,4 @@
-"""flux.vitality and demo_3_dino.py on a CPU with a tiny random Dinov2: similarity facts, statistics, the vital-set
+"""stableflow.vitality and demo_3_dino.py on a CPU with a tiny random Dinov2: similarity facts, statistics, the vital-set
 rule, the feature cache, the output files agreeing with each other, partial sweeps, bad images, and the demo itself."""
 
 import csv
@@ -14,7 +14,7 @@ import torch
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from flux import vitality as V
+from stableflow import vitality as V
 from flux.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ def test_outputs_written_and_agree(tmp_path, embedder):
     assert (data["model"], data["dino_model"], data["num_double"], data["num_prompts"]) == ("flux-tiny", "tiny-random", 2, 3)
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
-    from flux.edit import read_vital_layers  # demo_4_edit.py's reader takes the file as written
+    from stableflow.edit import read_vital_layers  # demo_4_edit.py's reader takes the file as written
 
     assert read_vital_layers(paths["json"], 2, 4) == [0, 3]
     layers = data["layers"]
@@ -389,8 +389,8 @@ def test_plain_mode_folders(tmp_path, embedder):
 
 def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from flux import vitality as demo_3_dino  # the demo's config and run live in the package
-    from flux.config import ConfigError, load_config
+    from stableflow import vitality as demo_3_dino  # the demo's config and run live in the package
+    from stableflow.config import ConfigError, load_config
 
     a, b = save(tmp_path / "a.png", gradient(0)), save(tmp_path / "b.png", gradient(1))
     cfg = load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "tiny" / "demo_3_dino.json",
@@ -406,7 +406,7 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
         load_config(demo_3_dino.DinoConfig, None, [f"image_a={a}"])
     load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "demo_3_dino.json")  # the real config is valid
 
-    from flux.config import run_demo  # bad input: one message naming the problem, exit status 2, nothing written
+    from stableflow.config import run_demo  # bad input: one message naming the problem, exit status 2, nothing written
 
     with pytest.raises(SystemExit) as exit_:
         run_demo(demo_3_dino.DinoConfig, demo_3_dino.run,
@@ -434,8 +434,8 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     # Again, in process, with the cache's images counted: nothing is re-embedded, the answer is the same.
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    from flux import vitality as demo_3_dino  # the demo's config and run live in the package
-    from flux.config import run_demo
+    from stableflow import vitality as demo_3_dino  # the demo's config and run live in the package
+    from stableflow.config import run_demo
 
     built = V.load_dino
     counters = []

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import BaseConfig, config_to_dict
+from .config import BaseConfig, config_to_dict, load_models_for
 from .io import atomic_write_json, save_png
-from .pipeline import FluxModels, load_models_for
-from .sampling import Step
+from flux.pipeline import FluxModels
+from flux.sampling import Step
 
 
 @dataclass

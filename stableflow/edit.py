@@ -20,14 +20,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from .accel import attention_backend
-from .config import BaseConfig, config_to_dict
-from .errors import UserError
+from flux.accel import attention_backend
+from .config import BaseConfig, config_to_dict, load_models_for
+from flux.errors import UserError
 from .io import atomic_write_json, load_image, make_grid, save_png, slug, tensor_to_pil
-from .model import Injection, layer_name
-from .pipeline import FluxModels, Text, check_size, load_models_for
-from .sampling import Step, guidance_vector, image_ids, pack, unpack
-from .util import model_spec
+from flux.model import Injection, layer_name
+from flux.pipeline import FluxModels, Text, check_size
+from flux.sampling import Step, guidance_vector, image_ids, pack, unpack
+from flux.util import model_spec
 
 # The official release's vital layers of FLUX.1-dev (the paper's set without layer 2): double blocks 0, 1, 17, 18
 # and single blocks 6, 9, 34, 35, 37 (global index = 19 + j).
@@ -440,7 +440,7 @@ def tiny_clip(seed: int = 0):
     """A seeded random CLIP (width 32, 32x32 images) with the tiny tokenizer in flux/assets; for tests only."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from .modules.conditioner import TINY_ASSETS
+    from flux.modules.conditioner import TINY_ASSETS
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TINY_ASSETS / "clip"))
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

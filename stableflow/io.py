@@ -16,6 +16,8 @@ from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
 
+from flux.pipeline import tensor_to_pil
+
 if TYPE_CHECKING:
     import torch
 
@@ -125,7 +127,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 def load_image(path: str | os.PathLike, fix: str = "give a PNG, JPEG or WebP file") -> Image.Image:
     """Decode an image file fully, as RGB; a missing, folder or unreadable path is a UserError naming it and `fix`."""
-    from .errors import UserError
+    from flux.errors import UserError
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -140,21 +142,6 @@ def load_image(path: str | os.PathLike, fix: str = "give a PNG, JPEG or WebP fil
         raise UserError(f"image {path} does not exist: fix the path (relative paths start from the working folder)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path} ({e}): {fix}") from None
-
-
-def tensor_to_pil(x: "torch.Tensor") -> Image.Image:
-    """An image tensor in [-1, 1], (C, H, W) or (1, C, H, W) with C = 1 or 3, as an 8-bit PIL image.
-
-    Like the official sampler: clamp to [-1, 1], then 127.5 * (x + 1) truncated to 0..255, so our PNGs equal its
-    PNGs byte for byte (computed in fp32 for any input dtype).
-    """
-    if x.ndim == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image tensor (C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}")
-    x = x.detach().float().clamp(-1, 1)
-    pixels = (127.5 * (x + 1.0)).to("cpu").byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
 
 
 def to_pil(image: "ImageLike") -> Image.Image:

@@ -25,13 +25,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .config import BaseConfig, config_to_dict
-from .errors import UserError
+from flux.errors import UserError
 from .io import atomic_open, atomic_write_json, make_grid, save_gif, save_png, slug, tensor_to_pil
-from .sampling import Step, unpack
-from .util import model_spec
+from flux.sampling import Step, unpack
+from flux.util import model_spec
 
 if TYPE_CHECKING:
-    from .pipeline import FluxModels, Text
+    from flux.pipeline import FluxModels, Text
 
 
 @dataclass
@@ -154,7 +154,7 @@ def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: d
 
 def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     """Every (prompt, seed) trajectory of `cfg` into cfg.output_dir; returns the sample folders."""
-    from .pipeline import load_models_for
+    from .config import load_models_for
 
     out = Path(cfg.output_dir)
     jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]

@@ -27,17 +27,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar
 
 from flux.errors import UserError
 
-if typing.TYPE_CHECKING:
-    import torch
+if TYPE_CHECKING:  # torch loads only once a demo runs, so bad configs and --print-config answer at once
+    from flux.pipeline import FluxModels
 
 __all__ = [
     "BaseConfig", "ConfigError", "config_json", "config_to_dict", "default_config_json", "load_config",
-    "output_dir_problems",
-    "resolve_device", "resolve_dtype", "run_demo",
+    "load_models_for", "output_dir_problems", "run_demo",
 ]
 
 C = TypeVar("C")
@@ -500,46 +499,6 @@ def output_dir_problems(output_dir: str) -> list[str]:
     return []
 
 
-def resolve_device(name: str) -> "torch.device":
-    """The torch device for a config's `device` value; asking for hardware that is absent is a UserError."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError("device=mps was asked for but this machine has no usable Apple GPU (MPS): "
-                            "set device=auto or device=cpu")
-        return torch.device("mps")
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if match is None:
-        raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
-    if not torch.cuda.is_available():
-        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU or driver is visible"
-        raise UserError(f"device={name} was asked for but {why}: set device=auto or device=cpu")
-    index = int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise UserError(f"device={name} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): choose one of those or device=auto")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str) -> "torch.dtype":
-    """The torch dtype for a config's `dtype` value ("bf16", "fp16", "fp32")."""
-    import torch
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in dtypes:
-        raise UserError(f"unknown dtype '{name}': use bf16, fp16 or fp32")
-    return dtypes[name]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The entry point of every demo
 
@@ -581,3 +540,21 @@ def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("\ninterrupted (outputs written so far are complete files)", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def load_models_for(cfg: BaseConfig) -> FluxModels:
+    """The models a demo's config asks for (its model, dtype, device, offload, speed options and local paths)."""
+    from flux.accel import AccelOptions
+    from flux.pipeline import load_models, resolve_device, resolve_dtype
+
+    return load_models(
+        cfg.model,
+        resolve_device(cfg.device),
+        resolve_dtype(cfg.dtype),
+        offload=cfg.offload,
+        flow_path=cfg.flow_path,
+        ae_path=cfg.ae_path,
+        t5_path=cfg.t5_path,
+        clip_path=cfg.clip_path,
+        accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu),
+    )

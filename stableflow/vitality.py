@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flux.config import output_dir_problems, resolve_device
+from flux.pipeline import resolve_device
+from stableflow.config import output_dir_problems
 from flux.errors import UserError
-from flux.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, save_png
-from flux.io import IMAGE_SUFFIXES
-from flux.io import load_image as read_image
+from stableflow.io import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, save_png
+from stableflow.io import IMAGE_SUFFIXES
+from stableflow.io import load_image as read_image
 from flux.model import layer_name  # noqa: F401  (re-exported: one naming of layers)
 
 DEFAULT_DINO = "facebook/dinov2-base"

@@ -1,7 +1,7 @@
 """The layer-ablation sweep of Stable Flow (demo_2_skip.py): every prompt's reference image and one image per
 bypassed layer, batched, resumable after a kill, and split over any number of processes.
 
-Output layout (demo_3_dino.py / flux.vitality read exactly this):
+Output layout (demo_3_dino.py / stableflow.vitality read exactly this):
 
     <out>/manifest.json                      what the sweep is: model, layer counts, size, steps, guidance,
                                              prompts [{"id","prompt","seed"}], layers
@@ -9,7 +9,7 @@ Output layout (demo_3_dino.py / flux.vitality read exactly this):
     <out>/<prompt_id>/layer_XX.png           the same prompt and seed with global layer XX bypassed
 
 Three decisions make resumption and sharding safe:
-- A file that exists is complete: every PNG is written to a temp file and renamed (flux.io), so a kill leaves at
+- A file that exists is complete: every PNG is written to a temp file and renamed (stableflow.io), so a kill leaves at
   most an orphaned temp file, which the next run of the same rank deletes.
 - Batches are fixed by the plan alone (prompts, layers, batch_size), never by which files exist; a batch runs
   again if any of its images is missing. So a resumed sweep computes exactly what an uninterrupted one would,
@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import BaseConfig
-from .errors import UserError
+from flux.errors import UserError
 from .io import atomic_write_json, save_png
-from .model import layer_name
-from .util import model_spec
+from flux.model import layer_name
+from flux.util import model_spec
 
 if TYPE_CHECKING:
-    from .pipeline import FluxModels, Text
+    from flux.pipeline import FluxModels, Text
 
 PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MANIFEST = "manifest.json"
@@ -283,7 +283,7 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
 
 
 def remove_stale_temp_files(batches: Sequence[Batch], root: str | os.PathLike) -> int:
-    """Delete the temp files a killed run left for these items (flux.io names them `.<name>.<random>.tmp`).
+    """Delete the temp files a killed run left for these items (stableflow.io names them `.<name>.<random>.tmp`).
 
     Only this rank's own items: another rank may be writing its temp files right now.
     """
@@ -460,7 +460,7 @@ class SkipConfig(BaseConfig):
 
 def run(cfg: SkipConfig) -> SweepResult:
     """demo_2_skip.py: this process's share of the sweep that `cfg` describes."""
-    from .pipeline import load_models_for
+    from .config import load_models_for
 
     p = model_spec(cfg.model).params
     prompts, layers = cfg.selection()
@@ -487,7 +487,7 @@ def _metadata(item: Item, model: str, num_double: int, width: int, height: int, 
 
 
 def _cat_text(chunks: Sequence[Text]) -> Text:
-    from .pipeline import Text
+    from flux.pipeline import Text
 
     # Different chunks may be padded to the same T5 length (max_length padding), so rows concatenate.
     return Text(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("txt", "txt_ids", "vec")))

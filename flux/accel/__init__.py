@@ -1,0 +1,91 @@
+"""Speed and memory options for the FLUX transformer, each one explicit call on a built model.
+
+- `attention_backend(name)`: a context manager choosing the scaled-dot-product-attention kernel
+  ("auto" puts cuDNN first on Hopper, where it is ~2x faster than flash at FLUX shapes).
+- `compile_blocks(model)`: regional compilation, one compiled graph per block class (reused by every
+  block of that class), so compile time stays bounded and per-sample layer skips never recompile:
+  the skip/inject logic runs in `Flux.forward`, outside the compiled blocks.
+- `fuse_gelu(model)`: each MLP's tanh-GELU in its matmul's epilogue (cuBLASLt), and the single
+  blocks' linear2 as two accumulating matmuls instead of one over a concatenation.
+- `quantize_fp8(model)`: the blocks' token-wise linears in float8 e4m3 with one scale per weight row
+  and per token, through `torch._scaled_mm` (Ada/Hopper GPUs; CPUs whose torch has the kernel).
+- `stream_blocks(model, device)`: blocks that do not fit a memory budget live in pinned host memory
+  and are copied to the device just before they run, the next one's copy overlapping the current
+  block's compute on a side stream. Lossless: the same bytes reach the same kernels.
+- `accelerate(model, AccelOptions(...), device)`: all of the above from config values.
+
+None of these changes the forward's signature or its hooks (skip, inject).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..model import Flux
+from .attention import ATTENTION_BACKENDS, attention_backend
+from .compile import blocks, compile_blocks, compile_decoder, is_compiled
+from .fp8 import FP8FusedSingleStreamBlock, FP8GELULinear, FP8Linear, fp8_problem, quantize_fp8, scaled_mm_takes_bias
+from .gelu import FusedSingleStreamBlock, LinearGELU, fuse_gelu, linear_gelu, unfuse_gelu
+from .kernels import quantize_rows
+from .stream import BlockStreamer, stream_blocks, streamer_of
+
+@dataclass(frozen=True)
+class AccelOptions:
+    """The speed/memory switches a demo config exposes (defaults: plain eager bf16)."""
+
+    compile: bool = False
+    attention: str = "auto"
+    fp8: bool = False
+    stream_blocks: bool = False
+    resident_gb: float = 0.0  # with stream_blocks: GiB of blocks kept on the device
+    fuse_gelu: bool = False
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.attention not in ATTENTION_BACKENDS:
+            problems.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.compile and self.stream_blocks:
+            problems.append("compile and stream_blocks do not combine: choose one")
+        if self.resident_gb < 0:
+            problems.append("resident_gb must be >= 0")
+        return problems
+
+
+def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
+    """Apply `options` in their one valid order: FP8, fused GELU, then streaming or compilation.
+    Attention is a context: wrap sampling in `attention_backend(options.attention)`."""
+    problems = options.check()
+    if problems:
+        raise UserError("; ".join(problems))
+    if options.fp8:
+        quantize_fp8(model, device if not options.stream_blocks else None)
+    if options.fuse_gelu:
+        fuse_gelu(model)
+    if options.stream_blocks:
+        stream_blocks(model, device, keep_bytes=int(options.resident_gb * 2**30))
+    else:
+        model.to(device)
+    if options.compile:
+        compile_blocks(model)
+    return model
+
+
+def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> float:
+    """Matmul + attention FLOPs of one transformer forward (elementwise work excluded)."""
+    h, n = params.hidden_size, img_tokens + txt_tokens
+    mlp = int(h * params.mlp_ratio)
+    per_token_block = 2 * (3 * h * h + h * h + 2 * h * mlp)  # qkv, proj, mlp in+out (= linear1 + linear2)
+    layers = params.depth + params.depth_single_blocks
+    attn = 4 * n * n * h
+    return batch * layers * (n * per_token_block + attn)
+
+
+__all__ = [
+    "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend", "compile_decoder",
+    "FP8FusedSingleStreamBlock", "FP8GELULinear", "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
+    "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "streamer_of",
+    "unfuse_gelu",
+]
