@@ -1,14 +1,15 @@
 import errno
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
+from . import convert
 from .errors import UserError
 from .model import Flux, FluxParams
 from .modules.autoencoder import AutoEncoder, AutoEncoderParams
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # transformers is imported only when a text encoder is loaded
     from .modules.conditioner import HFEmbedder
 
 PREFIX = "model.diffusion_model."
+T = TypeVar("T")
 
 
 @dataclass
@@ -147,31 +149,126 @@ def model_spec(name: str) -> ModelSpec:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def hub_file(repo_id: str, filename: str) -> str:
-    """Download (or find in the HF cache) one file of a Hub repo, turning access problems into advice."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+# Where to point instead of the Hub, for the FLUX weights; other callers pass their own `hint`.
+FLUX_LOCAL_HINT = "point to local files instead (flow_path/ae_path in the config, or FLUX_MODEL / FLUX_AE)"
+# Seconds for the one request that asks the Hub whether a file exists (huggingface_hub's own default is 10 s, and
+# after a failed first request hf_hub_download retries for ~25 s): without a network the advice comes at once.
+HUB_CHECK_TIMEOUT = 4.0
 
+
+def hub_cached_file(repo_id: str, filename: str) -> str | None:
+    """The local path of a file of a Hub repo when the HF cache (HF_HOME / HF_HUB_CACHE) holds it; never asks the Hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return found if isinstance(found, str) else None  # may also be a "known not to exist" marker
+
+
+def hub_file_exists(repo_id: str, filename: str, hint: str = FLUX_LOCAL_HINT) -> bool:
+    """Ask the Hub once, with a short timeout and no retries, whether `filename` is in `repo_id`.
+
+    False when the repository answers that the file is absent; a UserError with the fixes (network, HF_ENDPOINT,
+    HF_HUB_OFFLINE and the cache, login/HF_TOKEN, `hint`) when the Hub cannot be asked or refuses access.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"{filename} of {repo_id}"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, so it "
+            f"cannot be downloaded: unset HF_HUB_OFFLINE (with a network; check HF_ENDPOINT for mirrors), point "
+            f"HF_HOME / HF_HUB_CACHE at a cache that holds it, or {hint}."
+        )
+    # An explicit HF_HUB_ETAG_TIMEOUT is the user's choice (slow links); otherwise fail fast.
+    timeout = float(os.environ["HF_HUB_ETAG_TIMEOUT"]) if os.environ.get("HF_HUB_ETAG_TIMEOUT") else HUB_CHECK_TIMEOUT
     try:
-        return hf_hub_download(repo_id, filename)
-    except GatedRepoError as e:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=timeout)  # retry_on_errors defaults to False
+        return True
+    except GatedRepoError:
         raise UserError(
             f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, then run "
-            f"`hf auth login` (or set HF_TOKEN) — or download {filename} yourself and point to the local file "
-            f"(config key flow_path/ae_path, or the FLUX_MODEL / FLUX_AE environment variables). ({e.__class__.__name__})"
+            f"`hf auth login` (or set HF_TOKEN) — or {hint}."
         ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{repo_id} was not found on the Hub (or needs a login: `hf auth login` / HF_TOKEN).") from None
-    except (LocalEntryNotFoundError, OSError) as e:
         raise UserError(
-            f"could not download {filename} from {repo_id} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
-            "Check the network or HF_ENDPOINT (mirrors), or point to a local copy of the file "
-            "(flow_path/ae_path in the config, or FLUX_MODEL / FLUX_AE)."
+            f"{repo_id} was not found on the Hub (or needs a login: `hf auth login` / HF_TOKEN), or {hint}."
+        ) from None
+    except EntryNotFoundError:
+        return False
+    # The transport's errors (no network, DNS, timeout, proxy) and 5xx answers; their classes differ between
+    # huggingface_hub versions (requests, httpx, httpx2), hence the broad catch.
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).splitlines() or [""])[0]
+        raise UserError(
+            f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) for {where} ({e.__class__.__name__}: {first}), "
+            f"and the cache ({constants.HF_HUB_CACHE}) does not hold it. Check the network or proxy, HF_ENDPOINT "
+            f"(mirrors) and HF_TOKEN; with the files downloaded elsewhere, set HF_HOME to that cache and "
+            f"HF_HUB_OFFLINE=1; or {hint}."
         ) from None
 
 
-def resolve_checkpoint(path: str | None, env_vars: tuple[str, ...], repo_id: str | None, filename: str | None) -> str:
-    """Where a checkpoint comes from, in order: explicit path, environment variable, the Hub."""
+def hub_file(repo_id: str, filename: str, hint: str = FLUX_LOCAL_HINT) -> str:
+    """One file of a Hub repo: from the HF cache without any request, else downloaded after one quick check.
+
+    Access problems (no network, gated, missing) become a UserError with advice within a few seconds.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    try:
+        # The cache first, without a request: a cached file needs no network, and a failed request is slow.
+        return huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=True)
+    except GatedRepoError:  # only from a test double, but honour it like the real answer
+        raise UserError(
+            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, then run "
+            f"`hf auth login` (or set HF_TOKEN) — or {hint}."
+        ) from None
+    except LocalEntryNotFoundError:
+        pass
+    if not hub_file_exists(repo_id, filename, hint):
+        raise UserError(f"{repo_id} has no file {filename} on the Hub: check the name, or {hint}.")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename)
+    except Exception as e:  # noqa: BLE001 -- a download interrupted after the check (transport errors vary)
+        raise UserError(
+            f"could not download {filename} from {repo_id} ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0]}). "
+            f"Check the network or HF_ENDPOINT (mirrors), or {hint}."
+        ) from None
+
+
+def hub_pretrained(load: Callable[..., T], repo_id: str, probe: str = "config.json", hint: str = "") -> T:
+    """`load(local_files_only=...)` (a from_pretrained) from the HF cache first, else after one quick Hub check.
+
+    Without this, transformers (through huggingface_hub) spends ~25 s retrying before it says the network is down.
+    `probe` is a file the repo must hold (e.g. "text_encoder_2/config.json"); `hint` says where else to point.
+    """
+    try:
+        return load(local_files_only=True)
+    except OSError:  # not (fully) in the cache
+        pass
+    hint = hint or "give a local folder instead"
+    if not hub_file_exists(repo_id, probe, hint):
+        raise UserError(f"{repo_id} has no {probe} on the Hub: check the name, or {hint}.")
+    return load(local_files_only=False)
+
+
+def resolve_checkpoint(
+    path: str | None,
+    env_vars: tuple[str, ...],
+    repo_id: str | None,
+    filename: str | None,
+    subfolder: str | None = None,
+) -> str:
+    """Where a checkpoint comes from, in order: explicit path, environment variable, the HF cache, the Hub.
+
+    In the cache, the repo's single file comes first, then its diffusers `subfolder` ("transformer" / "vae"), so
+    weights fetched for diffusers are used as they are instead of downloading a second copy.
+    """
     if path:
         return path
     for var in env_vars:
@@ -179,6 +276,10 @@ def resolve_checkpoint(path: str | None, env_vars: tuple[str, ...], repo_id: str
             return os.environ[var]
     if repo_id is None or filename is None:
         raise UserError("no checkpoint path given and this model has no Hub repository")
+    if not hub_cached_file(repo_id, filename) and subfolder:
+        config = hub_cached_file(repo_id, f"{subfolder}/config.json")
+        if config:
+            return str(Path(config).parent)
     return hub_file(repo_id, filename)
 
 
@@ -244,11 +345,189 @@ def _key_problems(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> list[str]
     return problems
 
 
-def load_weights(model: nn.Module, path: str, device: torch.device | str, dtype: torch.dtype | None) -> nn.Module:
-    """Assign a checkpoint's tensors to a model built on the meta device; strict about keys and shapes."""
-    sd = read_safetensors(path, device=device, dtype=dtype)
-    if sd and all(k.startswith(PREFIX) for k in sd):
-        sd = {k[len(PREFIX) :]: v for k, v in sd.items()}
+# ---------------------------------------------------------------------------------------------- diffusers layout
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_DIFFUSERS_KIND = {Flux: ("transformer", "FluxTransformer2DModel"), AutoEncoder: ("vae", "AutoencoderKL")}
+
+
+def diffusers_folder(path: str | os.PathLike, model: nn.Module) -> Path | None:
+    """The diffusers folder for `model` at `path`: the folder itself (config.json inside) or its transformer/ or
+    vae/ subfolder (a repo root such as a local FLUX.1-dev copy); None when `path` is not such a folder."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    sub = p / _DIFFUSERS_KIND[type(model)][0]
+    if (sub / "config.json").is_file():
+        return sub
+    return p if (p / "config.json").is_file() else None
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e.__class__.__name__}: {e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object: {fix}")
+    return data
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header (8-byte length, then JSON), checking the file is whole.
+
+    Reads a few kilobytes, never the data, and needs no mmap.
+    """
+    bad = f"{path} is not a valid safetensors file"
+    fix = "it may be truncated by an interrupted download: delete it and download it again."
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = os.fstat(f.fileno()).st_size
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise UserError(f"{bad} ({size:,} bytes on disk): {fix}")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        raise UserError(f"{bad} (its header does not parse): {fix}") from None
+    if 8 + n + end > size:
+        raise UserError(f"{bad} ({size:,} bytes on disk, {8 + n + end:,} expected): {fix}")
+    return shapes
+
+
+def _diffusers_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape) of a diffusers folder, single file or sharded, strictly checked."""
+    index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+    redo = f"download {folder.name}/ again (e.g. `hf download <repo> --include '{folder.name}/*'`)"
+    if index.is_file():
+        weight_map = _read_json(index, f"the shard index is corrupted: {redo}.").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index} has no valid weight_map: the shard index is corrupted: {redo}.")
+        headers = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise UserError(f"{folder / shard} is missing (listed in {index.name}): {redo}.")
+            headers[shard] = safetensors_header(folder / shard)
+        out = {}
+        for key, shard in weight_map.items():
+            if key not in headers[shard]:
+                raise UserError(f"{index} says {key} is in {shard}, which lacks it: the folder is inconsistent: {redo}.")
+            out[key] = (folder / shard, headers[shard][key])
+        return out
+    single = folder / DIFFUSERS_WEIGHTS
+    if single.is_file():
+        return {k: (single, shape) for k, shape in safetensors_header(single).items()}
+    found = ", ".join(sorted(x.name for x in folder.iterdir())) or "nothing"
+    raise UserError(
+        f"{folder} has config.json but neither {DIFFUSERS_WEIGHTS} nor {index.name} (it holds: {found}): {redo}."
+    )
+
+
+def _check_config(path: Path, config: dict, class_name: str, expected: dict, name: str) -> None:
+    """config.json must describe the chosen model, or the weights are another model's (a clearer error than shapes)."""
+    fix = "choose the model these weights belong to, or give the folder of this model's weights"
+    found = config.get("_class_name", class_name)
+    if found != class_name:
+        sub = {"FluxTransformer2DModel": "transformer/", "AutoencoderKL": "vae/"}.get(class_name, "")
+        raise UserError(f"{path} describes a {found}, not a {class_name}: give the {sub} folder of a FLUX.1 repo.")
+    if config.get("out_channels") is None and "out_channels" in expected and class_name == "FluxTransformer2DModel":
+        config = {**config, "out_channels": config.get("in_channels")}  # diffusers: null means in_channels
+    wrong = []
+    for key, want in expected.items():
+        if key not in config:
+            continue  # an older diffusers wrote fewer keys; the tensors' shapes are checked next
+        have = config[key]
+        same = abs(have - want) < 1e-4 if isinstance(want, float) and isinstance(have, (int, float)) else have == want
+        if not same:
+            wrong.append(f"{key}={json.dumps(have)} (model {name or 'chosen'}: {json.dumps(want)})")
+    if wrong:
+        if config.get("guidance_embeds") is False and expected.get("guidance_embeds") is True:
+            fix = "these are FLUX.1-schnell weights: use model flux-schnell"
+        elif config.get("guidance_embeds") is True and expected.get("guidance_embeds") is False:
+            fix = "these are FLUX.1-dev weights (or a dev finetune): use model flux-dev"
+        raise UserError(f"{path} does not describe {name or 'the chosen model'}: {', '.join(wrong)}; {fix}.")
+
+
+class _TensorReader:
+    """Reads single tensors from safetensors files, cast as read; falls back to reading bytes where mmap fails."""
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype | None):
+        self.device, self.dtype = device, dtype
+        self.handles: dict[Path, object] = {}
+        self.loaded: dict[Path, dict[str, torch.Tensor]] = {}  # the no-mmap fallback: whole files, emptied as read
+
+    def read(self, path: Path, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+        from safetensors.torch import load as load_bytes
+
+        if path in self.loaded:
+            t = self.loaded[path].pop(key)
+        else:
+            if path not in self.handles:
+                try:
+                    self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
+                except OSError as e:
+                    if e.errno != errno.ENODEV and "os error 19" not in str(e):
+                        raise
+                    self.loaded[path] = load_bytes(path.read_bytes())
+                    return self.read(path, key)
+            t = self.handles[path].get_tensor(key)
+        floating = self.dtype is not None and t.is_floating_point()
+        return t.to(device=self.device, dtype=self.dtype if floating else t.dtype)
+
+
+def read_diffusers(
+    folder: Path, model: nn.Module, device: torch.device | str, dtype: torch.dtype | None, name: str = ""
+) -> dict[str, torch.Tensor]:
+    """The official-layout state dict of `model` from a diffusers folder, converted while reading.
+
+    Before any tensor is read, config.json must describe the model and the files must hold exactly the expected
+    names and shapes; then each official tensor is assembled from its diffusers parts, one at a time.
+    """
+    class_name = _DIFFUSERS_KIND[type(model)][1]
+    config_path = folder / "config.json"
+    config = _read_json(config_path, f"download {folder.name}/config.json again.")
+    if isinstance(model, Flux):
+        rules, expected_config = convert.transformer_rules(model.params), convert.transformer_config(model.params)
+    else:
+        rules, expected_config = convert.vae_rules(list(model.state_dict()), model.params), convert.vae_config(model.params)
+    _check_config(config_path, config, class_name, expected_config, name)
+    tensors = _diffusers_tensors(folder)
+    expected = {k: tuple(v.shape) for k, v in convert.to_diffusers(model.state_dict(), rules).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k][1] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} ({len(missing)})")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of the wrong shape, e.g. {k}: file {tensors[k][1]}, expected {expected[k]}")
+    if problems:
+        raise UserError(f"{folder} does not hold the weights of {name or class_name}: {'; '.join(problems)}.")
+    reader = _TensorReader(device, dtype)
+    return dict(convert.to_official(lambda k: reader.read(tensors[k][0], k), rules))
+
+
+def load_weights(
+    model: nn.Module, path: str, device: torch.device | str, dtype: torch.dtype | None, name: str = ""
+) -> nn.Module:
+    """Assign a checkpoint's tensors to a model built on the meta device; strict about keys and shapes.
+
+    `path` is a .safetensors file (official layout, keys optionally prefixed `model.diffusion_model.`) or a
+    diffusers folder (see `diffusers_folder`), converted while it is read.
+    """
+    folder = diffusers_folder(path, model) if type(model) in _DIFFUSERS_KIND else None
+    if folder is not None:
+        sd = read_diffusers(folder, model, device, dtype, name)
+    else:
+        sd = read_safetensors(path, device=device, dtype=dtype)
+        if sd and all(k.startswith(PREFIX) for k in sd):
+            sd = {k[len(PREFIX) :]: v for k, v in sd.items()}
     problems = _key_problems(model, sd)
     if problems:
         raise UserError(f"{path} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
@@ -270,16 +549,20 @@ def load_flow_model(
     path: str | None = None,
     verbose: bool = False,
 ) -> Flux:
-    """The transformer of `name`, from `path`, $FLUX_MODEL, or the Hub (flux-tiny: random from its seed)."""
+    """The transformer of `name`, from `path`, $FLUX_MODEL, the HF cache or the Hub (flux-tiny: random from its seed).
+
+    `path` may be a .safetensors file (official or ComfyUI-prefixed keys) or a diffusers folder (transformer/ or
+    the repo root above it); in the HF cache, the repo's diffusers transformer/ serves when its single file is absent.
+    """
     spec = model_spec(name)
     if spec.repo_id is None and not path:
         return _seeded_init(lambda: Flux(spec.params), spec.seed, device, dtype).eval().requires_grad_(False)
-    ckpt = resolve_checkpoint(path, spec.ckpt_env, spec.repo_id, spec.repo_flow)
+    ckpt = resolve_checkpoint(path, spec.ckpt_env, spec.repo_id, spec.repo_flow, "transformer")
     if verbose:
         print(f"loading {name} transformer from {ckpt}")
     with torch.device("meta"):
         model = Flux(spec.params)
-    return load_weights(model, ckpt, device, dtype).eval().requires_grad_(False)
+    return load_weights(model, ckpt, device, dtype, name).eval().requires_grad_(False)
 
 
 def load_ae(
@@ -289,16 +572,17 @@ def load_ae(
     path: str | None = None,
     verbose: bool = False,
 ) -> AutoEncoder:
-    """The autoencoder of `name`, from `path`, $FLUX_AE (older: $AE), or the Hub. fp32 by default: it is small."""
+    """The autoencoder of `name`, from `path` (ae.safetensors, or a diffusers vae/ folder or the repo root above it),
+    $FLUX_AE (older: $AE), the HF cache (ae.safetensors, else vae/) or the Hub. fp32 by default: it is small."""
     spec = model_spec(name)
     if spec.repo_id is None and not path:
         return _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval().requires_grad_(False)
-    ckpt = resolve_checkpoint(path, ("FLUX_AE", "AE"), spec.repo_id, spec.repo_ae)
+    ckpt = resolve_checkpoint(path, ("FLUX_AE", "AE"), spec.repo_id, spec.repo_ae, "vae")
     if verbose:
         print(f"loading {name} autoencoder from {ckpt}")
     with torch.device("meta"):
         ae = AutoEncoder(spec.ae_params)
-    return load_weights(ae, ckpt, device, dtype).eval().requires_grad_(False)
+    return load_weights(ae, ckpt, device, dtype, name).eval().requires_grad_(False)
 
 
 def load_t5(
