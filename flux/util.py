@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # transformers is imported only when a text encoder is loaded
     from .modules.conditioner import HFEmbedder
 
 PREFIX = "model.diffusion_model."
+ASSETS = Path(__file__).resolve().parent / "assets"
 T = TypeVar("T")
 
 
@@ -29,6 +30,8 @@ class ModelSpec:
     repo_flow: str | None
     repo_ae: str | None
     ckpt_env: tuple[str, ...]  # env vars naming a local transformer checkpoint, newest first
+    # Where T5 and CLIP come from: a FLUX repo id or local copy (its text_encoder_2/ + tokenizer_2/, text_encoder/ +
+    # tokenizer/), or a transformers repo such as T5_FALLBACK / CLIP_FALLBACK to ask for those; "tiny": random.
     t5_version: str
     clip_version: str
     max_length: int  # T5 tokens
@@ -36,6 +39,17 @@ class ModelSpec:
     guidance: float
     shift: bool  # schedule shift (dev yes, schnell no)
     seed: int = 0  # weights seed for the locally built tiny model
+    # Weights bundled with the repo (flux-mini), relative to flux/assets; used when no explicit path is given.
+    local_flow: str | None = None
+    local_ae: str | None = None
+
+
+# Text encoders outside the FLUX repos, used when a spec asks for them or a FLUX repo lacks its encoder folders.
+# Downloads: FLUX.1's text_encoder_2/ holds T5-XXL's encoder in bf16 safetensors (~9.5 GB) and text_encoder/ CLIP-L's
+# text model (~246 MB); google/t5-v1_1-xxl holds only a 44.5 GB fp32 pickle (encoder and decoder), loaded by
+# transformers with weights_only.
+T5_FALLBACK = "google/t5-v1_1-xxl"
+CLIP_FALLBACK = "openai/clip-vit-large-patch14"
 
 
 _FULL_AE = AutoEncoderParams(
@@ -77,8 +91,8 @@ configs: dict[str, ModelSpec] = {
         repo_flow="flux1-dev.safetensors",
         repo_ae="ae.safetensors",
         ckpt_env=("FLUX_MODEL", "FLUX_DEV"),
-        t5_version="google/t5-v1_1-xxl",
-        clip_version="openai/clip-vit-large-patch14",
+        t5_version="black-forest-labs/FLUX.1-dev",
+        clip_version="black-forest-labs/FLUX.1-dev",
         max_length=512,
         num_steps=50,
         guidance=3.5,
@@ -91,12 +105,28 @@ configs: dict[str, ModelSpec] = {
         repo_flow="flux1-schnell.safetensors",
         repo_ae="ae.safetensors",
         ckpt_env=("FLUX_MODEL", "FLUX_SCHNELL"),
-        t5_version="google/t5-v1_1-xxl",
-        clip_version="openai/clip-vit-large-patch14",
+        t5_version="black-forest-labs/FLUX.1-schnell",
+        clip_version="black-forest-labs/FLUX.1-schnell",
         max_length=256,
         num_steps=4,
         guidance=0.0,
         shift=False,
+    ),
+    # FLUX.1 Krea [dev]: a dev finetune (same architecture); repository and file names as in the official BFL
+    # registry (black-forest-labs/flux, src/flux/util.py, where it is named "flux-dev-krea"). Gated like dev.
+    "flux-krea-dev": ModelSpec(
+        params=_full_params(guidance_embed=True),
+        ae_params=_FULL_AE,
+        repo_id="black-forest-labs/FLUX.1-Krea-dev",
+        repo_flow="flux1-krea-dev.safetensors",
+        repo_ae="ae.safetensors",
+        ckpt_env=("FLUX_MODEL",),
+        t5_version="black-forest-labs/FLUX.1-Krea-dev",
+        clip_version="black-forest-labs/FLUX.1-Krea-dev",
+        max_length=512,
+        num_steps=50,
+        guidance=4.5,  # the hosted endpoints' default for this model (dev: 3.5)
+        shift=True,
     ),
     # The same architecture at toy size with random weights: runs every demo and test on a CPU in seconds.
     "flux-tiny": ModelSpec(
@@ -136,6 +166,48 @@ configs: dict[str, ModelSpec] = {
         num_steps=4,
         guidance=3.5,
         shift=True,
+    ),
+    # FLUX's architecture at ~2.7M parameters, trained from scratch on the procedural world of mini/ (`mini.train`);
+    # its weights and text encoders ship in flux/assets/mini, so generation, ablation and editing run on a CPU.
+    "flux-mini": ModelSpec(
+        params=FluxParams(
+            in_channels=64,
+            out_channels=64,
+            vec_in_dim=64,
+            context_in_dim=64,
+            hidden_size=128,
+            mlp_ratio=4.0,
+            num_heads=4,
+            depth=2,
+            depth_single_blocks=6,
+            axes_dim=[4, 14, 14],
+            theta=10_000,
+            qkv_bias=True,
+            guidance_embed=False,
+        ),
+        ae_params=AutoEncoderParams(
+            resolution=128,
+            in_channels=3,
+            ch=32,
+            out_ch=3,
+            ch_mult=[1, 2, 2, 4],
+            num_res_blocks=1,
+            z_channels=16,
+            scale_factor=1.0,  # measured on world images after training (mini.train ae)
+            shift_factor=0.0,
+        ),
+        repo_id=None,
+        repo_flow=None,
+        repo_ae=None,
+        ckpt_env=(),
+        t5_version=str(ASSETS / "mini" / "t5"),
+        clip_version=str(ASSETS / "mini" / "clip"),
+        max_length=48,
+        num_steps=20,
+        guidance=0.0,
+        shift=True,
+        local_flow="mini/flow.safetensors",
+        local_ae="mini/ae.safetensors",
     ),
 }
 
@@ -177,7 +249,7 @@ def hub_file_exists(repo_id: str, filename: str, hint: str = FLUX_LOCAL_HINT) ->
         RepositoryNotFoundError,
     )
 
-    where = f"{filename} of {repo_id}"
+    where = f"{repo_id} (looking up {filename})"
     if constants.HF_HUB_OFFLINE:
         raise UserError(
             f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, so it "
@@ -555,6 +627,7 @@ def load_flow_model(
     the repo root above it); in the HF cache, the repo's diffusers transformer/ serves when its single file is absent.
     """
     spec = model_spec(name)
+    path = path or (str(ASSETS / spec.local_flow) if spec.local_flow else None)
     if spec.repo_id is None and not path:
         return _seeded_init(lambda: Flux(spec.params), spec.seed, device, dtype).eval().requires_grad_(False)
     ckpt = resolve_checkpoint(path, spec.ckpt_env, spec.repo_id, spec.repo_flow, "transformer")
@@ -575,6 +648,7 @@ def load_ae(
     """The autoencoder of `name`, from `path` (ae.safetensors, or a diffusers vae/ folder or the repo root above it),
     $FLUX_AE (older: $AE), the HF cache (ae.safetensors, else vae/) or the Hub. fp32 by default: it is small."""
     spec = model_spec(name)
+    path = path or (str(ASSETS / spec.local_ae) if spec.local_ae else None)
     if spec.repo_id is None and not path:
         return _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval().requires_grad_(False)
     ckpt = resolve_checkpoint(path, ("FLUX_AE", "AE"), spec.repo_id, spec.repo_ae, "vae")
@@ -585,33 +659,73 @@ def load_ae(
     return load_weights(ae, ckpt, device, dtype, name).eval().requires_grad_(False)
 
 
+TEXT_LOCAL_HINT = (
+    "set t5_path / clip_path to a local folder (a transformers text encoder, or a FLUX.1 repo copy holding "
+    "text_encoder_2/, tokenizer_2/, text_encoder/ and tokenizer/)"
+)
+
+
 def load_t5(
     device: str | torch.device = "cuda",
     max_length: int = 512,
-    version: str = "google/t5-v1_1-xxl",
+    version: str = T5_FALLBACK,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ) -> "HFEmbedder":
-    """T5 text encoder; version "tiny" builds a small random one (no download)."""
+    """T5 text encoder from `version`: a FLUX.1 repo id or local copy (its text_encoder_2/ and tokenizer_2/), a
+    transformers T5 repo or folder, or "tiny" (small and random, no download). A FLUX.1 repo without
+    text_encoder_2/ falls back to T5_FALLBACK."""
     from .modules.conditioner import HFEmbedder
 
     if version == "tiny":
         return HFEmbedder.tiny("t5", max_length=max_length, seed=seed).to(device)
-    return HFEmbedder(version, max_length, _subfolder(version, "text_encoder_2"), torch_dtype=dtype).to(device)
+    source, sub = text_encoder_source(version, "text_encoder_2", T5_FALLBACK)
+    return HFEmbedder(source, max_length, sub, torch_dtype=dtype, **_safetensors_only(sub)).to(device)
 
 
 def load_clip(
     device: str | torch.device = "cuda",
-    version: str = "openai/clip-vit-large-patch14",
+    version: str = CLIP_FALLBACK,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
 ) -> "HFEmbedder":
-    """CLIP text encoder (pooled output); version "tiny" builds a small random one (no download)."""
+    """CLIP text encoder (pooled output) from `version`: a FLUX.1 repo id or local copy (its text_encoder/ and
+    tokenizer/), a transformers CLIP repo or folder, or "tiny" (small and random, no download). A FLUX.1 repo
+    without text_encoder/ falls back to CLIP_FALLBACK."""
     from .modules.conditioner import HFEmbedder
 
     if version == "tiny":
         return HFEmbedder.tiny("clip", max_length=77, seed=seed).to(device)
-    return HFEmbedder(version, 77, _subfolder(version, "text_encoder"), torch_dtype=dtype).to(device)
+    source, sub = text_encoder_source(version, "text_encoder", CLIP_FALLBACK)
+    return HFEmbedder(source, 77, sub, torch_dtype=dtype, **_safetensors_only(sub)).to(device)
+
+
+def _safetensors_only(subfolder: str | None) -> dict:
+    # The FLUX.1 repos' encoder folders hold safetensors only; never fall through to a pickle there.
+    return {"use_safetensors": True} if subfolder else {}
+
+
+def text_encoder_source(version: str, subfolder: str, fallback: str) -> tuple[str, str | None]:
+    """(repo id or folder, subfolder or None) to load a text encoder from.
+
+    A local folder is used as it is (with `subfolder` when it is a FLUX.1 repo copy). A Hub id is a FLUX.1 repo
+    when it holds `subfolder`/config.json, else a plain transformers repo when it holds config.json; the HF cache
+    answers first, then one quick request per question. A repo with neither falls back to `fallback`.
+    """
+    looks_local = os.path.isabs(version) or version.startswith(("~", ".")) or Path(version).expanduser().exists()
+    if looks_local:
+        return version, _subfolder(str(Path(version).expanduser()), subfolder)
+    probes = [(subfolder, f"{subfolder}/config.json"), (None, "config.json")]
+    for sub, probe in probes:
+        if hub_cached_file(version, probe):
+            return version, sub
+    for sub, probe in probes:
+        if hub_file_exists(version, probe, TEXT_LOCAL_HINT):
+            return version, sub
+    if version == fallback:
+        raise UserError(f"{version} holds no text encoder (no config.json on the Hub): {TEXT_LOCAL_HINT}.")
+    print(f"{version} has no {subfolder}/ folder: loading that text encoder from {fallback}")
+    return text_encoder_source(fallback, subfolder, fallback)
 
 
 def _subfolder(version: str, name: str) -> str | None:

@@ -67,12 +67,24 @@ class HFEmbedder(nn.Module):
                 "diffusers-style FLUX folder, the folder above text_encoder/ with subfolder='text_encoder' or "
                 "'text_encoder_2')"
             )
-        try:
-            config = AutoConfig.from_pretrained(version, subfolder=subfolder or "", **hub)
+
+        def load(**offline) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+            config = AutoConfig.from_pretrained(version, subfolder=subfolder or "", **hub, **offline)
             kind = _kind(config.model_type, where)
             tok_cls, model_cls = (CLIPTokenizer, CLIPTextModel) if kind == "clip" else (T5TokenizerFast, T5EncoderModel)
-            tokenizer = tok_cls.from_pretrained(version, subfolder=tokenizer_subfolder or "", **hub)
-            model = model_cls.from_pretrained(version, subfolder=subfolder or "", **hf_kwargs)
+            tokenizer = tok_cls.from_pretrained(version, subfolder=tokenizer_subfolder or "", **hub, **offline)
+            return tokenizer, model_cls.from_pretrained(version, subfolder=subfolder or "", **hf_kwargs, **offline)
+
+        try:
+            if Path(version).is_dir() or "local_files_only" in hub:
+                tokenizer, model = load()
+            else:
+                # A Hub id: the HF cache first, then one quick request, so no network means an error at once
+                # instead of transformers' retries.
+                from ..util import TEXT_LOCAL_HINT, hub_pretrained
+
+                probe = f"{subfolder}/config.json" if subfolder else "config.json"
+                tokenizer, model = hub_pretrained(load, version, probe, TEXT_LOCAL_HINT)
         except OSError as e:
             raise UserError(
                 f"cannot load the text encoder {where}: {e}\n"
