@@ -1,0 +1,42 @@
+"""Shared fixtures: the repository root, running a demo or module as a user would, and the tiny CPU models."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end runs of the demos as scripts (CI runs them too)")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def run_script() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_script("demo_0_test.py", "configs/tiny/demo_0_test.json", "seed=1", env={...})`: a fresh Python process in
+    the repository root, as the README runs it; returns the completed process with text stdout/stderr."""
+
+    def run(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: float = 300):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """flux-tiny's four networks on the CPU in float32, loaded once per test session (read-only: don't modify)."""
+    from flux.pipeline import load_models
+
+    return load_models("flux-tiny", "cpu", torch.float32)
