@@ -87,9 +87,7 @@ class Flux(nn.Module):
         return layer_name(layer, self.params.depth)
 
     def check_layers(self, layers: Collection[int], what: str = "layer") -> None:
-        bad = sorted(i for i in layers if not 0 <= i < self.num_layers)
-        if bad:
-            raise ValueError(f"{what} index {bad} out of range: this model has layers 0..{self.num_layers - 1}")
+        check_layers(layers, self.num_layers, what)
 
     def forward(
         self,
@@ -174,6 +172,15 @@ class _LayerSkip:
     any_skip: bool
     all_skip: bool
     mask: Tensor  # (B, 1, 1), True where the sample bypasses the layer
+
+
+def check_layers(layers: Collection[int], num_layers: int, what: str = "layer") -> None:
+    """ValueError naming the indices outside 0..num_layers-1; the one range rule, also for configs checked before a
+    model is loaded (num_layers = depth + depth_single_blocks of the model's spec)."""
+    bad = sorted({i for i in layers if not 0 <= i < num_layers})
+    if bad:
+        raise ValueError(f"{what}: layer{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} out of range: this model "
+                         f"has layers 0..{num_layers - 1} (double blocks first, then single blocks)")
 
 
 def layer_name(layer: int, depth: int) -> str:

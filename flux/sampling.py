@@ -1,3 +1,4 @@
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,10 @@ def guidance_vector(guidance: float | Sequence[float] | Tensor, batch: int, devi
     return g
 
 
+StepRange = tuple[int, int]
+"""Steps start <= i < end of a loop (0-based), e.g. the steps in which `inject` is active."""
+
+
 def denoise(
     model: Flux,
     img: Tensor,
@@ -131,14 +136,58 @@ def denoise(
     vec: Tensor,
     timesteps: list[float],
     guidance: float | Sequence[float] | Tensor = 4.0,
+    # hooks (None: the official sampler)
+    skip: SkipSets | None = None,
+    inject: Injection | None = None,
+    callback: StepCallback | None = None,
+    inject_steps: StepRange | None = None,
+) -> Tensor:
+    """Euler integration of the flow from timesteps[0] to timesteps[-1].
+
+    `skip` and `inject` apply to every model call, `inject` only in the steps of `inject_steps` if given;
+    `callback` sees every step and may replace the next latent.
+    """
+    guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
+    for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        pred = model(
+            img=img,
+            img_ids=img_ids,
+            txt=txt,
+            txt_ids=txt_ids,
+            y=vec,
+            timesteps=t_vec,
+            guidance=guidance_vec,
+            skip=skip,
+            inject=inject if inject_steps is None or inject_steps[0] <= i < inject_steps[1] else None,
+        )
+        next_img = img + (t_prev - t_curr) * pred
+        img = _after_step(callback, Step(i, t_curr, t_prev, img, pred, img - t_curr * pred, next_img))
+    return img
+
+
+def invert(
+    model: Flux,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    vec: Tensor,
+    timesteps: list[float],
+    guidance: float | Sequence[float] | Tensor = 1.0,
     skip: SkipSets | None = None,
     inject: Injection | None = None,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Euler integration of the flow from timesteps[0] to timesteps[-1]."""
+    """The Euler loop run backwards, image -> noise: from timesteps[-1] (clean) to timesteps[0] (noise).
+
+    Each step takes the velocity at the next, noisier time, x <- x + (t_next - t) * v(x, t_next) (Stable Flow's
+    inverse Euler; the velocity at t itself would leave the error of one step behind at every level). Hooks as in
+    `denoise`; the callback's Step runs from t to t_prev = t_next, upwards.
+    """
     guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
-    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+    for i, (t_curr, t_next) in enumerate(itertools.pairwise(timesteps[::-1])):
+        t_vec = torch.full((img.shape[0],), t_next, dtype=img.dtype, device=img.device)
         pred = model(
             img=img,
             img_ids=img_ids,
@@ -150,10 +199,12 @@ def denoise(
             skip=skip,
             inject=inject,
         )
-        next_img = img + (t_prev - t_curr) * pred
-        if callback is not None:
-            replaced = callback(Step(i, t_curr, t_prev, img, pred, img - t_curr * pred, next_img))
-            if replaced is not None:
-                next_img = replaced
-        img = next_img
+        next_img = img + (t_next - t_curr) * pred
+        img = _after_step(callback, Step(i, t_curr, t_next, img, pred, img - t_curr * pred, next_img))
     return img
+
+
+def _after_step(callback: StepCallback | None, step: Step) -> Tensor:
+    """The latent the loop goes on with: the step's, unless the callback replaces it."""
+    replaced = callback(step) if callback is not None else None
+    return step.next_latent if replaced is None else replaced
