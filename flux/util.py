@@ -504,8 +504,10 @@ def _check_config(path: Path, config: dict, class_name: str, expected: dict, nam
     if found != class_name:
         sub = {"FluxTransformer2DModel": "transformer/", "AutoencoderKL": "vae/"}.get(class_name, "")
         raise UserError(f"{path} describes a {found}, not a {class_name}: give the {sub} folder of a FLUX.1 repo.")
-    if config.get("out_channels") is None and "out_channels" in expected and class_name == "FluxTransformer2DModel":
-        config = {**config, "out_channels": config.get("in_channels")}  # diffusers: null means in_channels
+    if class_name == "FluxTransformer2DModel" and config.get("out_channels") is None:
+        config = {k: v for k, v in config.items() if k != "out_channels"}  # diffusers: null means in_channels
+        if "in_channels" in config:
+            config["out_channels"] = config["in_channels"]
     wrong = []
     for key, want in expected.items():
         if key not in config:
