@@ -15,7 +15,7 @@ from .accel import AccelOptions, accelerate, attention_backend, compile_decoder
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
-from .sampling import StepCallback, denoise, get_noise, get_schedule, image_ids, pack, unpack
+from .sampling import StepCallback, StepRange, denoise, get_noise, get_schedule, image_ids, pack, unpack
 from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class FluxModels:
         skip: SkipSets | None = None,
         inject: Injection | None = None,
         callback: StepCallback | None = None,
+        inject_steps: StepRange | None = None,
     ) -> Tensor:
         """Sample packed latents from (B, 16, h, w) noise; returns (B, 16, h, w)."""
         b, _, h, w = noise.shape
@@ -151,6 +152,7 @@ class FluxModels:
                 skip=skip,
                 inject=inject,
                 callback=callback,
+                inject_steps=inject_steps,
             )
         return unpack(x, h * 8, w * 8)
 
