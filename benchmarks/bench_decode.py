@@ -28,9 +28,9 @@ import gc
 import time
 
 import torch
+from common import Results, add_common_args, compare, env_info, first_call_s, gib, randomize_, time_ms
 from torch import nn
 
-from common import Results, add_common_args, compare, env_info, first_call_s, gib, randomize_, time_ms
 from flux.modules.autoencoder import AutoEncoder
 from flux.util import configs, load_ae
 

@@ -24,19 +24,19 @@ import tempfile
 import time
 
 import torch
+from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
 from torch import nn
 
-from common import REPO, add_common_args, env_info, gib, randomize_, random_flux
 from flux import accel
-from stableflow import edit, text2img, trajectory
 from flux.accel import AccelOptions
-from stableflow.config import load_config
-from stableflow.io import atomic_write_json
 from flux.modules.autoencoder import AutoEncoder
 from flux.modules.conditioner import HFEmbedder
 from flux.pipeline import FluxModels, text_encoder_home
-from stableflow.sweep import PromptSpec, run_sweep
 from flux.util import configs
+from stableflow import edit, text2img, trajectory
+from stableflow.config import load_config
+from stableflow.io import atomic_write_json
+from stableflow.sweep import PromptSpec, run_sweep
 
 
 def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -133,7 +133,7 @@ def main() -> None:
             edits=["a red house", "a house in snow"], batch_size=3)), models),
     }
     if args.edit_only:  # the 24 GB case: batches of two images
-        demos = {f"{name} (2-image batches)": lambda name=name: edit.run(load_config(edit.EditConfig, None, _args(
+        demos = {f"{name} (2-image batches)": lambda name=name, i=i: edit.run(load_config(edit.EditConfig, None, _args(
             base, output_dir=f"{work}/{i}", edits=["a dog", "a cat"], batch_size=2,
             **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}))), models)
             for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))}

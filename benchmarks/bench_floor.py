@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from common import Results, add_common_args, env_info, gib, model_params, time_ms
+
 from flux import accel
 from flux.accel.kernels import quantize_rows
 

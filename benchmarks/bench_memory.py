@@ -22,11 +22,21 @@ import gc
 import time
 
 import torch
-
 from common import (
-    Results, add_common_args, attention_context, compare, env_info, fastest_attention, first_call_s, gib, model_params,
-    random_flux, random_inputs, time_ms,
+    Results,
+    add_common_args,
+    attention_context,
+    compare,
+    env_info,
+    fastest_attention,
+    first_call_s,
+    gib,
+    model_params,
+    random_flux,
+    random_inputs,
+    time_ms,
 )
+
 from flux import accel
 from flux.model import Injection
 
@@ -80,7 +90,7 @@ def main() -> None:
     attention, sdpa = fastest_attention(device, 2, (size // 16) ** 2 + txt_len)
     res.set("attention", value={"chosen": attention, "sdpa_ms": sdpa})
     with torch.inference_mode(), attention_context(attention, device):
-        step = lambda: model(**x, inject=inject)  # noqa: E731
+        step = lambda: model(**x, inject=inject)
         reset()
         ref = step()
         t = time_ms(step, device, reps=reps)

@@ -20,14 +20,24 @@ import shutil
 import time
 
 import torch
+from common import (
+    REPO,
+    Results,
+    add_common_args,
+    attention_context,
+    env_info,
+    fastest_attention,
+    model_params,
+    random_flux,
+    randomize_,
+)
 from torch import nn
 
-from common import REPO, Results, add_common_args, attention_context, env_info, fastest_attention, model_params, randomize_, random_flux
 from flux import accel
 from flux.modules.autoencoder import AutoEncoder
 from flux.pipeline import FluxModels
-from stableflow.sweep import Dist, load_prompts, run_sweep, select_prompts
 from flux.util import configs
+from stableflow.sweep import Dist, load_prompts, run_sweep, select_prompts
 
 FULL_SWEEP_IMAGES = 64 * 58
 

@@ -19,11 +19,24 @@ import gc
 import time
 
 import torch
-
 from common import (
-    Results, add_common_args, attention_context, compare, diffusers_forward, diffusers_twin, env_info, first_call_s, gib, model_params,
-    random_flux, random_inputs, sync, time_ms, uncompile,
+    Results,
+    add_common_args,
+    attention_context,
+    compare,
+    diffusers_forward,
+    diffusers_twin,
+    env_info,
+    first_call_s,
+    gib,
+    model_params,
+    random_flux,
+    random_inputs,
+    sync,
+    time_ms,
+    uncompile,
 )
+
 from flux import accel
 from flux.model import Injection
 
@@ -112,12 +125,12 @@ def main() -> None:
         # --- eager: ours and diffusers, torch's default attention order, then cuDNN first.
         if "eager" not in skip:
             for case, x in inputs.items():
-                ref[case] = measure("ours_eager", case, lambda: model(**x))
-                ref_diffusers[case] = measure("diffusers_eager", case, lambda: diffusers_forward(twin, x), ref[case])
+                ref[case] = measure("ours_eager", case, lambda x=x: model(**x))
+                ref_diffusers[case] = measure("diffusers_eager", case, lambda x=x: diffusers_forward(twin, x), ref[case])
                 try:
                     with attention_context("cudnn!", device):
-                        measure("ours_eager_cudnn", case, lambda: model(**x), ref[case])
-                        measure("diffusers_eager_cudnn", case, lambda: diffusers_forward(twin, x), ref[case])
+                        measure("ours_eager_cudnn", case, lambda x=x: model(**x), ref[case])
+                        measure("diffusers_eager_cudnn", case, lambda x=x: diffusers_forward(twin, x), ref[case])
                 except RuntimeError as e:
                     res.set("errors", "eager_cudnn", value=str(e).splitlines()[0][:300])
         else:
@@ -134,9 +147,9 @@ def main() -> None:
                 try:
                     with attention_context(spec, device):
                         for case, x in inputs.items():
-                            compile_s = first_call_s(lambda: model(**x), device)
-                            measure(key, case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": spec})
-                            if case == list(cases)[0]:
+                            compile_s = first_call_s(lambda x=x: model(**x), device)
+                            measure(key, case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": spec})
+                            if case == next(iter(cases)):
                                 best = min(best, (res.data["cases"][case][key]["median_ms"], spec))
                             # CPU time to enqueue one forward: when it is well under the GPU time, the GPU
                             # never waits for the host and CUDA graphs have nothing left to save.
@@ -148,7 +161,7 @@ def main() -> None:
                             res.set("cases", case, key, "host_dispatch_ms", value=round(dispatch_ms, 2))
                         if vi == 0:
                             check_recompiles(model, inputs[list(cases)[-1]], list(cases)[-1], res, device, args.reps)
-                except Exception as e:  # a backend that cannot run these inputs: record it, go on
+                except Exception as e:  # noqa: BLE001 -- a backend that cannot run these inputs: record it, go on
                     res.set("errors", key, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
             res.set("best_compiled_attention", value=best[1])
 
@@ -158,11 +171,11 @@ def main() -> None:
             accel.fuse_gelu(model)
             with attention_context(best[1], device):
                 for case, x in inputs.items():
-                    measure("ours_eager_fuse_gelu", case, lambda: model(**x), ref[case])
+                    measure("ours_eager_fuse_gelu", case, lambda x=x: model(**x), ref[case])
                 accel.compile_blocks(model, mode=args.mode, backend=backend)
                 for case, x in inputs.items():
-                    compile_s = first_call_s(lambda: model(**x), device)
-                    measure("ours_compiled_fuse_gelu", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                    compile_s = first_call_s(lambda x=x: model(**x), device)
+                    measure("ours_compiled_fuse_gelu", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
             uncompile(model)
             accel.unfuse_gelu(model)
 
@@ -175,8 +188,8 @@ def main() -> None:
             else:
                 twin = torch.compile(twin, backend=backend, dynamic=False)
             for case, x in inputs.items():
-                compile_s = first_call_s(lambda: diffusers_forward(twin, x), device)
-                measure("diffusers_compiled", case, lambda: diffusers_forward(twin, x), ref[case], {"compile_s": compile_s, "how": how})
+                compile_s = first_call_s(lambda x=x: diffusers_forward(twin, x), device)
+                measure("diffusers_compiled", case, lambda x=x: diffusers_forward(twin, x), ref[case], {"compile_s": compile_s, "how": how})
 
     # --- FP8: a fresh model with the same weights (the compiled one cannot be quantised), quantised in place.
     if "fp8" not in skip:
@@ -196,18 +209,18 @@ def main() -> None:
         accel.quantize_fp8(model)
         with torch.inference_mode():
             for case, x in inputs.items():
-                measure("ours_fp8_eager", case, lambda: model(**x), ref[case])
+                measure("ours_fp8_eager", case, lambda x=x: model(**x), ref[case])
             with attention_context(best[1], device):
                 accel.compile_blocks(model, mode=args.mode, backend=backend)
                 for case, x in inputs.items():
-                    compile_s = first_call_s(lambda: model(**x), device)
-                    measure("ours_fp8_compiled", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                    compile_s = first_call_s(lambda x=x: model(**x), device)
+                    measure("ours_fp8_compiled", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
                 if "fused" not in skip:
                     uncompile(model)
                     accel.compile_blocks(accel.fuse_gelu(model), mode=args.mode, backend=backend)
                     for case, x in inputs.items():
-                        compile_s = first_call_s(lambda: model(**x), device)
-                        measure("ours_fp8_compiled_fuse_gelu", case, lambda: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                        compile_s = first_call_s(lambda x=x: model(**x), device)
+                        measure("ours_fp8_compiled_fuse_gelu", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
     res.set("total_s", value=round(time.perf_counter() - t0, 1))
 
 

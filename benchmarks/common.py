@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-from flux.model import Flux, FluxParams  # noqa: E402
-from flux.sampling import image_ids  # noqa: E402
-from flux.util import configs  # noqa: E402
+from flux.model import Flux, FluxParams
+from flux.sampling import image_ids
+from flux.util import configs
 
 
 def add_common_args(parser) -> None:
@@ -37,7 +37,7 @@ def add_common_args(parser) -> None:
 
 def env_info(device: torch.device) -> dict:
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -58,7 +58,7 @@ def env_info(device: torch.device) -> dict:
             import subprocess
 
             info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, check=False
             ).stdout.split("\n")[0].strip()
         except OSError:
             pass
@@ -102,25 +102,45 @@ def random_inputs(
     """Transformer inputs for `batch` images of size² pixels (size/16 latent patches a side)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     h = w = size // 16
-    return dict(
-        img=torch.randn(batch, h * w, params.in_channels, generator=g).to(device, dtype),
-        img_ids=image_ids(batch, h, w, device),
-        txt=torch.randn(batch, txt_len, params.context_in_dim, generator=g).to(device, dtype),
-        txt_ids=torch.zeros(batch, txt_len, 3, device=device),
-        timesteps=torch.full((batch,), 0.7, device=device, dtype=dtype),
-        y=torch.randn(batch, params.vec_in_dim, generator=g).to(device, dtype),
-        guidance=torch.full((batch,), 3.5, device=device, dtype=dtype),
-    )
-
-
-from diffusers_oracle import diffusers_forward  # noqa: E402,F401  (re-exported for the benchmarks)
+    return {
+        "img": torch.randn(batch, h * w, params.in_channels, generator=g).to(device, dtype),
+        "img_ids": image_ids(batch, h, w, device),
+        "txt": torch.randn(batch, txt_len, params.context_in_dim, generator=g).to(device, dtype),
+        "txt_ids": torch.zeros(batch, txt_len, 3, device=device),
+        "timesteps": torch.full((batch,), 0.7, device=device, dtype=dtype),
+        "y": torch.randn(batch, params.vec_in_dim, generator=g).to(device, dtype),
+        "guidance": torch.full((batch,), 3.5, device=device, dtype=dtype),
+    }
 
 
 def diffusers_twin(model: Flux):
-    """diffusers' FluxTransformer2DModel holding the same weights (views of ours: no second copy)."""
-    from diffusers_oracle import diffusers_transformer
+    """diffusers' FluxTransformer2DModel holding the same weights (views of ours: no second copy).
 
-    return diffusers_transformer(model.state_dict(), model.params, assign=True)
+    The key mapping is flux.convert's, the one the loaders use; the tests check our forward against their own,
+    independent mapping (tests/diffusers_oracle.py), so the benchmarks measure a twin the tests vouch for.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from flux.convert import to_diffusers, transformer_config, transformer_rules
+
+    with torch.device("meta"):
+        twin = FluxTransformer2DModel(**transformer_config(model.params))
+    twin.load_state_dict(to_diffusers(model.state_dict(), transformer_rules(model.params)), strict=True, assign=True)
+    return twin.eval()
+
+
+def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:
+    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours)."""
+    return twin(
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"][0],
+        txt_ids=x["txt_ids"][0],
+        guidance=x["guidance"] if twin.config.guidance_embeds else None,
+        return_dict=False,
+    )[0]
 
 
 def sync(device: torch.device) -> None:
@@ -180,7 +200,7 @@ def compare(out: Tensor, ref: Tensor) -> dict:
     }
 
 
-def gib(n: int | float) -> float:
+def gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 

@@ -29,13 +29,22 @@ import gc
 import time
 
 import torch
-
 from common import (
-    Results, add_common_args, attention_context, compare, env_info, first_call_s, model_params, random_flux, random_inputs, time_ms,
+    Results,
+    add_common_args,
+    attention_context,
+    compare,
+    env_info,
+    first_call_s,
+    model_params,
+    random_flux,
+    random_inputs,
+    time_ms,
     uncompile,
 )
-from flux import accel
 from profile_transformer import kernel_table
+
+from flux import accel
 
 
 def main() -> None:
@@ -68,7 +77,7 @@ def main() -> None:
                 accel.compile_blocks(model, backend=backend, **compile_kw)
             for ci, c in enumerate(cases):
                 x = inputs[c]
-                fn = lambda: model(**x)  # noqa: E731
+                fn = lambda x=x: model(**x)
                 compile_s = first_call_s(fn, device)
                 if graph and device.type == "cuda":
                     fn()
@@ -76,7 +85,7 @@ def main() -> None:
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g):
                         static_out = model(**x)
-                    fn = lambda: (g.replay(), static_out)[1]  # noqa: E731
+                    fn = lambda g=g, out=static_out: (g.replay(), out)[1]
                 out = fn()
                 t = time_ms(fn, device, reps=args.reps)
                 entry = {**t, "tflops": round(flops[c] / (t["median_ms"] * 1e-3) / 1e12, 1), "compile_s": compile_s,
@@ -139,7 +148,7 @@ def main() -> None:
             if fuse:
                 uncompile(model)
                 accel.unfuse_gelu(model)
-        except Exception as e:  # record and go on: one failing variant must not cost the others
+        except Exception as e:  # noqa: BLE001 -- record and go on: one failing variant must not cost the others
             res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
     # The table, last, so that the end of the log carries it.
     for v, cs in res.data.get("variants", {}).items():

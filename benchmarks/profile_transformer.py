@@ -19,14 +19,23 @@ import warnings
 from collections import defaultdict
 
 import torch
+from common import (
+    Results,
+    add_common_args,
+    attention_context,
+    env_info,
+    model_params,
+    random_flux,
+    random_inputs,
+    sdpa_timings,
+)
 
-from common import Results, add_common_args, attention_context, env_info, model_params, random_flux, random_inputs, sdpa_timings
 from flux import accel
 
 CATEGORIES = [
-    ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fort_native", re.I)),
-    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|matmul|sm90_|splitk|ampere_bf16|fp8", re.I)),
-    ("fused elementwise (triton)", re.compile(r"^triton_", re.I)),
+    ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fort_native", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|matmul|sm90_|splitk|ampere_bf16|fp8", re.IGNORECASE)),
+    ("fused elementwise (triton)", re.compile(r"^triton_", re.IGNORECASE)),
 ]
 
 
@@ -71,7 +80,7 @@ def cudnn_refusal(device: torch.device, q, k, v) -> list[str]:
             warnings.simplefilter("always")
             ok = can_use_cudnn_attention(params, debug=True)
         return [] if ok else [str(w.message)[:300] for w in caught] or ["refused (no reason given)"]
-    except Exception as e:  # the API differs across versions; this is diagnostics only
+    except Exception as e:  # noqa: BLE001 -- the API differs across versions; this is diagnostics only
         return [f"could not ask: {e.__class__.__name__}: {e}"[:300]]
 
 
@@ -111,7 +120,7 @@ def main() -> None:
         try:
             with torch.inference_mode(), attention_context(spec, device):
                 res.set("compiled_forward_1024x1", spec, value=kernel_table(lambda: model(**x), device))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- diagnostics: record the failure, go on
             res.set("compiled_forward_1024x1", spec, value=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
 
 
