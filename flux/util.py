@@ -717,12 +717,16 @@ def text_encoder_source(version: str, subfolder: str, fallback: str) -> tuple[st
     looks_local = os.path.isabs(version) or version.startswith(("~", ".")) or Path(version).expanduser().exists()
     if looks_local:
         return version, _subfolder(str(Path(version).expanduser()), subfolder)
+    from huggingface_hub import try_to_load_from_cache
+
     probes = [(subfolder, f"{subfolder}/config.json"), (None, "config.json")]
-    for sub, probe in probes:
-        if hub_cached_file(version, probe):
+    cached = [try_to_load_from_cache(version, probe) for _, probe in probes]
+    for (sub, _), found in zip(probes, cached):
+        if isinstance(found, str):
             return version, sub
-    for sub, probe in probes:
-        if hub_file_exists(version, probe, TEXT_LOCAL_HINT):
+    for (sub, probe), found in zip(probes, cached):
+        # None: the cache knows nothing; otherwise it recorded the Hub's "no such file" (a marker object).
+        if found is None and hub_file_exists(version, probe, TEXT_LOCAL_HINT):
             return version, sub
     if version == fallback:
         raise UserError(f"{version} holds no text encoder (no config.json on the Hub): {TEXT_LOCAL_HINT}.")
