@@ -26,7 +26,7 @@ def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable
     `fullgraph=True` turns any graph break into an error instead of a silent slowdown.
     With inductor's default mode, row reductions up to 16k elements (LayerNorm, FP8 per-token scales)
     may run as one-pass persistent kernels, which inductor benchmarks against its looped form at the
-    first call ("multi-kernel"; measured on an H100: -1% bf16, -3.5% FP8 step time).
+    first call ("multi-kernel"; its gain is in docs/performance.md).
     """
     from .stream import streamer_of  # stream.py builds on this module
 
@@ -45,8 +45,8 @@ def compile_decoder(ae: nn.Module, backend: str | Callable = "inductor") -> nn.M
     """Compile the autoencoder's decoder in place (state-dict keys unchanged), one graph per image size.
 
     Eager decoding is dominated by memory traffic at full resolution (GroupNorm, SiLU and residual passes over
-    128-channel 1024² maps); fused, a 1024² decode takes 45 ms instead of 121 on an H100 (and 1.3 GiB of
-    activations instead of 3.5), for a ~20 s compile per size. Outputs within bf16 rounding of eager."""
+    128-channel 1024² maps), which inductor fuses; one compile per image size pays off over many decodes
+    (docs/performance.md). Outputs within bf16 rounding of eager."""
     ae.decoder.compile(backend=backend, dynamic=False, fullgraph=True)
     return ae
 

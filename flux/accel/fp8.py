@@ -22,8 +22,8 @@ class FP8Linear(nn.Module):
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.bias_in_kernel = bias_in_kernel  # else added apart: not every torch build takes a bias with row-wise scales
-        # Hopper's fast FP8 accumulation (fewer promotions to fp32): 10% faster FLUX steps on an H100 for a
-        # relative error of 6.53% instead of 6.49% against bf16 (benchmarks/explore_speed.py).
+        # Hopper's fast FP8 accumulation (fewer promotions to fp32): faster steps for a barely larger error
+        # against bf16 (docs/performance.md, "Options tried").
         self.fast_accum = True
         self.register_buffer("weight", weight)  # (N, K) row-major: its transpose is the column-major B operand
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1))  # (1, N)
