@@ -8,8 +8,81 @@ Writes <output_dir>/<prompt_id>/ref.png and layer_XX.png plus <output_dir>/manif
 settings to resume: only missing images are made.  --print-config lists every key.
 """
 
-from stableflow.config import run_demo
-from stableflow.sweep import SkipConfig, run
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from stableflow.config import load_models_for, run_demo
+from stableflow.sweep import (
+    Dist,
+    ImageWriter,
+    SkipConfig,
+    SweepPlan,
+    SweepResult,
+    claim,
+    encode_prompts,
+    progress_bar,
+    sweep_device,
+)
+
+if TYPE_CHECKING:
+    from flux.pipeline import FluxModels
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_sweep(plan: SweepPlan, load: Callable[[str], FluxModels], device: str = "auto", dist: Dist | None = None,
+              progress: bool = True) -> SweepResult:
+    """Make this rank's missing images of `plan`. `load(device)` loads the models, only if work remains."""
+    dist = dist or Dist()
+    root, tag = plan.output_dir, dist.tag
+    work = claim(plan, dist)  # checks/extends manifest.json (other settings: UserError), finds what is missing
+    log(f"{tag}sweep of {plan.total} images ({len(plan.prompts)} prompts x {len(plan.layers) + 1} variants) in "
+        f"{root}: {sum(map(len, work.mine))} are this process's, {work.done} already done, {work.todo} to make")
+    if not work.pending:
+        return SweepResult([], work.done, plan.total)
+
+    models = load(sweep_device(device, dist))
+    text, row = encode_prompts(models, work.prompts())
+    timesteps = models.schedule(plan.steps, plan.width, plan.height)
+    seeds = {p.seed for p in work.prompts()}
+    noise = {s: models.noise([s], plan.width, plan.height) for s in seeds}  # every variant of a prompt: same noise
+
+    start = time.perf_counter()
+    bar = progress_bar(work.todo, f"{tag}sweep", enabled=progress and dist.local_rank == 0)
+    with models.on_device(models.model, models.ae), ImageWriter(bar) as writer:
+        for batch in work.pending:
+            # One variant of several prompts: each sample bypasses its own layer (all the same one in full groups).
+            latent = models.denoise(text.select([row[it.prompt] for it in batch]),
+                                    torch.cat([noise[it.prompt.seed] for it in batch]), timesteps, plan.guidance,
+                                    skip=[it.skip for it in batch])
+            writer.wait()  # the previous batch's files: a kill then loses only the batch in flight
+            for i, item in enumerate(batch):
+                if item.path(root).exists():  # made before a kill mid-batch: identical by construction
+                    continue
+                # Decoded one at a time: the AE at 1024² needs several GB per image.
+                writer.submit(item.path(root), models.decode(latent[i : i + 1])[0].cpu(), plan.metadata(item))
+    seconds = time.perf_counter() - start
+    log(f"{tag}done: wrote {len(writer.written)} images on {models.device} in {seconds:.1f} s "
+        f"({seconds / max(1, len(writer.written)):.2f} s/image)")
+    return SweepResult(writer.written, work.done, plan.total)
+
+
+def main(cfg: SkipConfig) -> None:
+    plan = cfg.plan()  # validated prompts and layers (the prompt file was read once, by the config check)
+    dist = Dist.from_env()  # torchrun's RANK / WORLD_SIZE: each process takes every WORLD_SIZE-th batch
+    result = run_sweep(plan, lambda device: load_models_for(replace(cfg, device=device)), cfg.device, dist,
+                       cfg.progress)
+    print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir} ({result.skipped} already there)")
+
 
 if __name__ == "__main__":
-    run_demo(SkipConfig, run, description=__doc__.split("\n\n")[0])
+    run_demo(SkipConfig, main, description=__doc__.split("\n\n")[0])

@@ -1,9 +1,9 @@
-"""The layer-ablation sweep of Stable Flow (demo_2_skip.py): every prompt's reference image and one image per
-bypassed layer, batched, resumable after a kill, and split over any number of processes.
+"""The layer-ablation sweep of Stable Flow: every prompt's reference image and one image per bypassed layer.
 
-Output layout (demo_3_dino.py / stableflow.vitality read exactly this):
+This module owns the sweep: its plan (`SweepPlan`, batches, the split over processes) and its output folder, written
+here by demo_2_skip.py and read back here (`scan_sweep`) by demo_3_dino.py:
 
-    <out>/manifest.json                      what the sweep is: model, layer counts, size, steps, guidance,
+    <out>/manifest.json                      what the sweep is: model, layer counts, dtype, size, steps, guidance,
                                              prompts [{"id","prompt","seed"}], layers
     <out>/<prompt_id>/ref.png                the prompt's image with no layer bypassed
     <out>/<prompt_id>/layer_XX.png           the same prompt and seed with global layer XX bypassed
@@ -24,29 +24,40 @@ import difflib
 import json
 import os
 import re
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from .config import BaseConfig
 from flux.errors import UserError
-from .io import atomic_write_json, save_png
 from flux.model import layer_name
 from flux.util import model_spec
+
+from .config import BaseConfig
+from .io import IMAGE_SUFFIXES, atomic_write_json, save_png
+from .io import load_image as _read_image
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels, Text
 
 PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MANIFEST = "manifest.json"
+REF_FILE = "ref.png"
+_LAYER_FILE = re.compile(r"^layer_(\d+)$")  # the stem of an ablated image; any image suffix is read back
+FEATURES_DIR = "dino_features"  # the default home of demo_3's feature cache inside a sweep folder: not a prompt
 # Settings that must match for a folder's images to belong to one sweep (resuming with other settings would mix them).
-_SETTINGS = ("model", "num_double", "num_single", "width", "height", "steps", "guidance")
+_SETTINGS = ("model", "num_double", "num_single", "dtype", "width", "height", "steps", "guidance")
+# A sweep folder without manifest.json is read as FLUX.1's (dev and schnell share 19 double + 38 single blocks).
+FALLBACK_MODEL = "flux-dev"
+
+
+def layer_file(layer: int | None) -> str:
+    """The file name of a prompt's image with `layer` bypassed (None: the reference)."""
+    return REF_FILE if layer is None else f"layer_{layer:02d}.png"
 
 
 # --------------------------------------------------------------------------------------------------- prompts
@@ -159,7 +170,7 @@ class Item:
 
     @property
     def filename(self) -> str:
-        return "ref.png" if self.layer is None else f"layer_{self.layer:02d}.png"
+        return layer_file(self.layer)
 
     def path(self, root: str | os.PathLike) -> Path:
         return Path(root) / self.prompt.id / self.filename
@@ -170,6 +181,56 @@ class Item:
 
 
 Batch = list[Item]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything that decides a sweep's images and where they go; validated once (`SkipConfig.plan`)."""
+
+    model: str
+    num_double: int
+    num_single: int
+    dtype: str  # bf16 | fp16 | fp32: part of what an image is, so a resumed sweep must keep it
+    prompts: tuple[PromptSpec, ...]
+    layers: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    batch_size: int
+    output_dir: Path
+
+    def __post_init__(self):  # lists and str paths are welcome; stored as tuples and a Path (the plan is a value)
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+
+    @property
+    def total(self) -> int:
+        """Images in the whole sweep (all ranks): every prompt's reference and one per layer."""
+        return len(self.prompts) * (len(self.layers) + 1)
+
+    def batches(self) -> list[Batch]:
+        return plan_batches(self.prompts, self.layers, self.batch_size)
+
+    def manifest(self) -> dict:
+        return {
+            "model": self.model, "num_double": self.num_double, "num_single": self.num_single, "dtype": self.dtype,
+            "width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
+            "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in self.prompts],
+            "layers": list(self.layers),
+        }
+
+    def metadata(self, item: Item) -> dict:
+        """The PNG text chunk of one image: enough to regenerate it alone."""
+        return {
+            "prompt": item.prompt.prompt, "prompt_id": item.prompt.id, "seed": item.prompt.seed,
+            "layer": "ref" if item.layer is None else item.layer,
+            "layer_name": "reference (no layer bypassed)" if item.layer is None else layer_name(item.layer,
+                                                                                                self.num_double),
+            "model": self.model, "dtype": self.dtype, "width": self.width, "height": self.height,
+            "steps": self.steps, "guidance": self.guidance,
+        }
 
 
 def plan_batches(prompts: Sequence[PromptSpec], layers: Sequence[int], batch_size: int) -> list[Batch]:
@@ -225,6 +286,11 @@ class Dist:
                             "0 <= RANK < WORLD_SIZE (launch with torchrun, or unset them)")
         return cls(rank, world, local)
 
+    @property
+    def tag(self) -> str:
+        """A log prefix naming the rank when there are several."""
+        return f"[rank {self.rank}/{self.world_size}] " if self.world_size > 1 else ""
+
 
 def sweep_device(requested: str, dist: Dist) -> str:
     """Under a multi-process launch, "auto"/"cuda" mean this process's own GPU, cuda:LOCAL_RANK."""
@@ -237,19 +303,7 @@ def sweep_device(requested: str, dist: Dist) -> str:
     return requested
 
 
-# ------------------------------------------------------------------------------------------------ manifest
-
-
-def sweep_manifest(
-    model: str, num_double: int, num_single: int, width: int, height: int, steps: int, guidance: float,
-    prompts: Sequence[PromptSpec], layers: Sequence[int],
-) -> dict:
-    return {
-        "model": model, "num_double": num_double, "num_single": num_single, "width": width, "height": height,
-        "steps": steps, "guidance": guidance,
-        "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in prompts],
-        "layers": list(layers),
-    }
+# ------------------------------------------------------------------------------------- the folder: writing
 
 
 def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
@@ -268,7 +322,9 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is unreadable or not a sweep manifest ({e.__class__.__name__}: {e}); choose another "
                         "output_dir, or delete the file if that folder holds no sweep") from None
-    diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in _SETTINGS if old.get(k) != manifest[k]]
+    # Manifests written before the dtype was recorded lack it: that sweep's dtype is unknown, not different.
+    settings = [k for k in _SETTINGS if not (k == "dtype" and k not in old)]
+    diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in settings if old.get(k) != manifest[k]]
     for p in manifest["prompts"]:
         o = old_prompts.get(p["id"])
         if o is not None and (o.get("prompt"), o.get("seed")) != (p["prompt"], p["seed"]):
@@ -298,7 +354,84 @@ def remove_stale_temp_files(batches: Sequence[Batch], root: str | os.PathLike) -
     return removed
 
 
-# ------------------------------------------------------------------------------------------------- running
+@dataclass
+class Work:
+    """This rank's share of a sweep as the folder stands: the batches still to run and how much is done."""
+
+    mine: list[Batch]  # this rank's batches, done or not
+    pending: list[Batch]  # those with a missing image, in plan order
+    todo: int  # images this rank still has to make
+    done: int  # images of this rank that already exist
+
+    def prompts(self) -> list[PromptSpec]:
+        """The prompts the pending batches need, each once, in order of first use."""
+        return list(dict.fromkeys(item.prompt for batch in self.pending for item in batch))
+
+
+def claim(plan: SweepPlan, dist: Dist) -> Work:
+    """Make `plan.output_dir` this sweep's folder and find this rank's remaining work.
+
+    Every rank checks the manifest, so other settings stop all of them before any work; rank 0 writes the merged
+    one. Temp files a killed run left for this rank's items are deleted.
+    """
+    root = plan.output_dir
+    merged = merge_manifest(root, plan.manifest())
+    if dist.rank == 0:
+        for tmp in root.glob(f".{MANIFEST}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        atomic_write_json(root / MANIFEST, merged)
+    mine = shard(plan.batches(), dist.rank, dist.world_size)
+    remove_stale_temp_files(mine, root)
+    pending = [b for b in mine if is_pending(b, root)]
+    todo = sum(not item.path(root).exists() for b in pending for item in b)
+    return Work(mine, pending, todo, sum(len(b) for b in mine) - todo)
+
+
+def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int = 16) -> tuple[Text, dict]:
+    """Every prompt encoded once, then the text encoders leave the GPU for the whole run. Returns the encodings
+    and each prompt's row in them (for `Text.select`). Chunks of `chunk` prompts bound T5's activation memory."""
+    from flux.pipeline import Text
+
+    parts = [models.encode([p.prompt for p in prompts[i : i + chunk]]) for i in range(0, len(prompts), chunk)]
+    # Every chunk is padded to T5's max_length, so the rows concatenate.
+    text = parts[0] if len(parts) == 1 else Text(*(torch.cat([getattr(t, f) for t in parts])
+                                                   for f in ("txt", "txt_ids", "vec")))
+    models.release_text_encoders()
+    return text, {p: i for i, p in enumerate(prompts)}
+
+
+class ImageWriter:
+    """Encodes and writes PNGs on a few threads while the GPU denoises the next batch (PNG encoding of a 1024²
+    image costs about as much as a denoising step). `wait()` collects what was submitted; the progress bar
+    advances as each file lands."""
+
+    def __init__(self, bar, threads: int = 4):
+        self.bar, self.written = bar, []
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="png")
+        self._pending: list[Future] = []
+
+    def submit(self, path: Path, image: torch.Tensor, meta: dict) -> None:
+        self._pending.append(self._pool.submit(self._write, path, image, meta))
+
+    def _write(self, path: Path, image: torch.Tensor, meta: dict) -> Path:
+        save_png(path, image, meta)
+        self.bar.update(1)
+        return path
+
+    def wait(self) -> None:
+        self.written += [f.result() for f in self._pending]
+        self._pending = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self.bar.close()
 
 
 @dataclass
@@ -308,100 +441,199 @@ class SweepResult:
     total: int  # items in the whole sweep (all ranks)
 
 
-def run_sweep(
-    load: Callable[[str], "FluxModels"],
-    model_name: str,
-    num_double: int,
-    num_single: int,
-    prompts: Sequence[PromptSpec],
-    layers: Sequence[int],
-    width: int,
-    height: int,
-    steps: int,
-    guidance: float,
-    batch_size: int,
-    output_dir: str | os.PathLike,
-    device: str = "auto",
-    dist: Dist | None = None,
-    progress: bool = True,
-) -> SweepResult:
-    """Generate this rank's missing images of the sweep. `load(device)` loads the models, only if work remains.
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over `total` images with rate and ETA (smoothed: the first batch includes warm-up)."""
+    from tqdm import tqdm
 
-    Inputs must be validated already (load_prompts/select_prompts/resolve_layers); nothing is written before
-    the manifest check passes.
-    """
-    dist = dist or Dist()
-    root = Path(output_dir)
-    manifest = sweep_manifest(model_name, num_double, num_single, width, height, steps, guidance, prompts, layers)
-    merged = merge_manifest(root, manifest)  # every rank checks, so a mismatch stops all of them before any work
-    batches = plan_batches(prompts, layers, batch_size)
-    mine = shard(batches, dist.rank, dist.world_size)
-    total = sum(len(b) for b in batches)
-    if dist.rank == 0:
-        for tmp in root.glob(f".{MANIFEST}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-        atomic_write_json(root / MANIFEST, merged)
-    remove_stale_temp_files(mine, root)
-    pending = [b for b in mine if is_pending(b, root)]
-    todo = sum(not item.path(root).exists() for b in pending for item in b)
-    skipped = sum(len(b) for b in mine) - todo
-    tag = f"[rank {dist.rank}/{dist.world_size}] " if dist.world_size > 1 else ""
-    _log(f"{tag}sweep of {total} images ({len(prompts)} prompts x {len(layers) + 1} variants) in {root}: "
-         f"{sum(len(b) for b in mine)} are this process's, {skipped} already done, {todo} to make")
-    if not pending:
-        return SweepResult([], skipped, total)
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
 
-    models = load(sweep_device(device, dist))
-    # Encode every prompt of this rank once, then free the GPU of the text encoders for the whole run.
-    needed = list(dict.fromkeys(item.prompt for b in pending for item in b))
-    row = {p: i for i, p in enumerate(needed)}
-    chunks = [models.encode([p.prompt for p in needed[i : i + 16]]) for i in range(0, len(needed), 16)]
-    text = chunks[0] if len(chunks) == 1 else _cat_text(chunks)
-    models.release_text_encoders()
-    timesteps = models.schedule(steps, width, height)
-    noise_cache: dict[int, torch.Tensor] = {}
 
-    def noise_of(p: PromptSpec) -> torch.Tensor:
-        if p.seed not in noise_cache:
-            noise_cache[p.seed] = models.noise([p.seed], width, height)
-        return noise_cache[p.seed]
+# ------------------------------------------------------------------------------------- the folder: reading
 
-    written: list[Path] = []
-    start = time.perf_counter()
-    bar = _progress(todo, f"{tag}sweep", enabled=progress and dist.local_rank == 0)
-    # PNG encoding (~0.2 s per 1024^2 image) runs in threads while the GPU denoises the next batch; waiting for
-    # the previous batch's files before decoding the next keeps a kill's loss to the batches in flight.
+
+def load_sweep_image(path: str | Path) -> Image.Image:
+    """Fully decode a sweep image as RGB; a corrupt or vanished file is a UserError naming it."""
+    return _read_image(path, fix="delete or regenerate it (demo_2_skip.py regenerates missing images when "
+                                 "restarted) and run again")
+
+
+def _ranges(xs: Iterable[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2, 5, 7-8' (missing-layer reports stay one line)."""
+    xs, out = sorted(xs), []
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _examples(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+@dataclass
+class Sweep:
+    """What a demo_2_skip.py output folder holds, and what it should hold."""
+
+    root: Path
+    manifest: dict | None
+    num_double: int
+    refs: dict[str, Path] = field(default_factory=dict)  # prompt id -> ref image
+    ablations: dict[str, dict[int, Path]] = field(default_factory=dict)  # prompt id -> layer -> image
+    expected_prompts: list[str] = field(default_factory=list)
+    expected_layers: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped files and other things a person should know
+
+    def pairs(self) -> list[tuple[str, int, Path, Path]]:
+        """(prompt, layer, reference, ablated) for every ablated image whose reference exists."""
+        return [(pid, layer, self.refs[pid], path) for pid in sorted(self.ablations) if pid in self.refs
+                for layer, path in sorted(self.ablations[pid].items())]
+
+    def require_pairs(self) -> None:
+        if not self.pairs():
+            raise UserError(f"no (ref.png, layer_XX.png) pairs in {self.root}; run demo_2_skip.py into it first or "
+                            f"fix \"sweep_dir\"")
+
+    def missing(self) -> dict[str, dict]:
+        """prompt id -> {"ref": missing?, "layers": [missing layer indices]} for every incomplete prompt."""
+        out = {}
+        for pid in self.expected_prompts:
+            lacking = [l for l in self.expected_layers if l not in self.ablations.get(pid, {})]
+            if pid not in self.refs or lacking:
+                out[pid] = {"ref": pid not in self.refs, "layers": lacking}
+        return out
+
+    def missing_report(self) -> list[str]:
+        """Human-readable lines: which prompts lack their reference or which layers."""
+        lines = []
+        for pid, m in self.missing().items():
+            what = (["ref.png"] if m["ref"] else []) + ([f"layers {_ranges(m['layers'])}"] if m["layers"] else [])
+            lines.append(f"{pid}: missing {' and '.join(what)}")
+        return lines
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest a sweep folder holds (None: none, e.g. a folder of images made by hand)."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        return None
     try:
-        with models.on_device(models.model, models.ae), ThreadPoolExecutor(4, thread_name_prefix="png") as pool:
-            writing: list[Future] = []
-            for batch in pending:
-                latent = models.denoise(
-                    text.select([row[item.prompt] for item in batch]),
-                    torch.cat([noise_of(item.prompt) for item in batch]),
-                    timesteps,
-                    guidance,
-                    skip=[item.skip for item in batch],
-                )
-                written += [f.result() for f in writing]
-                writing = []
-                for i, item in enumerate(batch):
-                    path = item.path(root)
-                    if path.exists():  # made by the killed run before it died mid-batch: identical by construction
-                        continue
-                    # Decoded one at a time: the AE at 1024^2 needs several GB per image.
-                    image = models.decode(latent[i : i + 1])[0].cpu()
-                    meta = _metadata(item, model_name, num_double, width, height, steps, guidance)
-                    writing.append(pool.submit(_write, path, image, meta, bar))
-            written += [f.result() for f in writing]
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    _log(f"{tag}done: wrote {len(written)} images on {models.device} in {seconds:.1f} s "
-         f"({seconds / max(1, len(written)):.2f} s/image)")
-    return SweepResult(written, skipped, total)
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or delete it (layers are then read from file names)"
+                        ) from e
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} should hold a JSON object, not {type(manifest).__name__}")
+    return manifest
 
 
-# ---------------------------------------------------------------------------------------------- the demo
+def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterable[Path] = ()) -> Sweep:
+    """Index a sweep folder `<root>/<prompt_id>/{ref,layer_XX}.png` (+ manifest.json), tolerating a partial sweep.
+
+    `num_double` overrides the manifest (an error if they disagree); without either it is FLUX.1's.
+    Subfolders in `exclude` (e.g. the output folder) and the feature cache are not prompts.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"sweep folder {root} does not exist or is not a folder; run demo_2_skip.py first or fix "
+                        f"\"sweep_dir\"")
+    manifest = read_manifest(root)
+    m_double = manifest.get("num_double") if manifest else None
+    if num_double is not None and m_double is not None and num_double != m_double:
+        raise UserError(f"num_double is {num_double} in the config but {m_double} in {root / MANIFEST}; "
+                        f"remove num_double from the config (the manifest knows the model)")
+    nd = num_double if num_double is not None else (m_double if isinstance(m_double, int)
+                                                          else model_spec(FALLBACK_MODEL).params.depth)
+    total = nd + manifest["num_single"] if manifest and isinstance(manifest.get("num_single"), int) else None
+    sweep = Sweep(root=root, manifest=manifest, num_double=nd)
+
+    skip_dirs = {FEATURES_DIR} | {Path(p).resolve() for p in exclude}
+    skipped, ignored, out_of_range = [], [], []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir():
+            if d.name != MANIFEST and not d.name.startswith("."):
+                skipped.append(d.name)
+            continue
+        if d.name in skip_dirs or d.resolve() in skip_dirs or d.name.startswith("."):
+            continue
+        layers: dict[int, Path] = {}
+        for f in sorted(d.iterdir()):
+            rel = f"{d.name}/{f.name}"
+            if f.name.startswith("."):  # temporary files of atomic writers
+                continue
+            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(rel)
+            elif f.stem == Path(REF_FILE).stem:
+                sweep.refs[d.name] = f
+            elif (m := _LAYER_FILE.match(f.stem)) is not None:
+                layer = int(m.group(1))
+                if total is not None and layer >= total:
+                    out_of_range.append(rel)
+                else:
+                    layers[layer] = f
+            else:
+                ignored.append(rel)
+        if layers:
+            sweep.ablations[d.name] = layers
+
+    if skipped:
+        sweep.notes.append(f"skipped {len(skipped)} non-image file(s): {_examples(skipped)}")
+    if ignored:
+        sweep.notes.append(f"ignored {len(ignored)} image(s) not named ref.* or layer_XX.*: {_examples(ignored)}")
+    if out_of_range:
+        sweep.notes.append(f"ignored {len(out_of_range)} image(s) with a layer index >= {total} (the model's "
+                           f"layer count per manifest.json): {_examples(out_of_range)}")
+
+    seen_prompts = sorted(set(sweep.refs) | set(sweep.ablations))
+    seen_layers = sorted({l for ls in sweep.ablations.values() for l in ls})
+    if manifest and isinstance(manifest.get("prompts"), list):
+        sweep.expected_prompts = [str(p["id"]) for p in manifest["prompts"] if isinstance(p, dict) and "id" in p]
+        extra = [p for p in seen_prompts if p not in sweep.expected_prompts]
+        if extra:
+            sweep.notes.append(f"{len(extra)} prompt folder(s) not in manifest.json are scored too: {_examples(extra)}")
+            sweep.expected_prompts += extra
+    else:
+        sweep.expected_prompts = seen_prompts
+    if manifest and isinstance(manifest.get("layers"), list):
+        sweep.expected_layers = sorted({int(l) for l in manifest["layers"]} | set(seen_layers))
+    else:
+        sweep.expected_layers = seen_layers
+    orphans = sorted(p for p in sweep.ablations if p not in sweep.refs)
+    if orphans:
+        sweep.notes.append(f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: "
+                           f"{_examples(orphans)}")
+    return sweep
+
+
+def size_report(sweep: Sweep) -> list[str]:
+    """Notes about ablated images whose size differs from their reference's (comparable after preprocessing, which
+    resizes and crops every image, but a sign that the sweep mixes settings)."""
+    def size(p: Path) -> tuple[int, int]:
+        try:
+            with Image.open(p) as im:
+                return im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return load_sweep_image(p).size  # raises the UserError that names the file
+
+    ref_sizes = {pid: size(p) for pid, p in sweep.refs.items()}
+    odd = []
+    for pid, _, _, path in sweep.pairs():
+        if (s := size(path)) != ref_sizes[pid]:
+            odd.append(f"{pid}/{path.name} {s[0]}x{s[1]} vs ref {ref_sizes[pid][0]}x{ref_sizes[pid][1]}")
+    notes = []
+    if len(set(ref_sizes.values())) > 1:
+        notes.append(f"reference images come in {len(set(ref_sizes.values()))} sizes: "
+                     f"{sorted(set(ref_sizes.values()))}")
+    if odd:
+        notes.append(f"{len(odd)} ablated image(s) differ in size from their reference (scored anyway: preprocessing "
+                     f"resizes to 256 and crops 224, but check the sweep settings): {_examples(odd)}")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------- the demo's config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -430,6 +662,8 @@ class SkipConfig(BaseConfig):
     progress: bool = field(default=True, metadata={"help": "progress bar with ETA (first process of each node)"})
     output_dir: str = field(default="outputs/demo_2_skip", metadata={
         "help": "sweep folder; a rerun resumes it (with the same settings)"})
+    # The plan, once `check` has built it: the prompt file is read once per run.
+    _plan: SweepPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     def prompts_path(self) -> Path:
         path = Path(self.prompts_file).expanduser()
@@ -437,68 +671,37 @@ class SkipConfig(BaseConfig):
             return REPO / path
         return path
 
-    def selection(self) -> tuple[list[PromptSpec], list[int]]:
-        """The validated prompts and layers of the sweep (UserError naming the fix)."""
+    def _build_plan(self) -> tuple[SweepPlan | None, list[str]]:
+        """The plan, or None and every problem of the layers and the prompt selection."""
         p = model_spec(self.model).params
-        layers = resolve_layers(self.layers, p.depth, p.depth_single_blocks)
-        return select_prompts(load_prompts(self.prompts_path()), self.prompt_ids, self.num_prompts), layers
+        problems, layers, prompts = [], None, None
+        try:
+            layers = resolve_layers(self.layers, p.depth, p.depth_single_blocks)
+        except UserError as e:
+            problems.append(str(e))
+        try:
+            prompts = select_prompts(load_prompts(self.prompts_path()), self.prompt_ids, self.num_prompts)
+        except UserError as e:
+            problems.append(str(e))
+        if problems:
+            return None, problems
+        return SweepPlan(self.model, p.depth, p.depth_single_blocks, self.dtype, tuple(prompts), tuple(layers),
+                         self.width, self.height, self.steps, self.guidance, self.batch_size,
+                         Path(self.output_dir)), []
+
+    def plan(self) -> SweepPlan:
+        """The validated sweep this config describes (UserError naming the fix)."""
+        if self._plan is None:
+            plan, problems = self._build_plan()
+            if problems:
+                raise UserError("\n".join(problems))
+            self._plan = plan
+        return self._plan
 
     def check(self) -> list[str]:
         problems = super().check()
         if self.fp8:
             problems.append("'fp8' is off limits for the ablation sweep: its rounding would confound the layer "
                             "measurements (use compile or stream_blocks for speed or memory)")
-        p = model_spec(self.model).params
-        for rule in (lambda: resolve_layers(self.layers, p.depth, p.depth_single_blocks),
-                     lambda: select_prompts(load_prompts(self.prompts_path()), self.prompt_ids, self.num_prompts)):
-            try:
-                rule()
-            except UserError as e:
-                problems.append(str(e))
-        return problems
-
-
-def run(cfg: SkipConfig) -> SweepResult:
-    """demo_2_skip.py: this process's share of the sweep that `cfg` describes."""
-    from .config import load_models_for
-
-    p = model_spec(cfg.model).params
-    prompts, layers = cfg.selection()
-    return run_sweep(
-        lambda device: load_models_for(replace(cfg, device=device)), cfg.model, p.depth, p.depth_single_blocks,
-        prompts, layers, cfg.width, cfg.height, cfg.steps, cfg.guidance, cfg.batch_size, cfg.output_dir,
-        device=cfg.device, dist=Dist.from_env(), progress=cfg.progress,
-    )
-
-
-def _write(path: Path, image: torch.Tensor, meta: dict, bar) -> Path:
-    save_png(path, image, meta)
-    bar.update(1)
-    return path
-
-
-def _metadata(item: Item, model: str, num_double: int, width: int, height: int, steps: int, guidance: float) -> dict:
-    return {
-        "prompt": item.prompt.prompt, "prompt_id": item.prompt.id, "seed": item.prompt.seed,
-        "layer": "ref" if item.layer is None else item.layer,
-        "layer_name": "reference (no layer bypassed)" if item.layer is None else layer_name(item.layer, num_double),
-        "model": model, "width": width, "height": height, "steps": steps, "guidance": guidance,
-    }
-
-
-def _cat_text(chunks: Sequence[Text]) -> Text:
-    from flux.pipeline import Text
-
-    # Different chunks may be padded to the same T5 length (max_length padding), so rows concatenate.
-    return Text(*(torch.cat([getattr(c, f) for c in chunks]) for f in ("txt", "txt_ids", "vec")))
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
-
+        self._plan, more = self._build_plan()
+        return problems + more

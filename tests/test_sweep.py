@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,24 @@ import pytest
 import torch
 from PIL import Image
 
-from stableflow.config import run_demo
+from demo_2_skip import main, run_sweep
 from flux.errors import UserError
+from flux.pipeline import Text, tensor_to_pil
+from stableflow.config import load_config, load_models_for, run_demo
 from stableflow.io import read_png_metadata
-from flux.pipeline import Text
 from stableflow.sweep import (
-    Dist, Item, PromptSpec, SkipConfig, load_prompts, merge_manifest, plan_batches, resolve_layers, run, run_sweep,
-    select_prompts, shard, sweep_manifest,
+    Dist,
+    Item,
+    PromptSpec,
+    SkipConfig,
+    SweepPlan,
+    claim,
+    load_prompts,
+    merge_manifest,
+    plan_batches,
+    resolve_layers,
+    select_prompts,
+    shard,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +79,7 @@ def pixels(path: Path) -> np.ndarray:
 
 def write_prompts(tmp_path: Path, prompts=PROMPTS) -> Path:
     path = tmp_path / "prompts.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in prompts]))
     return path
 
@@ -86,7 +99,7 @@ def plain_env(**env: str) -> dict[str, str]:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
-    out, err = proc.communicate(timeout=timeout)
+    _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
     return err
 
@@ -169,8 +182,8 @@ def sweep_in_process(root: Path, dist: Dist, models: FakeModels | None = None, l
         loads.append(device)
         return models
 
-    result = run_sweep(load, "flux-tiny", 2, 4, PROMPTS, list(layers), 16, 16, 1, 3.5, 3, root, "cpu", dist,
-                       progress=False)
+    plan = SweepPlan("flux-tiny", 2, 4, "fp32", tuple(PROMPTS), tuple(layers), 16, 16, 1, 3.5, 3, root)
+    result = run_sweep(plan, load, "cpu", dist, progress=False)
     return result, loads
 
 
@@ -248,24 +261,58 @@ def test_bad_selection():
 def test_demo_rejects_bad_input_and_writes_nothing(tmp_path, capsys, override, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        run_demo(SkipConfig, run, [str(TINY), f"output_dir={out}", f"prompts_file={write_prompts(tmp_path)}",
+        run_demo(SkipConfig, main, [str(TINY), f"output_dir={out}", f"prompts_file={write_prompts(tmp_path)}",
                                    override])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
+def plan_of(tmp_path: Path, *overrides: str) -> SweepPlan:
+    args = [f"output_dir={tmp_path / 'out'}", f"prompts_file={write_prompts(tmp_path)}", *SETTINGS, *overrides]
+    return load_config(SkipConfig, TINY, args).plan()
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path):
-    args = ("flux-tiny", 2, 4, 32, 48, 2, 3.5, PROMPTS, [0, 1])
-    merge_manifest(tmp_path, sweep_manifest(*args))  # no manifest yet: fine
-    (tmp_path / "manifest.json").write_text(json.dumps(sweep_manifest(*args)))
-    more = sweep_manifest(*args[:7], [*PROMPTS, PromptSpec("cat", "a cat", 3)], [4])
-    merged = merge_manifest(tmp_path, more)  # extending a sweep by prompts and layers is fine
+    base = SweepPlan("flux-tiny", 2, 4, "fp32", tuple(PROMPTS), (0, 1), 32, 48, 2, 3.5, 3, tmp_path)
+    merge_manifest(tmp_path, base.manifest())  # no manifest yet: fine
+    (tmp_path / "manifest.json").write_text(json.dumps(base.manifest()))
+    more = replace(base, prompts=(*PROMPTS, PromptSpec("cat", "a cat", 3)), layers=(4,))
+    merged = merge_manifest(tmp_path, more.manifest())  # extending a sweep by prompts and layers is fine
     assert [p["id"] for p in merged["prompts"]] == ["fox", "lamp", "cat"] and merged["layers"] == [0, 1, 4]
     with pytest.raises(UserError, match="steps 2 there, 3 now"):
-        merge_manifest(tmp_path, sweep_manifest(*args[:5], 3, *args[6:]))
+        merge_manifest(tmp_path, replace(base, steps=3).manifest())
     with pytest.raises(UserError, match="'fox' has another text or seed"):
-        merge_manifest(tmp_path, sweep_manifest(*args[:7], [PromptSpec("fox", "a red fox in the snow", 12)], [0]))
+        merge_manifest(tmp_path, replace(base, prompts=(PromptSpec("fox", "a red fox in the snow", 12),)).manifest())
+    legacy = {k: v for k, v in base.manifest().items() if k != "dtype"}  # written before the dtype was recorded
+    (tmp_path / "manifest.json").write_text(json.dumps(legacy))
+    assert merge_manifest(tmp_path, base.manifest())["dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model=flux-schnell", "model 'flux-tiny' there, 'flux-schnell' now"),
+    ("width=48", "width 32 there, 48 now"),
+    ("height=32", "height 48 there, 32 now"),
+    ("steps=3", "steps 2 there, 3 now"),
+    ("guidance=4", "guidance 3.5 there, 4.0 now"),
+    ("dtype=bf16", "dtype 'fp32' there, 'bf16' now"),
+    ("seed", "prompt 'lamp' has another text or seed there"),
+    ("prompt", "prompt 'fox' has another text or seed there"),
+])
+def test_demo_refuses_to_resume_with_any_other_setting(tmp_path, capsys, override, message):
+    claim(plan_of(tmp_path), Dist())  # a sweep started with SETTINGS: its manifest.json is written
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    prompts = {"seed": [PROMPTS[0], replace(PROMPTS[1], seed=23)],
+               "prompt": [replace(PROMPTS[0], prompt="a grey fox"), PROMPTS[1]]}.get(override)
+    if prompts is not None:  # the same ids with another seed or text
+        override = f"prompts_file={write_prompts(tmp_path / 'changed', prompts)}"
+    with pytest.raises(SystemExit) as e:
+        run_demo(SkipConfig, main, [str(TINY), f"output_dir={tmp_path / 'out'}",
+                                    f"prompts_file={write_prompts(tmp_path)}", *SETTINGS, override])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Use another output_dir" in err
+    assert (tmp_path / "out" / "manifest.json").read_text() == before and not pngs(tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------------------- real runs
@@ -311,7 +358,7 @@ def test_two_ranks_make_every_image_exactly_once(sweeps):
     assert not leftovers(root)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest == {
-        "model": "flux-tiny", "num_double": 2, "num_single": 4, "width": 32, "height": 48, "steps": 2,
+        "model": "flux-tiny", "num_double": 2, "num_single": 4, "dtype": "fp32", "width": 32, "height": 48, "steps": 2,
         "guidance": 3.5, "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in PROMPTS],
         "layers": list(range(N_LAYERS)),
     }
@@ -330,14 +377,14 @@ def test_killed_sweep_resumes_to_the_same_files(sweeps):
     args = [f"output_dir={root}", f"prompts_file={sweeps['prompts']}", *SETTINGS]
     assert 3 <= len(survivors) < len(expected_files(root))  # killed mid-way
     # What a kill during a write leaves: a temp file beside the image it was to become.
-    missing = sorted(expected_files(root) - set(survivors))[0]
+    missing = min(expected_files(root) - set(survivors))
     stale = missing.parent / f".{missing.name}.k1ll3d.tmp"
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"half a PNG")
 
     # The restart is the plain command a user would type again.
     result = subprocess.run([sys.executable, "demo_2_skip.py", str(TINY), *args], cwd=REPO, env=plain_env(),
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert f"{len(survivors)} already done" in result.stderr
     assert pngs(root) == expected_files(root)
@@ -347,3 +394,30 @@ def test_killed_sweep_resumes_to_the_same_files(sweeps):
         same = sweeps["ranks_root"] / path.relative_to(root)
         assert np.array_equal(pixels(path), pixels(same)), path
         assert read_png_metadata(path) == read_png_metadata(same)
+
+
+def test_a_sweep_image_is_the_plain_generation_with_that_layer_bypassed(sweeps):
+    """The independent path: FluxModels.generate for one prompt alone, its own seed, `skip=[{layer}]`.
+
+    Not bytes: the sweep denoised this sample inside a batch of 3 with other prompts and skip sets, so its
+    matmuls have other shapes than a batch of 1 and may sum in another order (float32, last bits). Such a
+    difference can move a pixel across one 8-bit rounding boundary, never further. On flux-tiny a wrong
+    layer or a missing bypass moves pixels by 6 or more levels, a wrong seed by hundreds (checked below, so the
+    tolerance cannot hide them)."""
+    root = sweeps["ranks_root"]
+    cfg = load_config(SkipConfig, TINY, [f"prompts_file={sweeps['prompts']}", *SETTINGS])
+    models = load_models_for(cfg)
+    fox, lamp = PROMPTS
+
+    def generated(prompt: PromptSpec, skip: set[int]) -> np.ndarray:
+        image = models.generate([prompt.prompt], [prompt.seed], 32, 48, 2, 3.5, skip=[skip])[0]
+        return np.asarray(tensor_to_pil(image).convert("RGB")).astype(int)
+
+    for prompt, layer in ((lamp, 3), (fox, 0), (fox, None)):
+        expected = generated(prompt, set() if layer is None else {layer})
+        got = pixels(Item(prompt, layer).path(root)).astype(int)
+        assert np.abs(got - expected).max() <= 1, (prompt.id, layer)
+    wrong = [(pixels(Item(lamp, 3).path(root)), generated(lamp, {2})),  # another layer bypassed
+             (pixels(Item(lamp, 3).path(root)), generated(lamp, set())),  # none bypassed
+             (pixels(Item(lamp, 3).path(root)), generated(replace(lamp, seed=21), {3}))]  # another seed
+    assert all(np.abs(a.astype(int) - b).max() > 1 for a, b in wrong)
