@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 benchmarks/bench_sweep.py --tag 2gpu   # one process per GPU
     python benchmarks/bench_sweep.py --tiny --out /tmp/b               # flux-tiny on the CPU: checks the script
 
-Runs stableflow.sweep.run_sweep itself (batches of ablation variants with per-sample skip sets, AE decode,
+Runs demo_2_skip.run_sweep itself (batches of ablation variants with per-sample skip sets, AE decode,
 PNG writing) with a random flux-dev transformer and AE; the text encoders are stand-ins returning
 random embeddings of the right shapes (encoding 64 prompts is a one-time cost of seconds). The
 transformer is compiled per block with cuDNN attention (flux.accel), the AE decoder as a whole, and warmed up (compiled) before
@@ -37,7 +37,8 @@ from flux import accel
 from flux.modules.autoencoder import AutoEncoder
 from flux.pipeline import FluxModels
 from flux.util import configs
-from stableflow.sweep import Dist, load_prompts, run_sweep, select_prompts
+from demo_2_skip import run_sweep  # the sweep loop lives in the demo (common puts the repo root on sys.path)
+from stableflow.sweep import Dist, SweepPlan, load_prompts, select_prompts
 
 FULL_SWEEP_IMAGES = 64 * 58
 
@@ -145,10 +146,9 @@ def main() -> None:
         if dist.world_size > 1:
             torch.distributed.barrier()
         t3 = time.perf_counter()
-        result = run_sweep(
-            lambda dev: models, name, params.depth, params.depth_single_blocks, prompts, layers, size, size, steps,
-            3.5, args.batch_size, workdir, device=str(device), dist=dist, progress=False,
-        )
+        plan = SweepPlan(name, params.depth, params.depth_single_blocks, "bf16", prompts, layers,
+                         size, size, steps, 3.5, args.batch_size, workdir)
+        result = run_sweep(plan, lambda dev: models, device=str(device), dist=dist, progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         sample_s = time.perf_counter() - t3
