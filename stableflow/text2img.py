@@ -1,15 +1,8 @@
-"""Text to image (demo_0_test.py and `python -m flux`): prompts x seeds -> PNGs with their settings."""
+"""Text to image (demo_0_test.py): its config and the names and metadata of the PNGs it writes."""
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tqdm import tqdm
-
-from .config import BaseConfig, config_to_dict, load_models_for
-from .io import atomic_write_json, save_png
-from flux.pipeline import FluxModels
-from flux.sampling import Step
+from .config import BaseConfig
 
 
 @dataclass
@@ -47,41 +40,7 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"img_{prompt_index:03d}_seed{seed}.png"
 
 
-def run(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
-    """Generate every (prompt, seed) image into cfg.output_dir; skips images that already exist."""
-    out = Path(cfg.output_dir)
-    jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
-    todo = [j for j in jobs if not (out / image_name(j[0], j[2])).exists()]
-    models = models or load_models_for(cfg)
-    steps = cfg.steps or models.spec.num_steps
-    guidance = models.spec.guidance if cfg.guidance is None else cfg.guidance
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo) * steps, unit="step", desc="denoising")
-
-    def advance(step: Step) -> None:
-        bar.update(1)
-
-    text, row = models.encode_all([prompt for _, prompt, _ in todo]) if todo else (None, {})
-    timesteps = models.schedule(steps, cfg.width, cfg.height)
-    for i in range(0, len(todo), cfg.batch_size):
-        batch = todo[i : i + cfg.batch_size]
-        latent = models.denoise(
-            text.select([row[prompt] for _, prompt, _ in batch]),
-            models.noise([seed for *_, seed in batch], cfg.width, cfg.height),
-            timesteps,
-            guidance,
-            callback=advance,
-        )
-        for (p, prompt, seed), image in zip(batch, models.decode(latent)):
-            save_png(out / image_name(p, seed), image, {
-                "prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
-                "steps": steps, "guidance": guidance,
-            })
-    bar.close()
-    files = [out / image_name(p, seed) for p, _, seed in jobs]
-    atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "steps": steps, "guidance": guidance,
-        "images": [{"file": f.name, "prompt": prompt, "seed": seed} for f, (_, prompt, seed) in zip(files, jobs)],
-        "generated_this_run": len(todo), "seconds": round(time.perf_counter() - start, 2),
-    })
-    return files
+def image_metadata(cfg: Text2ImgConfig, prompt: str, seed: int, steps: int, guidance: float) -> dict:
+    """What a PNG's text chunk records: enough to regenerate exactly that image."""
+    return {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
+            "steps": steps, "guidance": guidance}

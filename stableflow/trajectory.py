@@ -14,7 +14,6 @@ Output layout:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from .config import BaseConfig, config_to_dict
-from flux.errors import UserError
-from .io import atomic_open, atomic_write_json, make_grid, save_gif, save_png, slug, tensor_to_pil
 from flux.sampling import Step, unpack
 from flux.util import model_spec
+
+from .config import BaseConfig
+from .io import atomic_open, make_grid, save_gif, save_png, slug, tensor_to_pil
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels, Text
@@ -113,6 +111,12 @@ def sample_folder(prompt_index: int, prompt: str, seed: int) -> str:
     return f"{prompt_index:02d}_{slug(prompt)}_seed{seed}"
 
 
+def sample_metadata(cfg: TrajectoryConfig, prompt: str, seed: int, guidance: float) -> dict:
+    """What every PNG of a sample records (plus its step, t and kind), and the sample's entry in run.json."""
+    return {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
+            "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
+
+
 def _preview(image: Image.Image, size: int) -> Image.Image:
     scale = size / max(image.size)
     new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -150,44 +154,3 @@ def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: d
     with atomic_open(folder / "grid.png") as f:
         make_grid(tiles, labels, cols=2).save(f, format="PNG")
     save_gif(folder / "trajectory.gif", _same_size(frames), duration_ms=gif_frame_ms)
-
-
-def run(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
-    """Every (prompt, seed) trajectory of `cfg` into cfg.output_dir; returns the sample folders."""
-    from .config import load_models_for
-
-    out = Path(cfg.output_dir)
-    jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
-    # trajectory.gif is a sample's last file: where it exists, the sample is complete and a re-run skips it.
-    todo = [j for j in jobs if not (out / sample_folder(*j) / "trajectory.gif").exists()]
-    models = models or load_models_for(cfg)
-    try:
-        models.model.check_layers(cfg.skip_layers, "skip_layers")
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    guidance = models.spec.guidance if cfg.guidance is None else cfg.guidance
-    timesteps = models.schedule(cfg.steps, cfg.width, cfg.height)
-
-    def meta(p: int, prompt: str, seed: int) -> dict:
-        return {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
-                "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
-
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo) * cfg.steps, unit="step", desc="denoising")
-    all_text, row = models.encode_all([prompt for _, prompt, _ in todo]) if todo else (None, {})
-    for i in range(0, len(todo), cfg.batch_size):
-        batch = todo[i : i + cfg.batch_size]
-        text = all_text.select([row[prompt] for _, prompt, _ in batch])
-        noise = models.noise([seed for *_, seed in batch], cfg.width, cfg.height)
-        skip = [frozenset(cfg.skip_layers)] * len(batch) if cfg.skip_layers else None
-        trajs = record_trajectories(models, text, noise, timesteps, guidance, skip, on_step=lambda s: bar.update(1))
-        for (p, prompt, seed), traj in zip(batch, trajs):
-            write_trajectory(out / sample_folder(p, prompt, seed), traj, models, meta(p, prompt, seed),
-                             cfg.preview_size, cfg.gif_frame_ms)
-    bar.close()
-    atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "timesteps": timesteps,
-        "samples": [{"folder": sample_folder(*j), **meta(*j), "frames": cfg.steps} for j in jobs],
-        "generated_this_run": len(todo), "seconds": round(time.perf_counter() - start, 2),
-    })
-    return [out / sample_folder(*j) for j in jobs]

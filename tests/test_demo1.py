@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from demo_1_layer import main
 from stableflow.config import run_demo
 from stableflow.io import read_png_metadata
-from stableflow.trajectory import TrajectoryConfig, run
+from stableflow.trajectory import TrajectoryConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny" / "demo_1_layer.json"
@@ -74,7 +75,7 @@ def test_trajectory_outputs(tmp_path):
 def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:  # in-process: the config check runs before any model is loaded
-        run_demo(TrajectoryConfig, run, [str(TINY), f"output_dir={out}", "skip_layers=[0,6]"])
+        run_demo(TrajectoryConfig, main, [str(TINY), f"output_dir={out}", "skip_layers=[0,6]"])
     assert e.value.code == 2
     assert "'skip_layers' [6] out of range" in capsys.readouterr().err
     assert not out.exists()
