@@ -27,6 +27,8 @@ import torch
 from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
 from torch import nn
 
+import demo_0_test  # the demos' run loops live in the demo scripts (common puts the repo root on sys.path)
+import demo_1_layer
 from flux import accel
 from flux.accel import AccelOptions
 from flux.modules.autoencoder import AutoEncoder
@@ -121,8 +123,8 @@ def main() -> None:
     work = tempfile.mkdtemp()
     base = {"model": models.name, "width": size, "height": size, "steps": 2, "device": str(device)}
     demos = {
-        "demo_0_test": lambda: text2img.run(load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models),
-        "demo_1_layer": lambda: trajectory.run(load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models),
+        "demo_0_test": lambda: demo_0_test.main(load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models),
+        "demo_1_layer": lambda: demo_1_layer.main(load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models),
         "demo_2_skip (batch 4)": lambda: run_sweep(lambda d: models, models.name, models.spec.params.depth,
                                                    models.spec.params.depth_single_blocks, [PromptSpec("p0", "a fox", 0)],
                                                    [0, 1, 2], size, size, 2, 3.5, 4, f"{work}/d2", str(device), progress=False),
