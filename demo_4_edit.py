@@ -4,11 +4,106 @@
     python demo_4_edit.py configs/demo_4_edit_real.json   # real image: invert, reconstruct, edit
 
 Edits attend with the reference's image keys/values in the vital layers (a list, demo_3_dino.py's
-vital_layers.json, or the release's default). Outputs: PNGs, a captioned grid.png, results.json.
+vital_layers.json -- by default the one beside output_dir when it exists -- or the release's default), in every
+denoising step or those of `inject_steps`. Outputs: PNGs, a captioned grid.png, results.json. A re-run skips the
+edits already made with the same settings and refuses a folder made with other settings.
 """
 
-from stableflow.config import run_demo
-from stableflow.edit import EditConfig, run
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from flux.model import layer_name
+from flux.pipeline import FluxModels
+from flux.util import model_spec
+from stableflow.clip_score import ClipScorer, mean_scores
+from stableflow.config import config_to_dict, load_models_for, run_demo
+from stableflow.edit import (
+    SETTINGS_KEY, EditConfig, RealImage, edit_chunks, edit_file, edit_generated, edit_real, edit_settings,
+    finished_files, pil_to_tensor, reference_files,
+)
+from stableflow.io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
+
+
+def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
+    """Everything the demo does; returns the results.json object. Every check comes before the first file is
+    written, so bad input, a folder made with other settings or a failed model load leave output_dir untouched."""
+    out, real = Path(cfg.output_dir).expanduser(), cfg.real
+    layers, layers_from = cfg.injection_layers  # the vital layers: a list, demo_3's file or the release's default
+    print(f"vital layers {layers} ({layers_from})", flush=True)
+    settings = edit_settings(cfg)  # what decides the pictures; every PNG records it
+    names = [edit_file(i, p) for i, p in enumerate(cfg.edits)]
+    refs = reference_files(cfg)
+    done = finished_files(out, {n: cfg.source_prompt for n in refs} | dict(zip(names, cfg.edits)), settings)
+    # The edits need the reference beside them, so it is recomputed whenever one is missing; a missing reference
+    # alone redoes everything (its batch always holds edits).
+    todo = [i for i, n in enumerate(names) if n not in done or not set(refs) <= done]
+
+    scorer = ClipScorer.load(cfg.clip_model) if cfg.scores else None  # a bad clip_model fails before the work
+    request, result, chunks, start = cfg.request(), None, [], time.perf_counter()
+    images = {}
+    if todo:
+        models = models or load_models_for(cfg)
+        request = replace(request, edits=[cfg.edits[i] for i in todo])
+        chunks = edit_chunks(len(todo), cfg.batch_size)
+        bar = tqdm(total=request.steps * (len(chunks) + real), unit="step", desc="editing")
+        run = {"callback": lambda step: bar.update(1), "free_text_encoders": True}
+        if real:
+            image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge)
+            result = edit_real(models, request, image, **run)
+        else:
+            result = edit_generated(models, request, cfg.seed, cfg.width, cfg.height, **run)
+        bar.close()
+        reference = [cfg.input_image, tensor_to_pil(result.reference)] if real else [tensor_to_pil(result.reference)]
+        images = dict(zip(refs, reference)) | {names[i]: tensor_to_pil(e) for i, e in zip(todo, result.edits)}
+    seconds = time.perf_counter() - start
+
+    # Outputs: the new PNGs, each recording its settings; the grid and results.json cover every edit.
+    meta = {"model": cfg.model, "steps": request.steps, "guidance": request.guidance, "vital_layers": layers}
+    for n, image in images.items():
+        if n in done:
+            continue  # a reference already there: the edits on disk were made beside it
+        prompt = cfg.source_prompt if n in refs else cfg.edits[names.index(n)]
+        extra = {"image": cfg.image, "size": cfg.size or 0} if n == "input.png" else {"prompt": prompt}
+        extra |= {"nudge": cfg.nudge} if n == "reconstruction.png" else {}
+        extra |= {"seed": cfg.seed} if n == "reference.png" else {}
+        extra |= {"source_prompt": cfg.source_prompt} if n in names else {}
+        save_png(out / n, image, meta | extra | {SETTINGS_KEY: settings | {"prompt": prompt}})
+    images |= {n: load_image(out / n) for n in done}  # what an earlier run made
+    source = images[refs[0]]  # the generated reference, or the real input
+    edit_pngs = [images[n] for n in names]
+    tiles = [images[n] for n in refs] + edit_pngs
+    labels = ["input", f"reconstruction: {cfg.source_prompt}"] if real else [f"reference: {cfg.source_prompt}"]
+    save_png(out / "grid.png", make_grid(tiles, labels + [f"edit {i}: {e}" for i, e in enumerate(cfg.edits)],
+                                         cols=min(len(tiles), 5)))
+
+    depth = model_spec(cfg.model).params.depth
+    summary = {k: settings[k] for k in ("mode", "model", "width", "height", "steps", "guidance", "inject_steps")}
+    summary |= {"vital_layers": layers, "vital_layers_from": layers_from,
+                "vital_layer_names": [layer_name(i, depth) for i in layers], "batch_size": cfg.batch_size,
+                "chunks": len(chunks), "reference_drift": result.reference_drift if result else 0.0}
+    if real:
+        summary |= {k: settings[k] for k in ("nudge", "source_guidance")} | {
+            "image": cfg.image, "size": cfg.size, "reference_overwrite": "inversion latent of the same noise level "
+                                                                         "after every step"}
+    else:
+        summary["seed"] = cfg.seed
+    files = dict(zip(["input", "reconstruction"] if real else ["reference"], refs)) | {"grid": "grid.png"}
+    edits = [{"index": i, "prompt": p, "file": n} for i, (p, n) in enumerate(zip(cfg.edits, names))]
+    results = {"settings": summary, "source_prompt": cfg.source_prompt, "files": files, "edits": edits,
+               "already_done": len(cfg.edits) - len(todo), "seconds": round(seconds, 2), "config": config_to_dict(cfg)}
+    if scorer is not None:  # from the 8-bit PNGs: an edit scores the same in the run that made it and in any re-run
+        scorer.device = models.device if models is not None else scorer.device
+        for e, s in zip(edits, scorer.scores(source, cfg.source_prompt, edit_pngs, cfg.edits)):
+            e["scores"] = s
+        results |= {"scores_model": cfg.clip_model, "mean_scores": mean_scores([e["scores"] for e in edits])}
+    atomic_write_json(out / "results.json", results)
+    skipped = f" ({results['already_done']} already there)" if results["already_done"] else ""
+    print(f"wrote {len(todo)} edit(s){' and the reference' * bool(todo)}, grid.png and results.json to {out}{skipped}")
+    return results
+
 
 if __name__ == "__main__":
-    run_demo(EditConfig, run, description=__doc__)
+    run_demo(EditConfig, main, description=__doc__)

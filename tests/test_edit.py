@@ -19,11 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
+from demo_4_edit import main as run
+from flux.errors import UserError
+from stableflow.clip_score import ClipScorer, tiny_clip
 from stableflow.config import load_config, run_demo
 from stableflow.edit import (
+    GENERATED_GUIDANCE,
     RELEASE_VITAL_LAYERS,
-    ClipScorer,
     EditConfig,
+    EditRequest,
+    RealImage,
     choose_vital_layers,
     default_vital_layers,
     edit_chunks,
@@ -31,15 +36,11 @@ from stableflow.edit import (
     edit_real,
     fit_image,
     invert,
-    load_image,
     pil_to_tensor,
     read_vital_layers,
-    run,
     scale_layers,
-    tiny_clip,
 )
-from flux.errors import UserError
-from stableflow.io import slug, tensor_to_pil
+from stableflow.io import load_image, slug, tensor_to_pil
 from flux.pipeline import load_models
 from flux.sampling import image_ids, pack, unpack
 
@@ -67,8 +68,8 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert diff <= 1e-6 * max(1.0, b.abs().max().item()), diff
 
 
-def edit(models, edits=EDITS, **kw):
-    return edit_generated(models, REF, edits, SEED, W, H, STEPS, **kw)
+def edit(models, edits=EDITS, callback=None, **kw):
+    return edit_generated(models, EditRequest(REF, edits, STEPS, GENERATED_GUIDANCE, **kw), SEED, W, H, callback)
 
 
 # ----------------------------------------------------------------------------------------------- generated images
@@ -284,8 +285,8 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(models
     seen = []  # (step index, latent of the reference that the model saw) during denoising
     hook = models.model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        result = edit_real(models, _house(), "a red house", ["a white house", "a red house in snow"], steps=STEPS,
-                           guidance=3.0, nudge=1.15, layers=[0, 5],
+        result = edit_real(models, EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0,
+                                               layers=[0, 5]), RealImage(_house(), nudge=1.15),
                            callback=lambda s: s.t_prev < s.t and seen.append((s.index, s.latent[0].clone())))
     finally:
         hook.remove()
@@ -309,9 +310,9 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(models
 
 def test_real_edit_chunks_share_one_reference_path(models):
     edits = ["a white house", "a red house in snow", "a blue house"]
-    kw = dict(steps=STEPS, layers=[0, 1])
-    whole = edit_real(models, _house(), "a red house", edits, **kw)
-    chunked = edit_real(models, _house(), "a red house", edits, batch_size=2, **kw)
+    whole = edit_real(models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1]), RealImage(_house()))
+    chunked = edit_real(models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1], batch_size=2),
+                        RealImage(_house()))
     assert len(chunked.chunks) == 3 and chunked.reference_drift == 0.0
     assert torch.equal(chunked.latents[0], whole.latents[0])
     for i in range(1, 4):
@@ -384,7 +385,7 @@ def test_generated_run_outputs(models, tmp_path):
     assert s["vital_layers"] == [0, 1, 2, 3, 5] and "scaled" in s["vital_layers_from"]
     assert "scores" not in results["edits"][0]
     # The PNG is the edit itself: equal to the reference pixels only where injection made it so, never by a mix-up.
-    ref = edit_generated(models, cfg.source_prompt, cfg.edits, cfg.seed, W, H, 4, batch_size=3)
+    ref = edit_generated(models, EditRequest(cfg.source_prompt, cfg.edits, 4, 3.5, batch_size=3), cfg.seed, W, H)
     assert Image.open(out / "reference.png").tobytes() == tensor_to_pil(ref.reference).tobytes()
     assert Image.open(out / results["edits"][1]["file"]).tobytes() == tensor_to_pil(ref.edits[1]).tobytes()
 
