@@ -7,8 +7,86 @@
 Re-running after more sweep images arrive embeds only the new ones (features are cached inside the sweep folder).
 """
 
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from flux.errors import UserError
+from flux.pipeline import resolve_device
+from stableflow import dino, report
 from stableflow.config import run_demo
-from stableflow.vitality import DinoConfig, run
+from stableflow.sweep import scan_sweep
+from stableflow.vitality import (
+    Analysis,
+    DinoConfig,
+    layer_scores,
+    select_vital,
+    selection_dict,
+    similarities,
+)
+
+
+def main(cfg: DinoConfig) -> None:
+    device = resolve_device(cfg.device)
+    if cfg.image_a is not None or cfg.folder_a is not None:
+        return compare(cfg, dino.DinoEmbedder(dino.load_dino(cfg.dino_model, device), device, cfg.batch_size,
+                                              cfg.num_workers))
+
+    # Scan before loading DINOv2: an empty or mistyped sweep folder should fail in a second, not after a download.
+    cache_file = dino.cache_path(cfg.sweep_dir, cfg.dino_model, cfg.cache_dir)
+    sweep = scan_sweep(cfg.sweep_dir, cfg.num_double, exclude=[Path(cfg.output_dir), cache_file.parent])
+    sweep.require_pairs()
+    report.print_missing(sweep)
+
+    # Embed every image once (cached across runs), then compare each ablated image with its reference.
+    embedder = dino.DinoEmbedder(dino.load_dino(cfg.dino_model, device), device, cfg.batch_size, cfg.num_workers)
+    cache = dino.FeatureCache(cache_file, sweep.root)
+    pairs = sweep.pairs()
+    cached = cache.holds([p for *_, ref, ablated in pairs for p in (ref, ablated)])
+    similarity = dino.dino_similarity(embedder, cache, progress=sys.stderr.isatty())
+    sims = similarities(pairs, similarity)  # layer -> prompt -> similarity
+
+    # Vitality = 1 - mean similarity per layer (bootstrap interval over prompts); the vital set by the chosen rule.
+    scores = layer_scores(sims, sweep.num_double, cfg.bootstrap_samples, cfg.seed, cfg.confidence)
+    rule = cfg.vital_rule()
+    vital = select_vital(scores, **rule)
+    analysis = Analysis(sweep, sims, scores, vital, selection_dict(rule.get("tau"), rule.get("top_k")),
+                        {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": cfg.confidence},
+                        sweep.notes + cache.notes())
+    for note in analysis.notes:
+        print(f"note: {note}")
+
+    paths = report.write_sweep_outputs(analysis, cfg.output_dir, dino_model=cfg.dino_model,
+                                       contact_sheet_prompts=cfg.contact_sheet_prompts,
+                                       contact_sheet_columns=cfg.contact_sheet_layers)
+    print("\n".join(report.summary_lines(analysis)))
+    images = len({p for *_, ref, ablated in pairs for p in (ref, ablated)})
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {cfg.output_dir} ({len(pairs)} pairs scored; "
+          f"{cached} of {images} images' features already cached)")
+
+
+def compare(cfg: DinoConfig, embedder: dino.DinoEmbedder) -> None:
+    """Plain mode: similarity of two images, or of same-named images in two folders."""
+    if cfg.image_a is not None:
+        names, pairs, notes = [Path(cfg.image_b).name], [(Path(cfg.image_a), Path(cfg.image_b))], []
+    else:
+        matched, notes = dino.match_folders(Path(cfg.folder_a), Path(cfg.folder_b))
+        if not matched:
+            raise UserError(f"no image file name appears in both {cfg.folder_a} and {cfg.folder_b}; the plain mode "
+                            f"compares same-named files")
+        names, pairs = [n for n, _, _ in matched], [(a, b) for _, a, b in matched]
+    sims = dino.compare_files(embedder, pairs)
+    rows = [{"name": n, "a": str(a), "b": str(b), "similarity": s} for n, (a, b), s in zip(names, pairs, sims)]
+    for note in notes:
+        print(f"note: {note}")
+    for r in rows:
+        print(f"{r['similarity']:.4f}  {r['a']}  {r['b']}")
+    if len(rows) > 1:
+        print(f"mean similarity over {len(rows)} pairs: {sum(sims) / len(sims):.4f}")
+    paths = report.write_similarity(rows, cfg.output_dir, dino_model=cfg.dino_model, notes=notes)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
 
 if __name__ == "__main__":
-    run_demo(DinoConfig, run, description=__doc__.split("\n\n")[0])
+    run_demo(DinoConfig, main, description=__doc__.split("\n\n")[0])

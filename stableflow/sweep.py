@@ -605,6 +605,7 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
     if orphans:
         sweep.notes.append(f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: "
                            f"{_examples(orphans)}")
+    sweep.notes += size_report(sweep)
     return sweep
 
 

@@ -14,8 +14,14 @@ import torch
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from stableflow import vitality as V
+import demo_3_dino
 from flux.errors import UserError
+from flux.model import layer_name
+from stableflow import TINY_RANDOM
+from stableflow import dino as D
+from stableflow import report as R
+from stableflow import vitality as V
+from stableflow.sweep import scan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +44,7 @@ HUB_PREPROCESSOR_CONFIG = {
 
 @pytest.fixture(scope="module")
 def embedder():
-    return V.DinoEmbedder(V.load_dino(V.TINY_RANDOM), "cpu", batch_size=8, num_workers=2)
+    return D.DinoEmbedder(D.load_dino(TINY_RANDOM), "cpu", batch_size=8, num_workers=2)
 
 
 class CallCounter:
@@ -94,8 +100,19 @@ def make_sweep(root: Path, prompts=("p0", "p1", "p2"), layers=range(6), broken=(
     return root
 
 
+def analyse(sweep, embedder, cache, tau=V.DEFAULT_TAU, top_k=None, n_bootstrap=1000, seed=0) -> V.Analysis:
+    """demo_3_dino.main's scoring steps: similarities -> per-layer vitality -> the vital set, with its notes."""
+    sweep.require_pairs()
+    sims = V.similarities(sweep.pairs(), D.dino_similarity(embedder, cache))
+    scores = V.layer_scores(sims, sweep.num_double, n_bootstrap=n_bootstrap, seed=seed)
+    vital = V.select_vital(scores, tau=tau, top_k=top_k)
+    return V.Analysis(sweep, sims, scores, vital, V.selection_dict(tau, top_k),
+                      {"samples": n_bootstrap, "seed": seed, "confidence": 0.95},
+                      sweep.notes + (cache.notes() if cache is not None else []))
+
+
 def score(lv: dict[int, float]) -> list[V.LayerScore]:
-    return [V.LayerScore(layer=l, name=V.layer_name(l, 19), mean_similarity=1 - v, std=0.0, ci_low=1 - v,
+    return [V.LayerScore(layer=l, name=layer_name(l, 19), mean_similarity=1 - v, std=0.0, ci_low=1 - v,
                          ci_high=1 - v, vitality=v, num_prompts=1) for l, v in sorted(lv.items())]
 
 
@@ -103,7 +120,7 @@ def score(lv: dict[int, float]) -> list[V.LayerScore]:
 
 
 def test_preprocessing_values_equal_the_hubs():
-    pp = V.HUB_PREPROCESS
+    pp = D.HUB_PREPROCESS
     hub = HUB_PREPROCESSOR_CONFIG
     assert pp.shortest_edge == hub["size"]["shortest_edge"]
     assert (pp.crop_size, pp.crop_size) == (hub["crop_size"]["height"], hub["crop_size"]["width"])
@@ -123,7 +140,7 @@ def test_preprocessing_matches_transformers_configured_like_the_hub():
     for size in [(300, 200), (97, 64), (257, 256), (64, 480)]:
         im = Image.fromarray(noise(size[0], size).astype(np.uint8))
         expected = oracle([im], return_tensors="pt")["pixel_values"]
-        got = V.preprocess([im])
+        got = D.preprocess([im])
         assert got.shape == expected.shape == (1, 3, 224, 224)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -135,7 +152,7 @@ def test_image_against_itself_scores_one(tmp_path, embedder):
     a = save(tmp_path / "a.png", gradient(0, (120, 90)))
     b = save(tmp_path / "copy_of_a.png", gradient(0, (120, 90)))
     c = save(tmp_path / "c.png", gradient(5, (120, 90)))
-    sims = V.compare_files(embedder, [(a, a), (a, b), (a, c)])
+    sims = D.compare_files(embedder, [(a, a), (a, b), (a, c)])
     assert sims[0] == pytest.approx(1.0, abs=1e-9)
     assert sims[1] == pytest.approx(1.0, abs=1e-9)
     assert sims[2] < 1 - 1e-4
@@ -151,7 +168,7 @@ def test_similarity_ordering_on_synthetic_pairs(embedder):
     slight = ref + np.random.default_rng(0).normal(0, 3, ref.shape)
     images = [Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)) for x in (ref, outside, inside, slight, noise(1, (300, 200)))]
     f = embedder.embed(images)
-    sim = V.cosine(f[:1].expand_as(f), f).tolist()
+    sim = D.cosine(f[:1].expand_as(f), f).tolist()
     assert sim[1] == pytest.approx(1.0, abs=1e-9)  # change outside the crop: invisible
     assert sim[2] < 1 - 1e-4  # the same change inside the crop: seen
     # The identical image beats a slightly noised copy, which beats an unrelated image (fixed seeds; with this
@@ -210,14 +227,14 @@ def test_select_vital_threshold_and_top_k():
 
 def test_cache_is_reused_and_extended(tmp_path, embedder):
     root = make_sweep(tmp_path / "sweep", prompts=("p0", "p1"), layers=[0, 1], broken=[0])
-    file = V.cache_path(root, V.TINY_RANDOM)
+    file = D.cache_path(root, TINY_RANDOM)
     assert file == root / "dino_features" / "tiny-random-seed0.safetensors"
     counter = CallCounter(embedder.model)
     try:
         def run():
             counter.images = 0
-            sweep = V.scan_sweep(root)
-            return V.analyse_sweep(sweep, embedder, V.FeatureCache(file, root), n_bootstrap=10)
+            sweep = scan_sweep(root)
+            return analyse(sweep, embedder, D.FeatureCache(file, root), n_bootstrap=10)
 
         first = run()
         assert counter.images == 6 and file.is_file()  # 2 refs + 4 ablations, each once
@@ -237,7 +254,7 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
         fourth = run()
         assert counter.images == 1 and fourth.sims[1]["p1"] < third.sims[1]["p1"] - 0.05
 
-        uncached = V.analyse_sweep(V.scan_sweep(root), embedder, None, n_bootstrap=10)
+        uncached = analyse(scan_sweep(root), embedder, None, n_bootstrap=10)
         for layer in fourth.sims:
             for pid in fourth.sims[layer]:
                 assert fourth.sims[layer][pid] == pytest.approx(uncached.sims[layer][pid], abs=1e-6)
@@ -254,8 +271,8 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
 
 def test_outputs_written_and_agree(tmp_path, embedder):
     root = make_sweep(tmp_path / "sweep", num_double=2, num_single=4)
-    a = V.analyse_sweep(V.scan_sweep(root), embedder, None, tau=0.2, n_bootstrap=50)
-    paths = V.write_sweep_outputs(a, tmp_path / "out", dino_model=V.TINY_RANDOM, contact_sheet_prompts=2,
+    a = analyse(scan_sweep(root), embedder, None, tau=0.2, n_bootstrap=50)
+    paths = R.write_sweep_outputs(a, tmp_path / "out", dino_model=TINY_RANDOM, contact_sheet_prompts=2,
                                   contact_sheet_columns=3)
     data = json.loads(paths["json"].read_text())
     assert data["vital_layers"] == [0, 3]  # the two layers whose bypass gives noise
@@ -263,7 +280,9 @@ def test_outputs_written_and_agree(tmp_path, embedder):
     assert (data["model"], data["dino_model"], data["num_double"], data["num_prompts"]) == ("flux-tiny", "tiny-random", 2, 3)
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
-    from stableflow.edit import read_vital_layers  # demo_4_edit.py's reader takes the file as written
+    from stableflow.edit import (
+        read_vital_layers,  # demo_4_edit.py's reader takes the file as written
+    )
 
     assert read_vital_layers(paths["json"], 2, 4) == [0, 3]
     layers = data["layers"]
@@ -283,7 +302,7 @@ def test_outputs_written_and_agree(tmp_path, embedder):
         assert r["block"] == ("double" if l["layer"] < 2 else "single")
 
     # The plot: one bar per layer at the JSON's vitality, colour by block, vital bars opaque and outlined, tau drawn.
-    fig = V.vitality_figure(a.scores, a.vital, 2, tau=0.2)
+    fig = R.vitality_figure(a.scores, a.vital, 2, tau=0.2)
     ax = fig.axes[0]
     bars = {p.get_gid(): p for p in ax.patches if (p.get_gid() or "").startswith("layer_")}
     assert len(bars) == 6
@@ -291,7 +310,7 @@ def test_outputs_written_and_agree(tmp_path, embedder):
         vital = l["layer"] in data["vital_layers"]
         bar = bars[f"layer_{l['layer']}{'_vital' if vital else ''}"]
         assert bar.get_height() == pytest.approx(l["vitality"])
-        want = V.DOUBLE_COLOUR if l["layer"] < 2 else V.SINGLE_COLOUR
+        want = R.DOUBLE_COLOUR if l["layer"] < 2 else R.SINGLE_COLOUR
         assert bar.get_facecolor()[:3] == pytest.approx(to_rgb(want))
         assert (bar.get_alpha() == 1.0) == vital and (bar.get_linewidth() > 0) == vital
     assert any(list(line.get_ydata()) == [0.2, 0.2] for line in ax.get_lines())
@@ -320,53 +339,53 @@ def test_partial_sweep_is_scored_and_reported(tmp_path, embedder):
     (root / "a" / ".layer_03.png.x1y2.tmp").write_bytes(b"half")  # a write in flight: silently not there yet
     save(root / "b" / "layer_01.png", gradient(1, (80, 64)))  # another size than its reference
 
-    sweep = V.scan_sweep(root)
+    sweep = scan_sweep(root)
     assert sweep.missing() == {"b": {"ref": False, "layers": [2, 19]}, "c": {"ref": True, "layers": [1, 2, 19]}}
     assert sweep.missing_report() == ["b: missing layers 2, 19", "c: missing ref.png and layers 1-2, 19"]
     notes = "\n".join(sweep.notes)
     assert "a/notes.txt" in notes and "a/grid.png" in notes and "a/layer_99.png" in notes and "c" in notes
     assert ".tmp" not in notes
 
-    a = V.analyse_sweep(sweep, embedder, None, n_bootstrap=20)
+    a = analyse(sweep, embedder, None, n_bootstrap=20)
     assert {s.layer: s.num_prompts for s in a.scores} == {0: 2, 1: 2, 2: 1, 19: 1}
     assert any("b/layer_01.png 80x64 vs ref 64x64" in n for n in a.notes)
-    out = V.write_sweep_outputs(a, tmp_path / "out", dino_model=V.TINY_RANDOM)
+    out = R.write_sweep_outputs(a, tmp_path / "out", dino_model=TINY_RANDOM)
     data = json.loads(out["json"].read_text())
     assert data["complete"] is False and data["missing"]["c"] == {"ref": True, "layers": [1, 2, 19]}
 
 
 def test_manifest_less_sweep_and_num_double(tmp_path):
     root = make_sweep(tmp_path / "sweep", layers=[0, 20], manifest=False)
-    sweep = V.scan_sweep(root)
+    sweep = scan_sweep(root)
     assert (sweep.num_double, sweep.expected_layers, sweep.missing()) == (19, [0, 20], {})
-    assert V.scan_sweep(root, num_double=2).num_double == 2
+    assert scan_sweep(root, num_double=2).num_double == 2
     make_sweep(root, layers=[0, 20], num_double=2, num_single=30)
     with pytest.raises(UserError, match="num_double is 19 in the config but 2 in"):
-        V.scan_sweep(root, num_double=19)
+        scan_sweep(root, num_double=19)
     (root / "manifest.json").write_text("{broken")
     with pytest.raises(UserError, match="manifest.json is not valid JSON"):
-        V.scan_sweep(root)
+        scan_sweep(root)
     with pytest.raises(UserError, match="does not exist"):
-        V.scan_sweep(tmp_path / "nowhere")
+        scan_sweep(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no \\(ref.png, layer_XX.png\\) pairs"):
-        V.scan_sweep(empty).require_pairs()
+        scan_sweep(empty).require_pairs()
 
 
 def test_corrupt_image_names_the_file_and_keeps_finished_work(tmp_path):
     root = make_sweep(tmp_path / "sweep", prompts=("p0", "p1"), layers=[0, 1])
     bad = root / "p1" / "layer_01.png"  # embedded last
     bad.write_bytes(bad.read_bytes()[:100])  # truncated mid-stream: the header still parses
-    embedder = V.DinoEmbedder(V.load_dino(V.TINY_RANDOM), "cpu", batch_size=1, num_workers=1)
-    cache = V.FeatureCache(V.cache_path(root, V.TINY_RANDOM), root)
+    embedder = D.DinoEmbedder(D.load_dino(TINY_RANDOM), "cpu", batch_size=1, num_workers=1)
+    cache = D.FeatureCache(D.cache_path(root, TINY_RANDOM), root)
     with pytest.raises(UserError, match=r"cannot read image .*p1/layer_01\.png"):
-        V.analyse_sweep(V.scan_sweep(root), embedder, cache, n_bootstrap=10)
-    saved = V.FeatureCache(cache.file, root)
+        analyse(scan_sweep(root), embedder, cache, n_bootstrap=10)
+    saved = D.FeatureCache(cache.file, root)
     assert len(saved.entries) == 5 and "p1/layer_01.png" not in saved.entries
     (root / "p0" / "layer_00.png").write_text("hello")  # not an image at all, found when sizes are read
     with pytest.raises(UserError, match=r"cannot read image .*p0/layer_00\.png"):
-        V.analyse_sweep(V.scan_sweep(root), embedder, cache, n_bootstrap=10)
+        analyse(scan_sweep(root), embedder, cache, n_bootstrap=10)
 
 
 # ----------------------------------------------------------------------------------------------- plain mode and demo
@@ -380,36 +399,37 @@ def test_plain_mode_folders(tmp_path, embedder):
     save(fb / "y.png", noise(1))
     save(fb / "z.png", gradient(2))
     (fb / "readme.txt").write_text("x")
-    matched, notes = V.match_folders(fa, fb)
+    matched, notes = D.match_folders(fa, fb)
     assert [n for n, _, _ in matched] == ["x.png", "y.png"]
     assert any("only in" in n and "z.png" in n for n in notes) and any("readme.txt" in n for n in notes)
-    sims = V.compare_files(embedder, [(a, b) for _, a, b in matched])
+    sims = D.compare_files(embedder, [(a, b) for _, a, b in matched])
     assert sims[0] == pytest.approx(1.0, abs=1e-9) and sims[1] < 0.9
 
 
 def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from stableflow import vitality as demo_3_dino  # the demo's config and run live in the package
     from stableflow.config import ConfigError, load_config
 
     a, b = save(tmp_path / "a.png", gradient(0)), save(tmp_path / "b.png", gradient(1))
-    cfg = load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "tiny" / "demo_3_dino.json",
+    cfg = load_config(V.DinoConfig, ROOT / "configs" / "tiny" / "demo_3_dino.json",
                       [f"image_a={a}", f"image_b={b}", f"output_dir={tmp_path / 'out'}"])
-    demo_3_dino.run(cfg)
+    demo_3_dino.main(cfg)
     data = json.loads((tmp_path / "out" / "similarity.json").read_text())
     assert data["pairs"][0]["similarity"] == pytest.approx(float(capsys.readouterr().out.split()[0]), abs=1e-4)
     assert (tmp_path / "out" / "similarity.csv").read_text().startswith("name,a,b,similarity\n")
     with pytest.raises(ConfigError, match="either image_a/image_b or folder_a/folder_b"):
-        load_config(demo_3_dino.DinoConfig, None, [f"image_a={a}", f"image_b={b}", f"folder_a={tmp_path}",
+        load_config(V.DinoConfig, None, [f"image_a={a}", f"image_b={b}", f"folder_a={tmp_path}",
                                                    f"folder_b={tmp_path}"])
     with pytest.raises(ConfigError, match="needs both image_a and image_b"):
-        load_config(demo_3_dino.DinoConfig, None, [f"image_a={a}"])
-    load_config(demo_3_dino.DinoConfig, ROOT / "configs" / "demo_3_dino.json")  # the real config is valid
+        load_config(V.DinoConfig, None, [f"image_a={a}"])
+    load_config(V.DinoConfig, ROOT / "configs" / "demo_3_dino.json")  # the real config is valid
 
-    from stableflow.config import run_demo  # bad input: one message naming the problem, exit status 2, nothing written
+    from stableflow.config import (
+        run_demo,  # bad input: one message naming the problem, exit status 2, nothing written
+    )
 
     with pytest.raises(SystemExit) as exit_:
-        run_demo(demo_3_dino.DinoConfig, demo_3_dino.run,
+        run_demo(V.DinoConfig, demo_3_dino.main,
                  [str(ROOT / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
                   f"output_dir={tmp_path / 'out2'}"])
     assert exit_.value.code == 2
@@ -421,7 +441,7 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     sweep = make_sweep(tmp_path / "sweep", broken=(1, 4))
     out, cache = sweep / "scores", sweep / "features"  # both inside the sweep: they must not be taken for prompts
     args = ["configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={out}", f"cache_dir={cache}"]
-    run = subprocess.run([sys.executable, "demo_3_dino.py", *args], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "demo_3_dino.py", *args], cwd=ROOT, capture_output=True, text=True, check=False,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "vital_layers.json").read_text())
@@ -434,13 +454,12 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     # Again, in process, with the cache's images counted: nothing is re-embedded, the answer is the same.
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    from stableflow import vitality as demo_3_dino  # the demo's config and run live in the package
     from stableflow.config import run_demo
 
-    built = V.load_dino
+    built = D.load_dino
     counters = []
-    monkeypatch.setattr(V, "load_dino", lambda *a: counters.append(CallCounter(m := built(*a))) or m)
-    run_demo(demo_3_dino.DinoConfig, demo_3_dino.run, args)
+    monkeypatch.setattr(D, "load_dino", lambda *a: counters.append(CallCounter(m := built(*a))) or m)
+    run_demo(V.DinoConfig, demo_3_dino.main, args)
     assert counters[0].images == 0 and "note:" not in capsys.readouterr().out
     assert json.loads((out / "vital_layers.json").read_text())["layers"] == data["layers"]
 
@@ -448,17 +467,17 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
 def test_load_dino_from_a_local_folder(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    V.tiny_dino().save_pretrained(tmp_path / "dino")
-    model = V.load_dino(str(tmp_path / "dino"))
-    x = V.preprocess([Image.fromarray(gradient(0).astype(np.uint8))])
+    D.tiny_dino().save_pretrained(tmp_path / "dino")
+    model = D.load_dino(str(tmp_path / "dino"))
+    x = D.preprocess([Image.fromarray(gradient(0).astype(np.uint8))])
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=x).pooler_output, V.tiny_dino()(pixel_values=x).pooler_output)
-    assert V.model_slug(str(tmp_path / "dino")) != V.model_slug(V.TINY_RANDOM)
-    assert V.model_slug("facebook/dinov2-base") == "facebook--dinov2-base"
+        torch.testing.assert_close(model(pixel_values=x).pooler_output, D.tiny_dino()(pixel_values=x).pooler_output)
+    assert D.model_slug(str(tmp_path / "dino")) != D.model_slug(TINY_RANDOM)
+    assert D.model_slug("facebook/dinov2-base") == "facebook--dinov2-base"
 
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
     with pytest.raises(UserError, match="is a 'vit' model, not DINOv2"):
-        V.load_dino(str(tmp_path / "vit"))
+        D.load_dino(str(tmp_path / "vit"))
     (tmp_path / "weights_only").mkdir()
     with pytest.raises(UserError, match="without a config.json"):
-        V.load_dino(str(tmp_path / "weights_only"))
+        D.load_dino(str(tmp_path / "weights_only"))
