@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from demo_4_edit import main as run
+import demo_4_edit
 from flux.errors import UserError
+from flux.model import Injection
 from stableflow.clip_score import ClipScorer, tiny_clip
 from stableflow.config import load_config, run_demo
 from stableflow.edit import (
@@ -399,6 +401,11 @@ BAD_INPUTS = [
     ("demo_4_edit.json", ["vital_layers_file=configs/tiny/demo_4_edit.json"], "malformed"),
     ("demo_4_edit.json", ["vital_layers=[0]", "vital_layers_file=x.json"], "both"),
     ("demo_4_edit.json", ["batch_size=1"], "at least 2"),
+    ("demo_4_edit.json", ["inject_steps=[2, 5]"], r"inject_steps \[2, 5\] must be \[start, end\] with 0 <= start < end "
+                                                  r"<= steps \(4\)"),
+    ("demo_4_edit.json", ["inject_steps=[3, 3]"], "inject_steps"),
+    ("demo_4_edit.json", ["inject_steps=[1]"], "inject_steps"),
+    ("demo_4_edit_real.json", ["steps=null", "inject_steps=[0, 51]"], r"steps \(50\)"),
 ]
 
 
@@ -437,3 +444,119 @@ def test_script_bad_image_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no/such.png does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- injection steps
+
+
+@pytest.mark.parametrize("start,end", [(0, 1), (0, 3), (1, 3)])
+def test_injection_over_a_step_range_is_injection_there_and_plain_denoising_elsewhere(models, start, end):
+    # Built by hand from the hooks on the same latents: plain steps before `start`, injected steps up to `end`,
+    # plain steps after; one batch [reference, edits...] as the edit makes it.
+    result = edit(models, layers=ALL_LAYERS, inject_steps=(start, end))
+    assert result.inject_steps == (start, end)
+    text, ts = models.encode([REF, *EDITS]), models.schedule(STEPS, W, H)
+    inject = Injection.from_reference(ALL_LAYERS, 4)
+    x = models.noise([SEED], W, H).repeat(4, 1, 1, 1)
+    if start > 0:
+        x = models.denoise(text, x, ts[: start + 1], GENERATED_GUIDANCE)
+    x = models.denoise(text, x, ts[start : end + 1], GENERATED_GUIDANCE, inject=inject)
+    x = models.denoise(text, x, ts[end:], GENERATED_GUIDANCE)
+    assert torch.equal(result.latents, x)
+    full = edit(models, layers=ALL_LAYERS)
+    assert full.inject_steps == (0, STEPS)
+    assert all((result.latents[i] - full.latents[i]).abs().max() > 1e-4 for i in range(1, 4))
+    assert torch.equal(result.latents[0], full.latents[0])
+
+
+def test_injection_over_every_step_is_the_default_and_bad_ranges_are_refused(models):
+    assert torch.equal(edit(models, layers=[0, 5], inject_steps=(0, STEPS)).latents, edit(models, layers=[0, 5]).latents)
+    for bad in [(0, STEPS + 1), (2, 2), (3, 1), (-1, 2)]:
+        with pytest.raises(UserError, match="inject_steps"):
+            edit(models, inject_steps=bad)
+
+
+# ----------------------------------------------------------------------------------------------- config and re-runs
+
+
+def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
+    from stableflow.vitality import selection_dict, vital_layers_payload
+
+    def layers(**over):
+        cfg = load_config(EditConfig, ROOT / "configs" / "tiny" / "demo_4_edit.json",
+                          [f"output_dir={tmp_path / 'demo_4_edit'}"] + [f"{k}={json.dumps(v)}" for k, v in over.items()])
+        return cfg.injection_layers
+
+    found = tmp_path / "demo_3_dino" / "vital_layers.json"
+    assert EditConfig().vital_layers_file == "auto"
+    assert layers() == ([0, 1, 2, 3, 5], "default (the release's layers scaled from 19+38 to 2+4 blocks); "
+                                         f"no {found} from demo_3_dino.py")
+    found.parent.mkdir()
+    for model, expected in [("flux-tiny", ([0, 5], f"file {found}")),
+                            ("flux-dev", ([0, 1, 2, 3, 5], f"; {found} was made for flux-dev, not flux-tiny"))]:
+        payload = vital_layers_payload([], [5, 0], selection_dict(0.2, None), model=model, dino_model="tiny-random",
+                                       num_double=2)
+        found.write_text(json.dumps(payload))
+        got = layers()
+        assert got[0] == expected[0] and got[1].endswith(expected[1])
+    assert layers(vital_layers=[1]) == ([1], "config")  # an explicit list wins over the automatic file
+    assert layers(vital_layers_file=None)[1].startswith("default")
+
+
+def test_the_real_input_is_decoded_once(models, tmp_path, monkeypatch):
+    import stableflow.edit
+
+    calls = []
+    monkeypatch.setattr(stableflow.edit, "load_image", lambda path: calls.append(path) or load_image(path))
+    cfg = _config("demo_4_edit_real.json", tmp_path, scores=False)
+    run(cfg, models)
+    assert calls == ["tests/data/house.png"]
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png")) if p.name != "grid.png"}
+
+
+def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(models, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    first = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:2]), models)
+    assert first["already_done"] == 0 and "wrote 2 edit(s) and the reference" in capsys.readouterr().out
+    made = _pngs(out)
+    # Everything there: no model is loaded, nothing is recomputed or rewritten.
+    monkeypatch.setattr(demo_4_edit, "load_models_for", lambda cfg: pytest.fail("nothing was left to compute"))
+    again = run(_config("demo_4_edit.json", tmp_path, edits=EDITS[:2]), None)  # scores on: from the PNGs
+    assert again["already_done"] == 2 and again["settings"]["chunks"] == 0 and _pngs(out) == made
+    assert "wrote 0 edit(s), grid.png and results.json" in capsys.readouterr().out
+    assert [e["file"] for e in again["edits"]] == [e["file"] for e in first["edits"]]
+    assert all("scores" in e for e in again["edits"])
+    # One more edit: only it is made (every forward pass is the reference + that edit), beside the same reference.
+    batches = []
+    hook = models.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["img"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        third = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS), models)
+    finally:
+        hook.remove()
+    assert batches == [2] * 4 and third["already_done"] == 2
+    now = _pngs(out)
+    assert {k: now[k] for k in made} == made and len(now) == 4
+    alone = edit_generated(models, EditRequest(REF, [EDITS[2]], 4, 3.5), 0, W, H)  # the same batch shape: exact
+    new = third["edits"][2]["file"]
+    assert Image.open(out / new).tobytes() == tensor_to_pil(alone.edits[0]).tobytes()
+
+
+@pytest.mark.parametrize("override,change", [("steps=5", "steps 4 -> 5"), ("seed=1", "seed 0 -> 1"),
+                                             ("vital_layers=[0]", "vital_layers [0, 1, 2, 3, 5] -> [0]"),
+                                             ("inject_steps=[0, 2]", "inject_steps [0, 4] -> [0, 2]")])
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(models, tmp_path, capsys, override, change):
+    out = tmp_path / "out"
+    run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:1]), models)
+    made, results = _pngs(out), (out / "results.json").read_bytes()
+    capsys.readouterr()
+    argv = [str(ROOT / "configs" / "tiny" / "demo_4_edit.json"), f"output_dir={out}", override]
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo(EditConfig, lambda cfg: run(cfg, models), argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds outputs made with other settings" in err and change in err and "another output_dir" in err
+    assert _pngs(out) == made and (out / "results.json").read_bytes() == results

@@ -8,7 +8,7 @@ import torch
 import flux.modules.layers as layers
 from flux.model import Flux, Injection, layer_name
 from flux.modules.layers import timestep_embedding
-from flux.sampling import denoise, get_schedule, image_ids, pack
+from flux.sampling import denoise, get_schedule, image_ids, invert, pack
 from flux.util import configs
 
 P = configs["flux-tiny"].params
@@ -218,3 +218,50 @@ def test_callback_steps_and_final_prediction(model):
     assert timesteps[-1] == 0
     assert torch.equal(seen[-1].x0, final)
     assert torch.equal(seen[-1].next_latent, final)
+
+
+@torch.no_grad()
+def test_invert_is_the_euler_loop_backwards_with_the_velocity_at_the_noisier_time(model):
+    x = inputs(2, seed=7)
+    timesteps = get_schedule(3, x["img"].shape[1])
+    seen = []
+    noise = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
+                   callback=seen.append)
+    rev = timesteps[::-1]  # 0 -> 1
+    img = x["img"]
+    for t, t_next in zip(rev[:-1], rev[1:]):
+        v = plain_forward(model, img, x["img_ids"], x["txt"], x["txt_ids"], torch.full((2,), t_next), x["y"],
+                          torch.full((2,), 1.0))
+        img = img + (t_next - t) * v
+    assert torch.equal(noise, img)
+    assert [(s.index, s.t, s.t_prev) for s in seen] == [(i, a, b) for i, (a, b) in enumerate(zip(rev[:-1], rev[1:]))]
+    assert torch.equal(seen[0].latent, x["img"]) and torch.equal(seen[-1].next_latent, noise)
+    # The hooks reach the model as in denoise: a callback may replace the next latent, skip/inject are passed on.
+    zeroed = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
+                    callback=lambda s: torch.zeros_like(s.next_latent) if s.index == 1 else None)
+    v = plain_forward(model, torch.zeros_like(img), x["img_ids"], x["txt"], x["txt_ids"], torch.full((2,), rev[3]),
+                      x["y"], torch.full((2,), 1.0))
+    assert torch.equal(zeroed, (rev[3] - rev[2]) * v)
+    skipped = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
+                     skip=[{0}, set()])
+    assert torch.equal(skipped[1], noise[1]) and not torch.allclose(skipped[0], noise[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("start,end", [(0, 1), (0, 3), (1, 3), (0, 4)])
+def test_inject_steps_equal_injection_in_those_steps_and_plain_denoising_in_the_others(model, start, end):
+    x = inputs(3, seed=8)
+    timesteps = get_schedule(4, x["img"].shape[1])
+    inject = Injection.from_reference([0, 3, 5], 3)
+
+    def run(img, ts, **hooks):
+        return denoise(model, img, x["img_ids"], x["txt"], x["txt_ids"], x["y"], ts, guidance=3.5, **hooks)
+
+    window = run(x["img"], timesteps, inject=inject, inject_steps=(start, end))
+    img = run(x["img"], timesteps[: start + 1])  # no step at all when start == 0: the input itself
+    img = run(img, timesteps[start : end + 1], inject=inject)
+    img = run(img, timesteps[end:])
+    assert torch.equal(window, img)
+    full, plain = run(x["img"], timesteps, inject=inject), run(x["img"], timesteps)
+    assert torch.equal(window, full) == ((start, end) == (0, 4))
+    assert not torch.allclose(window[1:], plain[1:]) and torch.equal(window[0], plain[0])
