@@ -23,9 +23,13 @@ if TYPE_CHECKING:
 
 
 def check_size(width: int, height: int) -> None:
+    """Refuse image sizes FLUX cannot make exactly: rounding them would silently give another size."""
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % 16:
-            raise UserError(f"{name} {v} is not a positive multiple of 16: FLUX packs 8x-downsampled latents in 2x2 patches")
+            low = v // 16 * 16
+            nearest = f"{low} or {low + 16}" if low > 0 else "16"
+            raise UserError(f"{name} {v} is not a positive multiple of 16 (FLUX packs 8x-downsampled latents in 2x2 "
+                            f"patches): use {nearest}")
 
 
 def tensor_to_pil(x: Tensor) -> Image.Image:
@@ -118,9 +122,11 @@ class FluxModels:
             torch.cuda.empty_cache()
 
     def noise(self, seeds: Sequence[int], width: int, height: int) -> Tensor:
+        check_size(width, height)  # get_noise, like the official one, would round 40 px up to 48
         return torch.cat([get_noise(1, height, width, self.device, self.dtype, s) for s in seeds])
 
     def schedule(self, steps: int, width: int, height: int) -> list[float]:
+        check_size(width, height)
         return get_schedule(steps, (height // 16) * (width // 16), shift=self.spec.shift)
 
     @torch.inference_mode()
@@ -172,6 +178,7 @@ class FluxModels:
     @torch.inference_mode()
     def encode_image(self, image: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> normalised latent means (B, 16, H/8, W/8) in the model dtype."""
+        check_size(image.shape[-1], image.shape[-2])
         ae_dtype = next(self.ae.parameters()).dtype
         with self.on_device(self.ae):
             return self.ae.encode(image.to(self.device, ae_dtype)).to(self.dtype)

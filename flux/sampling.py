@@ -12,7 +12,10 @@ from .model import Flux, Injection, SkipSets
 
 def get_noise(num_samples: int, height: int, width: int, device: torch.device | str, dtype: torch.dtype, seed: int) -> Tensor:
     """Initial latent noise. Drawn on a CPU generator in the target dtype, so a seed gives the
-    same noise on every device (the official behaviour since mid-2025)."""
+    same noise on every device (the official behaviour since mid-2025).
+
+    As in the official code, a size that is not a multiple of 16 is rounded up (40 px gives a 48-px latent);
+    FluxModels.noise refuses such sizes instead."""
     return torch.randn(
         num_samples,
         16,
