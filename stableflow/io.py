@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
@@ -21,11 +23,11 @@ from flux.pipeline import tensor_to_pil
 if TYPE_CHECKING:
     import torch
 
-    ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+    ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 __all__ = [
-    "atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "make_grid", "read_png_metadata",
-    "save_gif", "save_png", "tensor_to_pil", "to_pil",
+    "atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "caption_lines", "make_grid",
+    "read_png_metadata", "save_gif", "save_png", "tensor_to_pil", "to_pil",
 ]
 
 # The process umask, read once: temp files are created 0600, and the final file should get the usual permissions.
@@ -144,7 +146,7 @@ def load_image(path: str | os.PathLike, fix: str = "give a PNG, JPEG or WebP fil
         raise UserError(f"cannot read image {path} ({e}): {fix}") from None
 
 
-def to_pil(image: "ImageLike") -> Image.Image:
+def to_pil(image: ImageLike) -> Image.Image:
     """A PIL image, a uint8 numpy array (H, W) or (H, W, C), or a torch tensor in [-1, 1] (C, H, W), as PIL."""
     if isinstance(image, Image.Image):
         return image
@@ -157,7 +159,7 @@ def to_pil(image: "ImageLike") -> Image.Image:
     raise TypeError(f"cannot make an image from a {type(image).__name__}")
 
 
-def save_png(path: str | os.PathLike, image: "ImageLike",
+def save_png(path: str | os.PathLike, image: ImageLike,
              metadata: Mapping[str, str | int | float] | None = None) -> None:
     """Save `image` as a PNG atomically, with `metadata` in its text chunks.
 
@@ -179,6 +181,7 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(getattr(im, "text", {}))
 
 
+@functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans where installed (wide character coverage), else Pillow's built-in font."""
     with contextlib.suppress(OSError):
@@ -189,42 +192,60 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, max_lines: int = 3) -> list[str]:
-    """`text` broken at spaces into lines that fit `width` pixels; overlong captions end in an ellipsis."""
+def caption_font_size(tile_width: int) -> int:
+    """Captions scale with the tile (about 20 characters a line) but never below 12 px, the smallest size that
+    stays readable, nor above 32 px, where a 1024-px tile would spend its caption room on a few words."""
+    return max(12, min(32, tile_width // 20))
+
+
+def caption_lines(text: str, width: int, font_size: int, max_lines: int = 3) -> list[str]:
+    """`text` broken between words into lines at most `width` pixels wide in the caption font.
+
+    A word is cut only where it alone is wider than `width`. Text beyond `max_lines` lines is dropped at a word
+    boundary and the last line ends in an ellipsis.
+    """
+    font = _font(font_size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
     def fits(s: str) -> bool:
         return draw.textlength(s, font=font) <= width
+
+    def pieces(word: str) -> list[str]:  # the longest prefixes that fit, for a word wider than the line
+        out = []
+        while not fits(word) and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and not fits(word[:cut]):
+                cut -= 1
+            out.append(word[:cut])
+            word = word[cut:]
+        return out + [word]
 
     lines: list[str] = []
     for paragraph in text.splitlines() or [""]:
         line = ""
-        for word in paragraph.split(" "):
+        for word in paragraph.split():
             if fits(f"{line} {word}" if line else word):
                 line = f"{line} {word}" if line else word
                 continue
             if line:
                 lines.append(line)
-            while not fits(word) and len(word) > 1:  # a word wider than the tile is cut where it must be
-                cut = len(word) - 1
-                while cut > 1 and not fits(word[:cut]):
-                    cut -= 1
-                lines.append(word[:cut])
-                word = word[cut:]
-            line = word
+            *whole, line = pieces(word)
+            lines += whole
         lines.append(line)
-    if len(lines) > max_lines:
-        last = lines[max_lines - 1]
-        while last and not fits(last + "…"):
-            last = last[:-1]
-        lines = lines[: max_lines - 1] + [last + "…"]
-    return lines
+    if len(lines) <= max_lines:
+        return lines
+    words = lines[max_lines - 1].split(" ")
+    while words and not fits(" ".join(words) + "…"):
+        words.pop()  # whole words only: a caption never ends in half a word
+    return lines[: max_lines - 1] + [" ".join(words) + "…"]
 
 
-def make_grid(images: Sequence["ImageLike"], labels: Sequence[str] | None = None, cols: int | None = None,
+def make_grid(images: Sequence[ImageLike], labels: Sequence[str] | None = None, cols: int | None = None,
               font_size: int | None = None, pad: int = 8) -> Image.Image:
     """The images in a grid of `cols` columns (default: nearly square), each with its label underneath.
 
-    Tiles keep their size (smaller images are centred on a tile as large as the largest); labels wrap to the
-    tile width, at most 3 lines. White background, black text in Pillow's built-in font.
+    Tiles keep their size (smaller images are centred on a tile as large as the largest); labels wrap between words
+    to the tile width, at most 3 lines (see `caption_lines`). White background, black text.
     """
     if not images:
         raise ValueError("make_grid needs at least one image")
@@ -234,9 +255,9 @@ def make_grid(images: Sequence["ImageLike"], labels: Sequence[str] | None = None
     cols = cols or math.ceil(math.sqrt(len(pils)))
     rows = math.ceil(len(pils) / cols)
     tile_w, tile_h = max(p.width for p in pils), max(p.height for p in pils)
-    font = _font(font_size or max(12, min(32, tile_w // 20)))
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(scratch, label, font, tile_w) for label in labels] if labels is not None else None
+    font_size = font_size or caption_font_size(tile_w)
+    font = _font(font_size)
+    wrapped = [caption_lines(label, tile_w, font_size) for label in labels] if labels is not None else None
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (10, 2)
     line_h = ascent + descent + 2
     caption_h = (max(len(w) for w in wrapped) * line_h + pad // 2) if wrapped else 0
@@ -252,7 +273,7 @@ def make_grid(images: Sequence["ImageLike"], labels: Sequence[str] | None = None
     return grid
 
 
-def save_gif(path: str | os.PathLike, frames: Sequence["ImageLike"], duration_ms: int = 100, loop: int = 0) -> None:
+def save_gif(path: str | os.PathLike, frames: Sequence[ImageLike], duration_ms: int = 100, loop: int = 0) -> None:
     """Save `frames` as an animated GIF atomically; `loop` 0 repeats forever."""
     if not frames:
         raise ValueError("save_gif needs at least one frame")

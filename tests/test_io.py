@@ -7,12 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from stableflow import io
 from stableflow.io import (
-    atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, make_grid, read_png_metadata, save_gif,
-    save_png, tensor_to_pil,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    caption_lines,
+    make_grid,
+    read_png_metadata,
+    save_gif,
+    save_png,
+    tensor_to_pil,
 )
 
 
@@ -40,16 +48,15 @@ def test_atomic_writes_create_parents_and_leave_no_temp_file(tmp_path):
 def test_a_write_failing_midway_keeps_the_old_file_and_removes_the_temp(tmp_path, error):
     target = tmp_path / "record.json"
     target.write_text("old")
-    with pytest.raises(error):
-        with atomic_open(target, "w") as f:
-            f.write('{"half": ')
-            f.flush()
-            # mid-write: the partial data sits in a temp file beside the target, which is untouched
-            temps = [n for n in names(tmp_path) if n != "record.json"]
-            assert len(temps) == 1 and temps[0].startswith(".record.json.") and temps[0].endswith(".tmp")
-            assert (tmp_path / temps[0]).read_text() == '{"half": '
-            assert target.read_text() == "old"
-            raise error
+    with pytest.raises(error), atomic_open(target, "w") as f:
+        f.write('{"half": ')
+        f.flush()
+        # mid-write: the partial data sits in a temp file beside the target, which is untouched
+        temps = [n for n in names(tmp_path) if n != "record.json"]
+        assert len(temps) == 1 and temps[0].startswith(".record.json.") and temps[0].endswith(".tmp")
+        assert (tmp_path / temps[0]).read_text() == '{"half": '
+        assert target.read_text() == "old"
+        raise error
     assert target.read_text() == "old" and names(tmp_path) == ["record.json"]
 
 
@@ -71,9 +78,8 @@ def test_json_converts_numpy_torch_paths_and_sets(tmp_path):
 
 
 def test_atomic_open_rejects_other_modes(tmp_path):
-    with pytest.raises(ValueError):
-        with atomic_open(tmp_path / "x", "a"):
-            pass
+    with pytest.raises(ValueError), atomic_open(tmp_path / "x", "a"):
+        pass
     assert names(tmp_path) == []
 
 
@@ -162,6 +168,40 @@ def test_make_grid_default_columns_and_mixed_inputs():
     grid = make_grid([solid((0, 0, 0)), torch.ones(3, 30, 40), np.full((30, 40, 3), 128, np.uint8), solid((9, 9, 9))])
     assert grid.size == (2 * 48 + 8, 2 * 38 + 8)  # 4 images -> 2 x 2
     assert grid.getpixel((8 + 48, 8)) == (255, 255, 255) and grid.getpixel((8, 8 + 38)) == (128, 128, 128)
+
+
+PROMPT = ('a photo of a forest with mist swirling around the tree trunks. The word "FLUX" is painted over it in big, '
+          'red brush strokes with visible texture')
+
+
+def pixel_width(text: str, font_size: int) -> float:
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=io._font(font_size))
+
+
+@pytest.mark.parametrize("tile", [64, 1024])
+def test_captions_wrap_between_words_and_stay_legible(tile):
+    size = io.caption_font_size(tile)
+    lines = caption_lines(PROMPT, tile, size)
+    assert 1 <= len(lines) <= 3 and all(pixel_width(line, size) <= tile for line in lines)
+    # Only whole words, in order: the lines read as the start of the prompt (then an ellipsis if cut short).
+    words = " ".join(lines).removesuffix("…").split()
+    assert words == PROMPT.split()[: len(words)] and len(words) >= 3
+    if tile == 1024:
+        assert words == PROMPT.split() and not lines[-1].endswith("…")  # room for the whole prompt
+    else:
+        assert lines[-1].endswith("…")
+    assert size >= 12  # readable on a small tile, and larger on a large one
+    assert io.caption_font_size(1024) >= 2 * io.caption_font_size(64)
+
+
+def test_a_word_wider_than_the_tile_is_the_only_thing_cut():
+    word = "supercalifragilistic"
+    lines = caption_lines(f"a {word} b", 64, 12, max_lines=10)
+    assert lines[0] == "a" and lines[-1].endswith("b")  # the short words stay whole
+    pieces = " ".join(lines[1:]).removesuffix("b").split()
+    assert "".join(pieces) == word and len(pieces) > 1
+    assert all(pixel_width(p, 12) <= 64 for p in pieces)
+    assert caption_lines("", 64, 12) == [""] and caption_lines("one\ntwo", 1024, 32) == ["one", "two"]
 
 
 def test_save_gif(tmp_path):
