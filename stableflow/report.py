@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from flux.model import layer_name
 
-from .io import atomic_open, atomic_write_json, atomic_write_text, make_grid, save_png
+from .io import (
+    _font,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    make_grid,
+    save_png,
+)
 from .sweep import Sweep, load_sweep_image
 from .vitality import (
     Analysis,
@@ -55,7 +63,9 @@ def vitality_figure(scores: Sequence[LayerScore], vital: Sequence[int], num_doub
     ax = fig.add_subplot()
     colours = [DOUBLE_COLOUR if l < num_double else SINGLE_COLOUR for l in layers]
     bars = ax.bar(layers, [s.vitality for s in scores], color=colours, width=0.8,
-                  yerr=[[s.vitality - (1 - s.ci_high) for s in scores], [(1 - s.ci_low) - s.vitality for s in scores]],
+                  # Clamped: 1 - (1 - v) != v in floats, and matplotlib refuses an error bar of -1e-17.
+                  yerr=[[max(0.0, s.vitality - (1 - s.ci_high)) for s in scores],
+                        [max(0.0, (1 - s.ci_low) - s.vitality) for s in scores]],
                   error_kw={"elinewidth": 0.7, "ecolor": "0.3", "capsize": 1.5})
     for bar, s in zip(bars, scores):
         is_vital = s.layer in vital
@@ -115,20 +125,44 @@ def contact_sheet(sweep: Sweep, scores: Sequence[LayerScore], vital: Sequence[in
     def tile(path: Path | None) -> Image.Image:
         if path is None:  # a partial sweep: keep the grid aligned
             return Image.new("RGB", (thumb, thumb), "#d0d0d0")
-        return ImageOps.contain(load_sweep_image(path), (thumb, thumb), Image.Resampling.LANCZOS)  # small images grow too
+        return ImageOps.contain(load_sweep_image(path), (thumb, thumb), Image.Resampling.LANCZOS)  # small ones grow
 
     images, labels = [], []
     for pid in pids:
         images.append(tile(sweep.refs[pid]))
-        labels.append(f"{pid}\nreference")
+        labels.append(["reference", pid])  # a long id is what gets cut, not the word "reference"
         for s in ranked:
             path = sweep.ablations[pid].get(s.layer)
             sim = (sims or {}).get(s.layer, {}).get(pid)
             images.append(tile(path))
             block = f"double {s.layer}" if s.layer < sweep.num_double else f"single {s.layer - sweep.num_double}"
-            labels.append(f"skip layer {s.layer}{' (vital)' if s.layer in vital else ''}\n{block}\n"
-                          + ("missing" if path is None else f"similarity {sim:.3f}" if sim is not None else ""))
-    return make_grid(images, labels, cols=len(ranked) + 1)
+            labels.append([f"skip layer {s.layer}{' (vital)' if s.layer in vital else ''}", block,
+                           "missing" if path is None else f"similarity {sim:.3f}" if sim is not None else ""])
+    font_size = max(12, min(32, thumb // 20))  # make_grid's own choice for this tile size, made explicit
+    width = max(im.width for im in images)
+    captions = [caption(lines, font_size, width) for lines in labels]
+    return make_grid(images, captions, cols=len(ranked) + 1, font_size=font_size)
+
+
+_BREAK = re.compile(r"(?<=[ _\-./])")  # after a space, underscore, dash, dot or slash: where ids and words part
+
+
+def caption(lines: Sequence[str], font_size: int, width: int) -> str:
+    """`lines` broken at word boundaries (spaces, and the _ - . / inside prompt ids) into lines that fit `width`
+    pixels in make_grid's font, so a tile's caption never splits a word; a word wider than the tile stays whole
+    (make_grid cuts it, the last resort)."""
+    font = _font(font_size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    out = []
+    for line in lines:
+        current = ""
+        for piece in _BREAK.split(line):
+            if current and draw.textlength((current + piece).rstrip(), font=font) > width:
+                out.append(current.rstrip())
+                current = ""
+            current += piece
+        out.append(current.rstrip())
+    return "\n".join(out)
 
 
 def write_sweep_outputs(a: Analysis, out_dir: str | Path, *, dino_model: str, contact_sheet_prompts: int = 4,
