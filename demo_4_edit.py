@@ -15,14 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from flux.model import layer_name
 from flux.pipeline import FluxModels
-from flux.util import model_spec
 from stableflow.clip_score import ClipScorer, mean_scores
 from stableflow.config import config_to_dict, load_models_for, run_demo
 from stableflow.edit import (
-    SETTINGS_KEY, EditConfig, RealImage, edit_chunks, edit_file, edit_generated, edit_real, edit_settings,
-    finished_files, pil_to_tensor, reference_files,
+    EditConfig, RealImage, edit_chunks, edit_file, edit_generated, edit_real, edit_settings, finished_files,
+    pil_to_tensor, png_metadata, reference_files, results_settings,
 )
 from stableflow.io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
 
@@ -37,9 +35,9 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     names = [edit_file(i, p) for i, p in enumerate(cfg.edits)]
     refs = reference_files(cfg)
     done = finished_files(out, {n: cfg.source_prompt for n in refs} | dict(zip(names, cfg.edits)), settings)
-    # The edits need the reference beside them, so it is recomputed whenever one is missing; a missing reference
-    # alone redoes everything (its batch always holds edits).
-    todo = [i for i, n in enumerate(names) if n not in done or not set(refs) <= done]
+    if not set(refs) <= done:
+        done = set()  # edits are kept only beside the reference they were made with
+    todo = [i for i, n in enumerate(names) if n not in done]
 
     scorer = ClipScorer.load(cfg.clip_model) if cfg.scores else None  # a bad clip_model fails before the work
     request, result, chunks, start = cfg.request(), None, [], time.perf_counter()
@@ -61,16 +59,9 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     # Outputs: the new PNGs, each recording its settings; the grid and results.json cover every edit.
-    meta = {"model": cfg.model, "steps": request.steps, "guidance": request.guidance, "vital_layers": layers}
-    for n, image in images.items():
-        if n in done:
-            continue  # a reference already there: the edits on disk were made beside it
-        prompt = cfg.source_prompt if n in refs else cfg.edits[names.index(n)]
-        extra = {"image": cfg.image, "size": cfg.size or 0} if n == "input.png" else {"prompt": prompt}
-        extra |= {"nudge": cfg.nudge} if n == "reconstruction.png" else {}
-        extra |= {"seed": cfg.seed} if n == "reference.png" else {}
-        extra |= {"source_prompt": cfg.source_prompt} if n in names else {}
-        save_png(out / n, image, meta | extra | {SETTINGS_KEY: settings | {"prompt": prompt}})
+    written = [n for n in images if n not in done]  # a reference already there stays: the edits were made beside it
+    for n in written:
+        save_png(out / n, images[n], png_metadata(cfg, settings, n, names))
     images |= {n: load_image(out / n) for n in done}  # what an earlier run made
     source = images[refs[0]]  # the generated reference, or the real input
     edit_pngs = [images[n] for n in names]
@@ -79,17 +70,7 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     save_png(out / "grid.png", make_grid(tiles, labels + [f"edit {i}: {e}" for i, e in enumerate(cfg.edits)],
                                          cols=min(len(tiles), 5)))
 
-    depth = model_spec(cfg.model).params.depth
-    summary = {k: settings[k] for k in ("mode", "model", "width", "height", "steps", "guidance", "inject_steps")}
-    summary |= {"vital_layers": layers, "vital_layers_from": layers_from,
-                "vital_layer_names": [layer_name(i, depth) for i in layers], "batch_size": cfg.batch_size,
-                "chunks": len(chunks), "reference_drift": result.reference_drift if result else 0.0}
-    if real:
-        summary |= {k: settings[k] for k in ("nudge", "source_guidance")} | {
-            "image": cfg.image, "size": cfg.size, "reference_overwrite": "inversion latent of the same noise level "
-                                                                         "after every step"}
-    else:
-        summary["seed"] = cfg.seed
+    summary = results_settings(cfg, settings, len(chunks), result.reference_drift if result else 0.0)
     files = dict(zip(["input", "reconstruction"] if real else ["reference"], refs)) | {"grid": "grid.png"}
     edits = [{"index": i, "prompt": p, "file": n} for i, (p, n) in enumerate(zip(cfg.edits, names))]
     results = {"settings": summary, "source_prompt": cfg.source_prompt, "files": files, "edits": edits,
@@ -100,8 +81,9 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
             e["scores"] = s
         results |= {"scores_model": cfg.clip_model, "mean_scores": mean_scores([e["scores"] for e in edits])}
     atomic_write_json(out / "results.json", results)
-    skipped = f" ({results['already_done']} already there)" if results["already_done"] else ""
-    print(f"wrote {len(todo)} edit(s){' and the reference' * bool(todo)}, grid.png and results.json to {out}{skipped}")
+    skipped = f" ({results['already_done']} edit(s) already there)" if results["already_done"] else ""
+    print(f"wrote {len(todo)} edit(s), {', '.join(n for n in written if n in refs) or 'no reference'}, grid.png and "
+          f"results.json to {out}{skipped}")
     return results
 
 

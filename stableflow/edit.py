@@ -27,7 +27,7 @@ from torch import Tensor
 from flux import sampling
 from flux.accel import attention_backend
 from flux.errors import UserError
-from flux.model import Injection, check_layers
+from flux.model import Injection, check_layers, layer_name
 from flux.pipeline import FluxModels, Text, check_size
 from flux.sampling import Step, StepRange, image_ids, pack, unpack
 from flux.util import model_spec
@@ -530,7 +530,7 @@ SETTINGS_KEY = "edit_settings"
 def finished_files(out: Path, prompts: dict[str, str], settings: dict) -> set[str]:
     """Which of the files (name -> its prompt) are already in `out`, made with `settings`. A file made with other
     settings is a UserError naming what changed: results of two settings never mix in one folder."""
-    done, changed = set(), []
+    done, changed = set(), {}  # what differs -> the files it differs in
     for name, prompt in prompts.items():
         path = out / name
         if not path.is_file():
@@ -541,14 +541,46 @@ def finished_files(out: Path, prompts: dict[str, str], settings: dict) -> set[st
             recorded = None
         wanted = settings | {"prompt": prompt}
         if not isinstance(recorded, dict):
-            changed.append(f"{name} (no record of its settings)")
-        elif diff := [f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(v)}" for k, v in wanted.items()
-                      if recorded.get(k) != v]:
-            changed.append(f"{name} ({', '.join(diff)})")
+            diff = "no record of its settings"
+        else:
+            diff = ", ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(v)}" for k, v in wanted.items()
+                             if recorded.get(k) != v)
+        if diff:
+            changed.setdefault(diff, []).append(name)
         else:
             done.add(name)
     if changed:
-        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        shown = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} "
+                          f"({diff})" for diff, names in changed.items())
         raise UserError(f"output_dir {out} holds outputs made with other settings: {shown}. Choose another "
                         f"output_dir, or delete those files to make them again with these settings")
     return done
+
+
+def png_metadata(cfg: EditConfig, settings: dict, name: str, edit_names: Sequence[str]) -> dict:
+    """The text chunk of an output PNG: the readable keys, and `settings` with the file's own prompt for re-runs."""
+    prompt = cfg.edits[edit_names.index(name)] if name in edit_names else cfg.source_prompt
+    meta = {"model": cfg.model, "steps": settings["steps"], "guidance": settings["guidance"],
+            "vital_layers": settings["vital_layers"]}
+    if name == "input.png":
+        meta |= {"image": cfg.image, "size": cfg.size or 0}
+    else:
+        meta["prompt"] = prompt
+    meta |= {"nudge": cfg.nudge} if name == "reconstruction.png" else {}
+    meta |= {"seed": cfg.seed} if name == "reference.png" else {}
+    meta |= {"source_prompt": cfg.source_prompt} if name in edit_names else {}
+    return meta | {SETTINGS_KEY: settings | {"prompt": prompt}}
+
+
+def results_settings(cfg: EditConfig, settings: dict, chunks: int, reference_drift: float) -> dict:
+    """results.json's "settings": what the edits were made with, and how this run batched them."""
+    layers, layers_from = cfg.injection_layers
+    depth = model_spec(cfg.model).params.depth
+    out = {k: settings[k] for k in ("mode", "model", "width", "height", "steps", "guidance", "inject_steps")}
+    out |= {"vital_layers": layers, "vital_layers_from": layers_from,
+            "vital_layer_names": [layer_name(i, depth) for i in layers], "batch_size": cfg.batch_size,
+            "chunks": chunks, "reference_drift": reference_drift}
+    if cfg.real:
+        return out | {"image": cfg.image, "size": cfg.size, "nudge": cfg.nudge, "source_guidance": cfg.source_guidance,
+                      "reference_overwrite": "inversion latent of the same noise level after every step"}
+    return out | {"seed": cfg.seed}

@@ -157,7 +157,7 @@ def test_vital_layer_defaults():
     assert scale_layers(RELEASE_VITAL_LAYERS, 19, 38) == list(RELEASE_VITAL_LAYERS)
     assert default_vital_layers(2, 4) == [0, 1, 2, 3, 5]  # flux-tiny: double {0,1}, single {0,1,3}
     assert choose_vital_layers(None, None, 19, 38)[0] == list(RELEASE_VITAL_LAYERS)
-    assert choose_vital_layers(None, None, 2, 4) == ([0, 1, 2, 3, 5], 
+    assert choose_vital_layers(None, None, 2, 4) == ([0, 1, 2, 3, 5],
         "default (the release's layers scaled from 19+38 to 2+4 blocks)")
     assert choose_vital_layers([5, 0, 0], None, 2, 4)[0] == [0, 5]
     assert choose_vital_layers([], None, 2, 4)[0] == []
@@ -470,7 +470,8 @@ def test_injection_over_a_step_range_is_injection_there_and_plain_denoising_else
 
 
 def test_injection_over_every_step_is_the_default_and_bad_ranges_are_refused(models):
-    assert torch.equal(edit(models, layers=[0, 5], inject_steps=(0, STEPS)).latents, edit(models, layers=[0, 5]).latents)
+    every = edit(models, layers=[0, 5], inject_steps=(0, STEPS))
+    assert torch.equal(every.latents, edit(models, layers=[0, 5]).latents)
     for bad in [(0, STEPS + 1), (2, 2), (3, 1), (-1, 2)]:
         with pytest.raises(UserError, match="inject_steps"):
             edit(models, inject_steps=bad)
@@ -483,8 +484,8 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
     from stableflow.vitality import selection_dict, vital_layers_payload
 
     def layers(**over):
-        cfg = load_config(EditConfig, ROOT / "configs" / "tiny" / "demo_4_edit.json",
-                          [f"output_dir={tmp_path / 'demo_4_edit'}"] + [f"{k}={json.dumps(v)}" for k, v in over.items()])
+        overrides = [f"output_dir={tmp_path / 'demo_4_edit'}"] + [f"{k}={json.dumps(v)}" for k, v in over.items()]
+        cfg = load_config(EditConfig, ROOT / "configs" / "tiny" / "demo_4_edit.json", overrides)
         return cfg.injection_layers
 
     found = tmp_path / "demo_3_dino" / "vital_layers.json"
@@ -520,13 +521,14 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     first = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:2]), models)
-    assert first["already_done"] == 0 and "wrote 2 edit(s) and the reference" in capsys.readouterr().out
+    assert first["already_done"] == 0 and "wrote 2 edit(s), reference.png, grid.png" in capsys.readouterr().out
     made = _pngs(out)
     # Everything there: no model is loaded, nothing is recomputed or rewritten.
     monkeypatch.setattr(demo_4_edit, "load_models_for", lambda cfg: pytest.fail("nothing was left to compute"))
     again = run(_config("demo_4_edit.json", tmp_path, edits=EDITS[:2]), None)  # scores on: from the PNGs
     assert again["already_done"] == 2 and again["settings"]["chunks"] == 0 and _pngs(out) == made
-    assert "wrote 0 edit(s), grid.png and results.json" in capsys.readouterr().out
+    assert "wrote 0 edit(s), no reference, grid.png and results.json to " in (said := capsys.readouterr().out)
+    assert said.rstrip().endswith("(2 edit(s) already there)")
     assert [e["file"] for e in again["edits"]] == [e["file"] for e in first["edits"]]
     assert all("scores" in e for e in again["edits"])
     # One more edit: only it is made (every forward pass is the reference + that edit), beside the same reference.
