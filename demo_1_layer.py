@@ -77,7 +77,8 @@ def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
         "generated_this_run": len(todo), "already_done": len(jobs) - len(todo),
         "seconds": round(time.perf_counter() - start, 2),
     })
-    print(f"wrote {len(todo)} trajectories of {cfg.steps} steps to {out} ({len(jobs) - len(todo)} already there)")
+    what = "trajectory" if len(todo) == 1 else "trajectories"
+    print(f"wrote {len(todo)} {what} ({cfg.steps} steps) to {out} ({len(jobs) - len(todo)} already there)")
     return [out / sample_folder(*job) for job in jobs]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ TINY = REPO / "configs" / "tiny" / "demo_1_layer.json"
 
 def demo(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "demo_1_layer.py", str(TINY), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "demo_1_layer.py", str(TINY), *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -32,11 +33,16 @@ def pixels(path: Path) -> np.ndarray:
 
 def test_trajectory_outputs(tmp_path):
     steps, seeds = 4, [0, 5]
-    result = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]")
+    result = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]",
+                  "batch_size=3")
     assert result.returncode == 0, result.stderr
     config = json.loads(TINY.read_text())
     run = json.loads((tmp_path / "run.json").read_text())
     assert len(run["samples"]) == len(config["prompt"]) * len(seeds)
+    # Batches of 3 and 1: the progress bar still ends at every sample's every step.
+    done, total = re.findall(r"(\d+)/(\d+) \[", result.stderr)[-1]
+    assert int(done) == int(total) == len(run["samples"]) * steps
+    assert result.stdout.splitlines()[-1] == f"wrote 4 trajectories ({steps} steps) to {tmp_path} (0 already there)"
     assert len(run["timesteps"]) == steps + 1 and run["timesteps"][0] == 1.0 and run["timesteps"][-1] == 0.0
     folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert [f.name for f in folders] == sorted(s["folder"] for s in run["samples"])
@@ -65,6 +71,8 @@ def test_trajectory_outputs(tmp_path):
     again = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]")
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "run.json").read_text())["generated_this_run"] == 1
+    assert json.loads((tmp_path / "run.json").read_text())["already_done"] == 3
+    assert again.stdout.splitlines()[-1] == f"wrote 1 trajectory ({steps} steps) to {tmp_path} (3 already there)"
     assert json.loads((tmp_path / "run.json").read_text())["samples"] == run["samples"]
     assert (folders[-1] / "trajectory.gif").exists()
     after = {p: p.stat().st_mtime_ns for p in before}
