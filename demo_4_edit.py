@@ -19,8 +19,18 @@ from flux.pipeline import FluxModels
 from stableflow.clip_score import ClipScorer, mean_scores
 from stableflow.config import config_to_dict, load_models_for, run_demo
 from stableflow.edit import (
-    EditConfig, RealImage, edit_chunks, edit_file, edit_generated, edit_real, edit_settings, finished_files,
-    pil_to_tensor, png_metadata, reference_files, results_settings,
+    EditConfig,
+    RealImage,
+    edit_chunks,
+    edit_file,
+    edit_generated,
+    edit_real,
+    edit_settings,
+    finished_files,
+    pil_to_tensor,
+    png_metadata,
+    reference_files,
+    results_settings,
 )
 from stableflow.io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
 

@@ -19,10 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from demo_4_edit import main as run
 import demo_4_edit
+from demo_4_edit import main as run
 from flux.errors import UserError
 from flux.model import Injection
+from flux.pipeline import load_models
+from flux.sampling import image_ids, pack, unpack
 from stableflow.clip_score import ClipScorer, tiny_clip
 from stableflow.config import load_config, run_demo
 from stableflow.edit import (
@@ -43,8 +45,6 @@ from stableflow.edit import (
     scale_layers,
 )
 from stableflow.io import load_image, slug, tensor_to_pil
-from flux.pipeline import load_models
-from flux.sampling import image_ids, pack, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 HOUSE = ROOT / "tests" / "data" / "house.png"  # 120x90
