@@ -44,7 +44,7 @@ def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
     todo = [job for job in jobs if not (out / sample_folder(*job) / "trajectory.gif").exists()]
 
-    models = models or load_models_for(cfg)
+    models = models or load_models_for(cfg)  # also on a finished run: run.json records the model's schedule
     start = time.perf_counter()  # run.json's "seconds" counts the work, not the loading
     timesteps = models.schedule(cfg.steps, cfg.width, cfg.height)  # steps + 1 values from 1 to 0
     skip = frozenset(cfg.skip_layers)
