@@ -4,6 +4,7 @@
     python benchmarks/bench_demo_memory.py --offload --out DIR   # with the demos' offload option
     python benchmarks/bench_demo_memory.py --tiny --out DIR   # flux-tiny on the CPU: checks the script
     python benchmarks/bench_demo_memory.py --cap 24 --edit-only --options stream_blocks=true,resident_gb=15
+    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --no-expandable --options stream_blocks=true,resident_gb=15
     python benchmarks/bench_demo_memory.py --cap 24 --edit-only --offload --options fp8=true   # a 24 GB card
 
 Builds the flux-dev transformer (bf16), the autoencoder (fp32), T5-XXL (bf16, 4.7 B parameters) and CLIP-L (bf16)
@@ -91,9 +92,10 @@ def build_models(tiny: bool, device: torch.device, offload: bool = False, option
     else:
         t5, clip = full_size_text_encoders(device, dtype)
     text_home = text_encoder_home(options, home)
-    if device.type == "cuda":
+    t5, clip = t5.to(text_home), clip.to(text_home)
+    if device.type == "cuda":  # after the encoders left: their random weights drawn here must not stay cached
         torch.cuda.empty_cache()
-    return FluxModels(name, spec, model, ae, t5.to(text_home), clip.to(text_home), device, dtype, offload=offload)
+    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload=offload, accel=options)
 
 
 def main() -> None:
@@ -104,13 +106,17 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=None, help="cap the GPU at this many GiB (a smaller card)")
     parser.add_argument("--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)")
     parser.add_argument("--only", default="", help="run only the demos whose name contains this text")
+    parser.add_argument("--no-expandable", action="store_true",
+                        help="keep the allocator's fixed-size segments (load_models turns expandable ones on with stream_blocks)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
     options = AccelOptions(**{k: json.loads(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))})
+    expandable = options.stream_blocks and not args.no_expandable and not args.tiny and accel.use_expandable_segments()
     t0 = time.perf_counter()
     models = build_models(args.tiny, device, args.offload, options)
     results = {"env": env_info(device), "size": size, "offload": args.offload, "options": str(options),
+               "expandable_segments": expandable,
                "build_s": round(time.perf_counter() - t0, 1), "demos": {}}
     if args.cap and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -156,6 +162,7 @@ def main() -> None:
         results["demos"][name] = entry
         print(name, entry, flush=True)
         tag = "_offload" * args.offload + ("_" + args.options.replace("=", "-").replace(",", "_") if args.options else "")
+        tag += "_fixed_segments" * (args.no_expandable and bool(options.stream_blocks))
         atomic_write_json(f"{args.out}/demo_memory{tag}.json", results)  # after each demo
 
 

@@ -1,17 +1,25 @@
 """Model loading and generation shared by every demo: load once, encode prompts once, sample, decode."""
 
+import re
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import re
-
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .accel import AccelOptions, accelerate, attention_backend, compile_decoder
+from .accel import (
+    AUTO,
+    AccelOptions,
+    accelerate,
+    attention_backend,
+    compile_decoder,
+    describe,
+    resolve_accel,
+    use_expandable_segments,
+)
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
@@ -78,6 +86,7 @@ class FluxModels:
     dtype: torch.dtype
     offload: bool = False
     attention: str = "auto"
+    accel: AccelOptions = field(default_factory=AccelOptions)  # the resolved options the models were loaded with
     _held: set[int] = field(default_factory=set, repr=False)
 
     @contextmanager
@@ -248,6 +257,10 @@ def text_encoder_home(accel: AccelOptions, home: torch.device) -> torch.device:
     return torch.device("cpu") if accel.stream_blocks else home
 
 
+# T5-XXL's encoder (4.76 B parameters) and CLIP-L's text model (123 M), as every full-size FLUX.1 model uses them.
+FULL_TEXT_ENCODER_PARAMS = 4_885_000_000
+
+
 def load_models(
     name: str,
     device: torch.device | str = "auto",
@@ -261,11 +274,18 @@ def load_models(
 ) -> FluxModels:
     """All four networks of `name`; local paths override the Hub (see README, "Getting weights").
 
-    `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks).
+    `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks); its
+    "auto" values are decided here for the device (printed once) and the result kept as `FluxModels.accel`.
     """
     spec = model_spec(name)
     device = resolve_device(device) if isinstance(device, str) else device
     accel = accel or AccelOptions()
+    if AUTO in (accel.compile, accel.fuse_gelu, accel.stream_blocks, accel.resident_gb):
+        text_bytes = FULL_TEXT_ENCODER_PARAMS * dtype.itemsize if spec.repo_id else 0  # tiny/mini: a few MB
+        accel = resolve_accel(accel, device, dtype, spec.params, text_bytes, offload=offload)
+        print(describe(accel), flush=True)
+    if accel.stream_blocks and device.type == "cuda":
+        use_expandable_segments()  # before the first block lands on the GPU: less fragmentation on a tight card
     home = torch.device("cpu") if offload else device
     # FP8 and streaming start from the CPU, so the bf16 transformer never has to fit the GPU whole.
     flow_home = torch.device("cpu") if accel.fp8 or accel.stream_blocks else home
@@ -278,4 +298,4 @@ def load_models(
     text_home = text_encoder_home(accel, home)
     t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
     clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
-    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention)
+    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention, accel)

@@ -7,11 +7,18 @@ A config class is a plain `@dataclass` whose fields all have defaults. Validatio
 Metadata keys: `help` (str), `min`, `max`, `multiple_of` (numbers; applied to every number of a list),
 `choices` (allowed values), `pattern` (a regular expression a string must match in full).
 Field types: str, int, float (an integer is accepted), bool, `X | None`, `list[X]`, `Literal[...]`, `str | list[str]`.
-A class may define `check(self) -> list[str]` for cross-field rules; it runs once every field is valid.
-Keys starting with "_" in a config file are comments (e.g. the "_help" block of `--print-config`) and are ignored.
+A class may define `check(self) -> list[str]` for cross-field rules. It runs even when some values are invalid: those
+fields then hold a stand-in whose every use stops the rule reading it (its own problem is already reported), so a rule
+runs whenever the fields it needs are valid; `check_rules` keeps one stopped rule from stopping the others.
+Keys starting with "_" in a config file are comments (e.g. the "_help" block of `--print-config`) and are ignored, as is
+"$schema" (the JSON Schema an editor checks the file against: `python -m stableflow.config --write-schemas`).
 
 Every problem -- broken JSON, unknown keys, wrong types, out-of-range values -- is collected and raised at once as
 one `ConfigError`; `run_demo` turns any `UserError` into `error: ...` on stderr and exit status 2.
+
+Why not pydantic v2: it would replace `_coerce`/`_convert` (~100 lines) but not the rest (broken JSON with a caret,
+did-you-mean for keys and values, overrides read as JSON then as text), and its messages differ from the ones users and
+tests rely on; mapping its errors back to ours would cost as much code as it saves, for a new dependency.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ if TYPE_CHECKING:  # torch loads only once a demo runs, so bad configs and --pri
     from flux.pipeline import FluxModels
 
 __all__ = [
-    "BaseConfig", "ConfigError", "config_json", "config_to_dict", "default_config_json", "load_config",
+    "BaseConfig", "ConfigError", "check_rules", "config_json", "config_to_dict", "default_config_json", "load_config",
     "load_models_for", "output_dir_problems", "run_demo",
 ]
 
@@ -86,7 +93,8 @@ def _describe(tp: Any) -> str:
         return "null"
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(json.dumps(c) for c in typing.get_args(tp))
+        choices = typing.get_args(tp)
+        return json.dumps(choices[0]) if len(choices) == 1 else "one of " + ", ".join(json.dumps(c) for c in choices)
     if origin is list:
         (item,) = typing.get_args(tp)
         plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
@@ -352,8 +360,8 @@ def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] 
     # Overrides replace file values before validation, so `width=512` also repairs a bad width in the file.
     raw: dict[str, tuple[list[Any], str]] = {}  # key -> (candidate values, where the value came from)
     for key, value in data.items():
-        if key.startswith("_"):
-            continue  # comments
+        if key.startswith("_") or key == "$schema":
+            continue  # comments, and the schema an editor validates the file against
         if key not in fields:
             problems.append(f"unknown key '{key}'{_did_you_mean_key(key, names)}")
         else:
@@ -378,18 +386,62 @@ def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] 
                 errors = errors or p.messages
         else:
             problems += [origin + m for m in errors]
+    invalid = {key: _Invalid(key) for key in raw if key not in values}
+    cfg = cls(**values, **invalid)
+    problems += _run_check(cfg)
     if problems:
         raise ConfigError(problems, str(path) if path is not None else None)
-    cfg = cls(**values)
-    check = getattr(cfg, "check", None)
-    if callable(check):
-        try:
-            problems = list(check())
-        except UserError as e:
-            problems = [str(e)]
-        if problems:
-            raise ConfigError(problems, str(path) if path is not None else None)
     return cfg
+
+
+class _NeedsInvalid(Exception):
+    """A cross-field rule used a field whose value is invalid: the rule is skipped."""
+
+
+class _Invalid:
+    """Stands in for a field whose value broke its own rules while `check()` runs: every use of it (comparison,
+    truth, iteration, hashing, str, path) raises _NeedsInvalid, which stops the rule that needs the field."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<invalid '{self.name}'>"
+
+    def _stop(self, *args: Any, **kwargs: Any) -> Any:
+        raise _NeedsInvalid(self.name)
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __bool__ = __len__ = __iter__ = _stop  # type: ignore
+    __contains__ = __getitem__ = __getattr__ = __str__ = __format__ = __fspath__ = __int__ = __float__ = _stop  # type: ignore
+    __index__ = __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __mod__ = __neg__ = _stop  # type: ignore
+
+
+def _run_check(cfg: Any) -> list[str]:
+    """The problems `cfg.check()` finds; nothing if it needs an invalid field outside `check_rules`."""
+    check = getattr(cfg, "check", None)
+    if not callable(check):
+        return []
+    try:
+        return list(check())
+    except UserError as e:
+        return [str(e)]
+    except _NeedsInvalid:
+        return []
+
+
+def check_rules(*rules: Callable[[], Any]) -> list[str]:
+    """Run independent cross-field rules; each returns a list of problems (or None) or raises UserError. A rule
+    that needs a field whose value is invalid is skipped, and the others still run, so every problem of a config
+    is reported at once."""
+    problems: list[str] = []
+    for rule in rules:
+        try:
+            problems += rule() or []
+        except UserError as e:
+            problems.append(str(e))
+        except _NeedsInvalid:
+            pass
+    return problems
 
 
 def _did_you_mean_key(key: str, names: list[str]) -> str:
@@ -437,7 +489,7 @@ def default_config_json(cls: type) -> str:
 class BaseConfig:
     """Keys every demo has: which model, where its weights are, and where it runs."""
 
-    model: Literal["flux-dev", "flux-schnell", "flux-tiny"] = field(default="flux-dev", metadata={
+    model: Literal["flux-dev", "flux-schnell", "flux-krea-dev", "flux-tiny", "flux-mini"] = field(default="flux-dev", metadata={
         "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0) or "
                 "flux-tiny (tiny random weights: runs on a CPU in seconds, for tests)"})
     flow_path: str | None = field(default=None, metadata={
@@ -457,38 +509,42 @@ class BaseConfig:
         "help": "keep each model on the GPU only while it is used (text encoders, transformer, decoder): "
                 "less GPU memory, slower"})
     output_dir: str = field(default="outputs", metadata={"help": "folder for the outputs (created if missing)"})
-    compile: bool = field(default=False, metadata={
+    compile: Literal["auto"] | bool = field(default="auto", metadata={
         "help": "compile each transformer block and the autoencoder's decoder (torch.compile, ~30-40 s on a GPU "
-                "per image size): ~1.45x faster steps and ~2.7x faster decoding at 1024²"})
+                "per image size): ~1.45x faster steps and ~2.7x faster decoding at 1024²; auto: on for bf16 on a "
+                "CUDA GPU of compute capability 8.0+ (not with stream_blocks)"})
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = field(default="auto", metadata={
         "help": "attention kernel: auto (cuDNN first on Hopper GPUs, torch's choice elsewhere) or one to prefer"})
     fp8: bool = field(default=False, metadata={
         "help": "FP8 e4m3 weights for the transformer's block linears (Ada/Hopper GPUs): half the memory, "
                 "faster, approximate (~6% relative error vs bf16); not for ablation sweeps"})
-    stream_blocks: bool = field(default=False, metadata={
+    stream_blocks: Literal["auto"] | bool = field(default="auto", metadata={
         "help": "keep transformer blocks in pinned CPU memory and copy each to the GPU just before it runs "
-                "(lossless; for 24 GB cards); replaces offload for the transformer"})
-    resident_gb: float = field(default=0.0, metadata={
-        "help": "with stream_blocks: GiB of blocks that stay on the GPU (15 on a 24 GB card)", "min": 0})
-    fuse_gelu: bool = field(default=False, metadata={
+                "(lossless; for 24 GB cards); replaces offload for the transformer; auto: on when the CUDA GPU's "
+                "free memory cannot hold the transformer and text encoders (not with offload, fp8 or compile=true)"})
+    resident_gb: Literal["auto"] | float = field(default="auto", metadata={
+        "help": "with stream_blocks: GiB of blocks that stay on the GPU (15 on a 24 GB card); auto: the free "
+                "memory less 8.5 GiB for streaming slots, activations and decoding", "min": 0})
+    fuse_gelu: Literal["auto"] | bool = field(default="auto", metadata={
         "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
                 "concatenation: 1-3% faster compiled steps on a GPU (~5% eager), outputs within bf16 rounding; "
-                "with fp8, GELU and quantisation of the MLP hidden layer in one kernel (6-8% faster)"})
+                "with fp8, GELU and quantisation of the MLP hidden layer in one kernel (6-8% faster); auto: as compile"})
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""
-        problems = []
-        if self.compile and self.stream_blocks:
-            problems.append("'compile' and 'stream_blocks' do not combine: choose one")
-        if self.offload and self.stream_blocks:
-            problems.append("'offload' and 'stream_blocks' do not combine: stream_blocks already keeps the "
-                            "transformer off the GPU; set offload=false")
-        for name in ("flow_path", "ae_path", "t5_path", "clip_path"):
+        def path_rule(name: str) -> Callable[[], list[str]]:
             value = getattr(self, name)
-            if value is not None and not Path(value).expanduser().exists():
-                problems.append(f"'{name}' points to '{value}', which does not exist "
-                                f"(fix the path, or set it to null to download the weights)")
-        return problems + output_dir_problems(self.output_dir)
+            return lambda: [f"'{name}' points to '{value}', which does not exist (fix the path, or set it to null "
+                            "to download the weights)"] if value is not None and not Path(value).expanduser().exists() else []
+
+        return check_rules(
+            lambda: ["'compile' and 'stream_blocks' do not combine: choose one"]
+            if self.compile is True and self.stream_blocks is True else [],
+            lambda: ["'offload' and 'stream_blocks' do not combine: stream_blocks already keeps the transformer off "
+                     "the GPU; set offload=false"] if self.offload and self.stream_blocks is True else [],
+            *(path_rule(name) for name in ("flow_path", "ae_path", "t5_path", "clip_path")),
+            lambda: output_dir_problems(self.output_dir),
+        )
 
 
 def output_dir_problems(output_dir: str) -> list[str]:
@@ -508,8 +564,10 @@ def _looks_like_override(arg: str) -> bool:
 
 
 def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = None, description: str = "") -> None:
-    """Parse `[config.json] [key=value ...] [--print-config]`, load and validate the config, run `main(cfg)`.
+    """Parse `config.json [key=value ...] [--print-config]`, load and validate the config, run `main(cfg)`.
 
+    Without any argument it prints the usage and the shipped configs and exits with 2, so that a bare
+    `python demo_0_test.py` never starts a large download; `key=value` overrides alone run on the defaults.
     Any UserError (from the config or raised later inside `main`) prints `error: <message>` to stderr and exits
     with status 2; Ctrl-C exits with 130.
     """
@@ -519,11 +577,20 @@ def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = N
         epilog="Any key of the config can be overridden on the command line as key=value (the value is read as "
                "JSON, else as a plain string), e.g. seed=7 'prompt=a red fox' 'layers=[0,1]'.")
     parser.add_argument("args", nargs="*", metavar="config.json|key=value",
-                        help="the JSON config file (optional: without it the defaults are used), then overrides")
+                        help="the JSON config file, then overrides (overrides alone: the defaults plus them; "
+                             "FLUX.1-dev by default, a 24 GB download)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the full config as JSON (the defaults, or the given config with the overrides "
                              "applied) with the meaning of every key, and exit")
     args = parser.parse_args(argv)
+    if not args.args and not args.print_config:
+        parser.print_usage(sys.stderr)
+        script = Path(sys.argv[0]).stem if argv is None else ""
+        shipped = _shipped_configs(script)
+        print("give a config file (and key=value overrides), e.g.\n" + "".join(
+            f"  python {sys.argv[0] if argv is None else parser.prog} {c}\n" for c in shipped) + "or key=value overrides alone to run on the defaults; "
+            "--print-config lists every key, -h explains more", file=sys.stderr)
+        raise SystemExit(2)
     config, overrides = None, list(args.args)
     if overrides and not _looks_like_override(overrides[0]):
         config = overrides.pop(0)
@@ -542,12 +609,121 @@ def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = N
         raise SystemExit(130) from None
 
 
+def _shipped_configs(script: str) -> list[str]:
+    """The configs of the repository's configs/ that belong to the demo `script` (e.g. "demo_0_test")."""
+    root = Path(__file__).resolve().parents[1]
+    found = sorted((root / "configs").glob(f"**/{script or 'demo_'}*.json"))
+    try:
+        return [str(p.relative_to(Path.cwd())) for p in found]
+    except ValueError:  # run from elsewhere: absolute paths
+        return [str(p) for p in found]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON Schema of each demo's config, for editors (configs/schema/, each shipped config's "$schema")
+
+# Each demo's config class, by module and name: imported only when schemas are written, wherever the class lives.
+DEMO_CONFIGS = {
+    "demo_0_test": ("stableflow.text2img", "Text2ImgConfig"),
+    "demo_1_layer": ("stableflow.trajectory", "TrajectoryConfig"),
+    "demo_2_skip": ("stableflow.sweep", "SkipConfig"),
+    "demo_3_dino": ("stableflow.vitality", "DinoConfig"),
+    "demo_4_edit": ("stableflow.edit", "EditConfig"),
+}
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "configs" / "schema"
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is str:
+        return {"type": "string"}
+    if tp is _NoneType:
+        return {"type": "null"}
+    if typing.get_origin(tp) is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if typing.get_origin(tp) is list:
+        return {"type": "array", "items": _type_schema(typing.get_args(tp)[0])}
+    return {"anyOf": [_type_schema(a) for a in typing.get_args(tp)]}  # a union: _describe rejected anything else
+
+
+def _field_schema(f: _Field) -> dict[str, Any]:
+    """`f`'s type with its rules on every number or string it may hold (as `_convert` applies them)."""
+    rules: dict[str, Any] = {}
+    if "min" in f.meta:
+        rules["minimum"] = f.meta["min"]
+    if "max" in f.meta:
+        rules["maximum"] = f.meta["max"]
+    if "multiple_of" in f.meta:
+        rules["multipleOf"] = f.meta["multiple_of"]
+    strings = {"pattern": f"^(?:{f.meta['pattern']})$"} if "pattern" in f.meta else {}
+    if "choices" in f.meta:
+        strings["enum"] = rules["enum"] = list(f.meta["choices"])
+
+    def add(schema: dict[str, Any]) -> dict[str, Any]:
+        if "anyOf" in schema:
+            return {"anyOf": [add(s) for s in schema["anyOf"]]}
+        if schema.get("type") == "array":
+            return {**schema, "items": add(schema["items"])}
+        if schema.get("type") in ("integer", "number"):
+            return {**schema, **rules}
+        if schema.get("type") == "string":
+            return {**schema, **strings}
+        return schema
+
+    return {"description": _field_help(f), **add(_type_schema(f.type)), "default": _copy(f.default)}
+
+
+def json_schema(cls: type, title: str) -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of config class `cls`: what an editor can check before `load_config` does
+    (types, ranges, choices, patterns; not the cross-field rules). Keys starting with "_" are comments."""
+    fields = _schema(cls)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": title,
+        "description": (cls.__doc__ or "").strip().split("\n")[0],
+        "type": "object",
+        "properties": {"$schema": {"type": "string"}, **{f.name: _field_schema(f) for f in fields}},
+        "patternProperties": {"^_": {}},
+        "additionalProperties": False,
+    }
+
+
+def demo_schemas() -> dict[str, str]:
+    """Each demo's schema file name and its text, as `--write-schemas` writes them."""
+    import importlib
+
+    out = {}
+    for demo, (module, name) in DEMO_CONFIGS.items():
+        cls = getattr(importlib.import_module(module), name)
+        out[f"{demo}.schema.json"] = json.dumps(json_schema(cls, f"{demo}.py config"), indent=2, ensure_ascii=False) + "\n"
+    return out
+
+
+def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
+    from .io import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in demo_schemas().items():
+        atomic_write_text(folder / name, text)
+        written.append(folder / name)
+    return written
+
+
 def load_models_for(cfg: BaseConfig) -> FluxModels:
-    """The models a demo's config asks for (its model, dtype, device, offload, speed options and local paths)."""
+    """The models a demo's config asks for (its model, dtype, device, offload, speed options and local paths).
+
+    The config's "auto" speed/memory values are replaced by the ones chosen for this device, so that the run.json
+    or manifest written from it records what ran."""
     from flux.accel import AccelOptions
     from flux.pipeline import load_models, resolve_device, resolve_dtype
 
-    return load_models(
+    models = load_models(
         cfg.model,
         resolve_device(cfg.device),
         resolve_dtype(cfg.dtype),
@@ -558,3 +734,13 @@ def load_models_for(cfg: BaseConfig) -> FluxModels:
         clip_path=cfg.clip_path,
         accel=AccelOptions(cfg.compile, cfg.attention, cfg.fp8, cfg.stream_blocks, cfg.resident_gb, cfg.fuse_gelu),
     )
+    for key in ("compile", "fuse_gelu", "stream_blocks", "resident_gb"):
+        setattr(cfg, key, getattr(models.accel, key))
+    return models
+
+
+if __name__ == "__main__":  # python -m stableflow.config --write-schemas
+    if sys.argv[1:] != ["--write-schemas"]:
+        raise SystemExit("usage: python -m stableflow.config --write-schemas   (writes configs/schema/*.schema.json)")
+    for written in write_schemas():
+        print(written)

@@ -4,17 +4,28 @@ import json
 import subprocess
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from stableflow.config import (
-    BaseConfig, ConfigError, config_json, config_to_dict, default_config_json, load_config, run_demo,
-)
-from flux.pipeline import resolve_device, resolve_dtype
 from flux.errors import UserError
+from flux.pipeline import resolve_device, resolve_dtype
+from stableflow.config import (
+    BaseConfig,
+    ConfigError,
+    check_rules,
+    config_json,
+    config_to_dict,
+    default_config_json,
+    load_config,
+    run_demo,
+)
+
+# The model names as the message lists them (the list grows with flux.util's registry).
+MODELS = ", ".join(json.dumps(m) for m in typing.get_args(typing.get_type_hints(BaseConfig)["model"]))
 
 
 @dataclass
@@ -52,6 +63,11 @@ def problems_of(path, overrides=(), cls=ExampleConfig) -> list[str]:
 
 # --- good input --------------------------------------------------------------------------------------------------
 
+def test_schema_key_is_accepted_and_ignored(tmp_path):
+    cfg = load_config(ExampleConfig, write(tmp_path, {"$schema": "schema/demo_0_test.schema.json", "steps": 3}))
+    assert cfg == ExampleConfig(steps=3)
+
+
 def test_file_values_are_typed_and_defaults_fill_the_rest(tmp_path):
     cfg = load_config(ExampleConfig, write(tmp_path, {"width": 512, "guidance": 4, "prompt": ["a", "b"], "seed": None,
                                                       "_comment": "keys starting with _ are ignored"}))
@@ -81,9 +97,43 @@ def test_overrides_parse_json_then_fall_back_to_string(tmp_path):
 def test_check_hook_adds_cross_field_problems(tmp_path):
     assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": 20})) == [
         "flux-schnell needs at most 10 steps, got 20: lower 'steps'"]
-    # with a field already wrong, the cross-field rules do not run on half-valid values
+    # a rule runs whenever the fields it needs are valid: a wrong width does not hide it ...
     assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": 20, "width": 100})) == [
-        "'width' must be a multiple of 16, got 100 (nearest: 96 or 112)"]
+        "'width' must be a multiple of 16, got 100 (nearest: 96 or 112)",
+        "flux-schnell needs at most 10 steps, got 20: lower 'steps'"]
+    # ... and never runs on a half-valid value: a wrong steps is reported once, by its own rule
+    assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": "20"})) == [
+        """'steps' must be an integer, got "20" (a string)"""]
+
+
+def test_rules_run_whenever_the_fields_they_need_are_valid(tmp_path):
+    @dataclass
+    class Ranged(BaseConfig):
+        layers: list[int] = field(default_factory=list, metadata={"min": 0})
+        steps: int = field(default=4, metadata={"min": 1})
+
+        def check(self) -> list[str]:  # the range depends on the model: a rule, not field metadata
+            return super().check() + check_rules(
+                lambda: [f"'layers' {bad} out of range 0..5" for bad in [[i for i in self.layers if i > 5]] if bad],
+                lambda: ["flux-tiny takes at most 8 steps"] if self.steps > 8 else [])
+
+    path = write(tmp_path, {"model": "flux-tiny", "layres": [0], "layers": [0, 99], "steps": "x", "offload": 1})
+    assert problems_of(path, cls=Ranged) == [
+        "unknown key 'layres' — did you mean 'layers'?",
+        """'steps' must be an integer, got "x" (a string)""",
+        "'offload' must be true or false, got 1",
+        "'layers' [99] out of range 0..5",  # ran: model and layers are valid; the steps rule did not
+    ]
+
+
+def test_a_misspelt_key_and_an_out_of_range_layer_are_reported_together(tmp_path):
+    from stableflow.config import DEMO_CONFIGS
+
+    module, name = DEMO_CONFIGS["demo_2_skip"]
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    problems = problems_of(write(tmp_path, {"model": "flux-tiny", "layers": [0, 99], "num_promts": 2}), cls=cls)
+    assert problems[0] == "unknown key 'num_promts' — did you mean 'num_prompts'?"
+    assert len(problems) == 2 and "99" in problems[1] and "out of range" in problems[1]
 
 
 # --- bad input: every problem at once ---------------------------------------------------------------------------
@@ -106,7 +156,7 @@ def test_every_problem_is_reported_at_once_naming_the_file(tmp_path):
         "'guidance' must be at least 0.0, got -1",
         """'layers[1]' must be an integer, got "a" (a string)""",
         """'dtype' must be one of "bf16", "fp16", "fp32", got "bf61" (a string) — did you mean "bf16"?""",
-        """'model' must be one of "flux-dev", "flux-schnell", "flux-tiny", got "flux-deb" (a string) — did you mean "flux-dev"?""",
+        f"""'model' must be one of {MODELS}, got "flux-deb" (a string) — did you mean "flux-dev"?""",
         """command-line override 'seed=abc': 'seed' must be an integer or null, got "abc" (a string)""",
         "'save_steps' must be true or false, got 1",
         "'prompt' must be a string or a list of strings, got 5",
@@ -336,7 +386,7 @@ def test_run_demo_user_error_inside_main_exits_2(tmp_path, capsys):
 def test_run_demo_ctrl_c_exits_130(capsys):
     def main(cfg):
         raise KeyboardInterrupt
-    assert run([], main) == 130
+    assert run(["seed=1"], main) == 130
     assert "interrupted" in capsys.readouterr().err
 
 
@@ -344,7 +394,15 @@ def test_run_demo_other_exceptions_are_bugs_and_propagate():
     def main(cfg):
         raise ZeroDivisionError
     with pytest.raises(ZeroDivisionError):
-        run_demo(ExampleConfig, main, [])
+        run_demo(ExampleConfig, main, ["seed=1"])
+
+
+def test_run_demo_without_arguments_prints_usage_and_the_shipped_configs(capsys):
+    calls = []
+    assert run([], writing_main(calls)) == 2 and calls == []  # no silent start of a FLUX.1-dev download
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and "give a config file" in err and "key=value overrides alone" in err
+    assert "configs/tiny/demo_0_test.json" in err and "configs/demo_4_edit_real.json" in err
 
 
 def test_print_config_prints_loadable_json_and_runs_nothing(tmp_path, capsys):
@@ -395,3 +453,79 @@ def test_demo_script_as_a_subprocess(tmp_path):
                             env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert (out / "done.txt").read_text() == "32"
+
+
+# --- "auto" speed and memory options ----------------------------------------------------------------------------
+
+def fake_gpu(monkeypatch, capability=(9, 0), free_gib=79.0):
+    import torch
+    import torch.utils._triton
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 80 * 2**30))
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+
+
+def test_auto_speed_options_follow_device_dtype_and_capability(monkeypatch):
+    import torch
+
+    from flux.accel import AccelOptions, describe, resolve_accel
+    from flux.util import configs
+
+    auto = AccelOptions("auto", "auto", False, "auto", "auto", "auto")
+    dev, t5 = configs["flux-dev"].params, 4_885_000_000 * 2
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch)
+    got = resolve_accel(auto, cuda, torch.bfloat16, dev, t5)
+    assert (got.compile, got.fuse_gelu, got.fp8, got.stream_blocks, got.resident_gb) == (True, True, False, False, 0.0)
+    assert describe(got) == "speed options: compile on, fuse_gelu on (auto: CUDA bf16 sm_90)"
+    assert got.check() == [] and auto.check() != []  # only resolved options reach accelerate
+    for device, dtype, cap in [("cpu", torch.bfloat16, (9, 0)), ("mps", torch.bfloat16, (9, 0)),
+                               ("cuda", torch.float32, (9, 0)), ("cuda", torch.float16, (9, 0)),
+                               ("cuda", torch.bfloat16, (7, 5))]:
+        fake_gpu(monkeypatch, capability=cap)
+        got = resolve_accel(auto, torch.device(device), dtype, dev, t5)
+        assert (got.compile, got.fuse_gelu, got.stream_blocks) == (False, False, False), (device, dtype, cap)
+    fake_gpu(monkeypatch)  # explicit values win
+    got = resolve_accel(AccelOptions(False, "auto", False, "auto", "auto", True), cuda, torch.bfloat16, dev, t5)
+    assert (got.compile, got.fuse_gelu) == (False, True)
+
+
+def test_auto_memory_options_stream_on_small_gpus(monkeypatch):
+    import torch
+
+    from flux.accel import AccelOptions, resolve_accel, transformer_bytes
+    from flux.util import configs
+
+    auto = AccelOptions("auto", "auto", False, "auto", "auto", "auto")
+    dev, t5 = configs["flux-dev"].params, 4_885_000_000 * 2
+    cuda = torch.device("cuda")
+    assert abs(transformer_bytes(dev, torch.bfloat16) / 1e9 - 23.8) < 0.1  # 11.9 B parameters, as the checkpoint
+    fake_gpu(monkeypatch, free_gib=23.5)  # a 24 GB card: the README's lossless setting
+    got = resolve_accel(auto, cuda, torch.bfloat16, dev, t5)
+    assert (got.stream_blocks, got.resident_gb, got.compile, got.fuse_gelu) == (True, 15.0, False, True)
+    assert "stream_blocks on: 23.5 GiB free" in got.reason
+    fake_gpu(monkeypatch, free_gib=31.0)  # more free memory, more blocks stay
+    assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).resident_gb == 22.5
+    fake_gpu(monkeypatch, free_gib=6.0)
+    assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).resident_gb == 0.0
+    fake_gpu(monkeypatch, free_gib=40.0)  # fits: resident path
+    assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).stream_blocks is False
+    fake_gpu(monkeypatch, free_gib=23.5)  # explicit settings win; offload, fp8 and compile=true decide memory
+    assert resolve_accel(AccelOptions("auto", "auto", False, "auto", 12, "auto"), cuda, torch.bfloat16, dev, t5).resident_gb == 12
+    assert resolve_accel(AccelOptions("auto", "auto", False, False, "auto", "auto"), cuda, torch.bfloat16, dev, t5).compile
+    for options, offload in [(AccelOptions("auto", "auto", True, "auto", "auto", "auto"), False),
+                             (AccelOptions(True, "auto", False, "auto", "auto", "auto"), False), (auto, True)]:
+        assert resolve_accel(options, cuda, torch.bfloat16, dev, t5, offload=offload).stream_blocks is False
+
+
+def test_demo_config_defaults_to_auto_and_records_what_ran(tmp_path, capsys):
+    from stableflow.config import load_models_for
+
+    cfg = load_config(ExampleConfig, None, ["model=flux-tiny", "device=cpu", "dtype=fp32"])
+    assert (cfg.compile, cfg.fuse_gelu, cfg.stream_blocks, cfg.resident_gb) == ("auto",) * 4
+    models = load_models_for(cfg)
+    assert models.accel.as_dict()["compile"] is False and "auto: off on cpu" in models.accel.reason
+    assert capsys.readouterr().out == "speed options: compile off, fuse_gelu off (auto: off on cpu)\n"
+    assert (cfg.compile, cfg.fuse_gelu, cfg.stream_blocks, cfg.resident_gb) == (False, False, False, 0.0)
+    assert config_to_dict(cfg)["compile"] is False  # run.json gets the resolved value

@@ -1,7 +1,7 @@
 """Speed and memory options for the FLUX transformer, each one explicit call on a built model.
 
 - `attention_backend(name)`: a context manager choosing the scaled-dot-product-attention kernel
-  ("auto" puts cuDNN first on Hopper, where it is ~2x faster than flash at FLUX shapes).
+  ("auto" puts cuDNN first on Hopper, where it beats flash at FLUX shapes: docs/performance.md).
 - `compile_blocks(model)`: regional compilation, one compiled graph per block class (reused by every
   block of that class), so compile time stays bounded and per-sample layer skips never recompile:
   the skip/inject logic runs in `Flux.forward`, outside the compiled blocks.
@@ -13,45 +13,57 @@
   and are copied to the device just before they run, the next one's copy overlapping the current
   block's compute on a side stream. Lossless: the same bytes reach the same kernels.
 - `accelerate(model, AccelOptions(...), device)`: all of the above from config values.
+- `resolve_accel(AccelOptions(...), device, dtype, params)`: "auto" values decided for this GPU and model.
 
 None of these changes the forward's signature or its hooks (skip, inject).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UserError
 from ..model import Flux
 from .attention import ATTENTION_BACKENDS, attention_backend
+from .auto import AUTO, describe, resolve_accel, transformer_bytes, use_expandable_segments
 from .compile import blocks, compile_blocks, compile_decoder, is_compiled
 from .fp8 import FP8FusedSingleStreamBlock, FP8GELULinear, FP8Linear, fp8_problem, quantize_fp8, scaled_mm_takes_bias
 from .gelu import FusedSingleStreamBlock, LinearGELU, fuse_gelu, linear_gelu, unfuse_gelu
 from .kernels import quantize_rows
 from .stream import BlockStreamer, stream_blocks, streamer_of
 
+
 @dataclass(frozen=True)
 class AccelOptions:
-    """The speed/memory switches a demo config exposes (defaults: plain eager bf16)."""
+    """The speed/memory switches a demo config exposes (defaults: plain eager bf16). compile, fuse_gelu,
+    stream_blocks and resident_gb may be "auto" until `resolve_accel` decides them for a device."""
 
-    compile: bool = False
+    compile: bool | str = False
     attention: str = "auto"
     fp8: bool = False
-    stream_blocks: bool = False
-    resident_gb: float = 0.0  # with stream_blocks: GiB of blocks kept on the device
-    fuse_gelu: bool = False
+    stream_blocks: bool | str = False
+    resident_gb: float | str = 0.0  # with stream_blocks: GiB of blocks kept on the device
+    fuse_gelu: bool | str = False
+    reason: str = field(default="", compare=False)  # why resolve_accel chose what it chose
 
     def check(self) -> list[str]:
         problems = []
         if self.attention not in ATTENTION_BACKENDS:
             problems.append(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.compile and self.stream_blocks:
+        if autos := [k for k in ("compile", "fuse_gelu", "stream_blocks", "resident_gb") if getattr(self, k) == AUTO]:
+            problems.append(f"{', '.join(autos)} still 'auto': resolve_accel decides them for a device first")
+        if self.compile is True and self.stream_blocks is True:
             problems.append("compile and stream_blocks do not combine: choose one")
-        if self.resident_gb < 0:
+        if not isinstance(self.resident_gb, str) and self.resident_gb < 0:
             problems.append("resident_gb must be >= 0")
         return problems
+
+    def as_dict(self) -> dict:
+        """The resolved values, as a run's metadata records them."""
+        return {k: getattr(self, k) for k in ("compile", "fuse_gelu", "attention", "fp8", "stream_blocks",
+                                               "resident_gb", "reason")}
 
 
 def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
@@ -84,6 +96,7 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 
 
 __all__ = [
+    "AUTO", "describe", "resolve_accel", "transformer_bytes", "use_expandable_segments",
     "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend", "compile_decoder",
     "FP8FusedSingleStreamBlock", "FP8GELULinear", "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
     "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "streamer_of",
