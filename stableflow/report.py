@@ -19,6 +19,7 @@ from .io import (
     atomic_open,
     atomic_write_json,
     atomic_write_text,
+    caption_font_size,
     make_grid,
     save_png,
 )
@@ -138,8 +139,8 @@ def contact_sheet(sweep: Sweep, scores: Sequence[LayerScore], vital: Sequence[in
             block = f"double {s.layer}" if s.layer < sweep.num_double else f"single {s.layer - sweep.num_double}"
             labels.append([f"skip layer {s.layer}{' (vital)' if s.layer in vital else ''}", block,
                            "missing" if path is None else f"similarity {sim:.3f}" if sim is not None else ""])
-    font_size = max(12, min(32, thumb // 20))  # make_grid's own choice for this tile size, made explicit
     width = max(im.width for im in images)
+    font_size = caption_font_size(width)  # make_grid's own choice for this tile width, made explicit
     captions = [caption(lines, font_size, width) for lines in labels]
     return make_grid(images, captions, cols=len(ranked) + 1, font_size=font_size)
 
@@ -148,8 +149,8 @@ _BREAK = re.compile(r"(?<=[ _\-./])")  # after a space, underscore, dash, dot or
 
 
 def caption(lines: Sequence[str], font_size: int, width: int) -> str:
-    """`lines` broken at word boundaries (spaces, and the _ - . / inside prompt ids) into lines that fit `width`
-    pixels in make_grid's font, so a tile's caption never splits a word; a word wider than the tile stays whole
+    """`lines` broken at word boundaries (spaces, and the _ - . / inside prompt ids, which io.caption_lines does not
+    break at) into lines that fit `width` pixels in make_grid's font, so a tile's caption never splits a word; a word wider than the tile stays whole
     (make_grid cuts it, the last resort)."""
     font = _font(font_size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
