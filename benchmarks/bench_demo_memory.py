@@ -4,7 +4,6 @@
     python benchmarks/bench_demo_memory.py --offload --out DIR   # with the demos' offload option
     python benchmarks/bench_demo_memory.py --tiny --out DIR   # flux-tiny on the CPU: checks the script
     python benchmarks/bench_demo_memory.py --cap 24 --edit-only --options stream_blocks=true,resident_gb=15
-    python benchmarks/bench_demo_memory.py --cap 24 --edit-only --no-expandable --options stream_blocks=true,resident_gb=15
     python benchmarks/bench_demo_memory.py --cap 24 --edit-only --offload --options fp8=true   # a 24 GB card
 
 Builds the flux-dev transformer (bf16), the autoencoder (fp32), T5-XXL (bf16, 4.7 B parameters) and CLIP-L (bf16)
@@ -30,6 +29,8 @@ from torch import nn
 
 import demo_0_test  # the demos' run loops live in the demo scripts (common puts the repo root on sys.path)
 import demo_1_layer
+import demo_2_skip
+import demo_4_edit
 from flux import accel
 from flux.accel import AccelOptions
 from flux.modules.autoencoder import AutoEncoder
@@ -39,7 +40,7 @@ from flux.util import configs
 from stableflow import edit, text2img, trajectory
 from stableflow.config import load_config
 from stableflow.io import atomic_write_json
-from stableflow.sweep import PromptSpec, run_sweep
+from stableflow.sweep import PromptSpec, SweepPlan
 
 
 def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -131,17 +132,18 @@ def main() -> None:
     demos = {
         "demo_0_test": lambda: demo_0_test.main(load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models),
         "demo_1_layer": lambda: demo_1_layer.main(load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models),
-        "demo_2_skip (batch 4)": lambda: run_sweep(lambda d: models, models.name, models.spec.params.depth,
-                                                   models.spec.params.depth_single_blocks, [PromptSpec("p0", "a fox", 0)],
-                                                   [0, 1, 2], size, size, 2, 3.5, 4, f"{work}/d2", str(device), progress=False),
-        "demo_4_edit generated (ref + 2 edits)": lambda: edit.run(load_config(edit.EditConfig, None, _args(
+        "demo_2_skip (batch 4)": lambda: demo_2_skip.run_sweep(SweepPlan(
+            models.name, models.spec.params.depth, models.spec.params.depth_single_blocks, "fp32" if args.tiny else "bf16",
+            (PromptSpec("p0", "a fox", 0),), (0, 1, 2), size, size, 2, 3.5, 4, f"{work}/d2"),
+            lambda d: models, str(device), progress=False),
+        "demo_4_edit generated (ref + 2 edits)": lambda: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
             base, output_dir=f"{work}/d4", edits=["a dog", "a cat"], batch_size=3)), models),
-        "demo_4_edit real (ref + 2 edits)": lambda: edit.run(load_config(edit.EditConfig, None, _args(
+        "demo_4_edit real (ref + 2 edits)": lambda: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
             base, output_dir=f"{work}/d4r", image=str(REPO / "tests/data/house.png"), size=size,
             edits=["a red house", "a house in snow"], batch_size=3)), models),
     }
     if args.edit_only:  # the 24 GB case: batches of two images
-        demos = {f"{name} (2-image batches)": lambda name=name, i=i: edit.run(load_config(edit.EditConfig, None, _args(
+        demos = {f"{name} (2-image batches)": lambda name=name, i=i: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
             base, output_dir=f"{work}/{i}", edits=["a dog", "a cat"], batch_size=2,
             **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}))), models)
             for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))}
