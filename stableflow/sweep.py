@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from flux.errors import UserError
-from flux.model import layer_name
+from flux.model import check_layers, layer_name
 from flux.util import model_spec
 
 from .config import BaseConfig
@@ -151,10 +151,10 @@ def resolve_layers(layers: Sequence[int] | None, num_double: int, num_single: in
     n = num_double + num_single
     if layers is None:
         return list(range(n))
-    bad = sorted({layer for layer in layers if not 0 <= layer < n})
-    if bad:
-        raise UserError(f"layer(s) {bad} out of range: this model has {n} layers, 0..{num_double - 1} double-stream "
-                        f"and {num_double}..{n - 1} single-stream; fix 'layers' (or set it to null for all)")
+    try:
+        check_layers(layers, n, "'layers'")
+    except ValueError as e:
+        raise UserError(f"{e}; fix 'layers' (or set it to null for all)") from None
     return sorted(set(layers))
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from flux.sampling import Step, unpack
+from flux.model import check_layers
 from flux.util import model_spec
 
 from .config import BaseConfig
@@ -68,10 +69,10 @@ class TrajectoryConfig(BaseConfig):
         if not self.seeds():
             problems.append("'seed' is an empty list: give at least one seed")
         p = model_spec(self.model).params
-        n = p.depth + p.depth_single_blocks
-        if bad := sorted({i for i in self.skip_layers if i >= n}):
-            problems.append(f"'skip_layers' {bad} out of range: {self.model} has layers 0..{n - 1} "
-                            f"(double 0..{p.depth - 1}, single {p.depth}..{n - 1})")
+        try:
+            check_layers(self.skip_layers, p.depth + p.depth_single_blocks, "'skip_layers'")
+        except ValueError as e:
+            problems.append(str(e))
         return problems
 
 

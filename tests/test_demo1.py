@@ -85,5 +85,5 @@ def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # in-process: the config check runs before any model is loaded
         run_demo(TrajectoryConfig, main, [str(TINY), f"output_dir={out}", "skip_layers=[0,6]"])
     assert e.value.code == 2
-    assert "'skip_layers' [6] out of range" in capsys.readouterr().err
+    assert "'skip_layers': layer 6 out of range: this model has layers 0..5" in capsys.readouterr().err
     assert not out.exists()

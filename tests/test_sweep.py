@@ -247,7 +247,7 @@ def test_bad_selection():
     with pytest.raises(UserError, match="num_prompts"):
         select_prompts(PROMPTS, None, 3)
     assert select_prompts(PROMPTS, ["lamp", "fox"], 1) == [PROMPTS[1]]
-    with pytest.raises(UserError, match=r"layer\(s\) \[6, 99\] out of range"):
+    with pytest.raises(UserError, match=r"'layers': layers 6, 99 out of range: this model has layers 0\.\.5"):
         resolve_layers([0, 6, 99], 2, 4)
     assert resolve_layers([3, 1, 3], 2, 4) == [1, 3]
     assert resolve_layers(None, 19, 38) == list(range(57))
