@@ -1,4 +1,8 @@
-"""Shared fixtures: the repository root, running a demo or module as a user would, and the tiny CPU models."""
+"""Shared fixtures: the repository root, running a demo or module as a user would, and the tiny CPU models.
+
+Tests that run a demo or `python -m flux` end to end (as a script, or a demo's whole `main`) are marked `slow`.
+`pytest -q` runs everything, as CI does; `pytest -m "not slow"` is the quick loop while editing.
+"""
 
 import os
 import subprocess
@@ -24,10 +28,15 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def run_script() -> Callable[..., subprocess.CompletedProcess]:
     """`run_script("demo_0_test.py", "configs/tiny/demo_0_test.json", "seed=1", env={...})`: a fresh Python process in
-    the repository root, as the README runs it; returns the completed process with text stdout/stderr."""
+    the repository root, as the README runs it; returns the completed process with text stdout/stderr.
 
-    def run(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: float = 300):
-        full_env = {**os.environ, **(env or {})}
+    `env` is laid over this process's environment (a None value unsets that variable); with `inherit_env=False` it
+    is the whole environment."""
+
+    def run(*args: str | Path, env: dict[str, str | None] | None = None, inherit_env: bool = True, cwd: Path = REPO,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        merged = {**(os.environ if inherit_env else {}), **(env or {})}
+        full_env = {k: v for k, v in merged.items() if v is not None}
         return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
                               text=True, timeout=timeout)
 
@@ -36,7 +45,8 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    """flux-tiny's four networks on the CPU in float32, loaded once per test session (read-only: don't modify)."""
+    """flux-tiny's four networks on the CPU in float32, loaded once per test session. Read-only: a test that changes
+    weights, modules or hooks for good loads its own (or works on a copy)."""
     from flux.pipeline import load_models
 
     return load_models("flux-tiny", "cpu", torch.float32)
