@@ -166,14 +166,14 @@ def caption(lines: Sequence[str], font_size: int, width: int) -> str:
     return "\n".join(out)
 
 
-def write_sweep_outputs(a: Analysis, out_dir: str | Path, *, dino_model: str, contact_sheet_prompts: int = 4,
-                        contact_sheet_columns: int = 8) -> dict[str, Path]:
+def write_sweep_outputs(a: Analysis, out_dir: str | Path, *, dino_model: str | None, contact_sheet_prompts: int = 4,
+                        contact_sheet_columns: int = 8, metric: str = "dinov2") -> dict[str, Path]:
     """vital_layers.json, vitality.csv, vitality.png, contact_sheet.png (each written atomically) in `out_dir`."""
     out = Path(out_dir)
     missing = a.sweep.missing()
     model = a.sweep.manifest.get("model") if a.sweep.manifest else None
     payload = vital_layers_payload(
-        a.scores, a.vital, a.selection, model=model, dino_model=dino_model, num_double=a.sweep.num_double,
+        a.scores, a.vital, a.selection, model=model, dino_model=dino_model, num_double=a.sweep.num_double, metric=metric,
         extra={"vital_layer_names": [layer_name(l, a.sweep.num_double) for l in a.vital],
                "num_prompts": len({p for per in a.sims.values() for p in per}),
                "complete": not missing, "missing": missing, "bootstrap": a.bootstrap, "notes": a.notes})
@@ -181,7 +181,7 @@ def write_sweep_outputs(a: Analysis, out_dir: str | Path, *, dino_model: str, co
              "contact_sheet": out / "contact_sheet.png"}
     atomic_write_text(paths["csv"], scores_csv(a.scores, a.vital, a.sweep.num_double))
     tau = a.selection.get("tau")
-    title = f"Layer vitality of {model or 'the model'} ({payload['num_prompts']} prompts, {dino_model})"
+    title = f"Layer vitality of {model or 'the model'} ({payload['num_prompts']} prompts, {dino_model or metric})"
     save_figure(vitality_figure(a.scores, a.vital, a.sweep.num_double, tau=tau, title=title), paths["plot"])
     if contact_sheet_prompts > 0:
         save_png(paths["contact_sheet"], contact_sheet(a.sweep, a.scores, a.vital, a.sims, prompts=contact_sheet_prompts,
@@ -223,13 +223,14 @@ def summary_lines(a: Analysis) -> list[str]:
     return lines
 
 
-def write_similarity(rows: Sequence[dict], out_dir: str | Path, *, dino_model: str, notes: Sequence[str]) -> list[Path]:
+def write_similarity(rows: Sequence[dict], out_dir: str | Path, *, dino_model: str | None, notes: Sequence[str],
+                     metric: str = "dinov2") -> list[Path]:
     """The plain mode's similarity.csv and similarity.json: one row per compared pair ({name, a, b, similarity})."""
     out = Path(out_dir)
     paths = [out / "similarity.json", out / "similarity.csv"]
     atomic_write_text(paths[1], "name,a,b,similarity\n" + "".join(
         f"{r['name']},{r['a']},{r['b']},{r['similarity']!r}\n" for r in rows))
     mean = sum(r["similarity"] for r in rows) / len(rows)
-    atomic_write_json(paths[0], {"dino_model": dino_model, "mean_similarity": mean, "pairs": list(rows),
+    atomic_write_json(paths[0], {"metric": metric, "dino_model": dino_model, "mean_similarity": mean, "pairs": list(rows),
                                  "notes": list(notes)})
     return paths

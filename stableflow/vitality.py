@@ -106,16 +106,25 @@ def rule_text(selection: dict) -> str:
     return f"vitality >= tau = {selection['tau']:g}" if selection["rule"] == "threshold" else f"top {selection['k']}"
 
 
+# How each `metric` of demo_3 compares an ablated image with its reference (recorded in vital_layers.json).
+METRICS = {
+    "dinov2": "cosine of DINOv2 CLS embeddings (pooler_output), ablated vs reference",
+    "ssim": "SSIM of the 8-bit RGB images (11x11 Gaussian window, sigma 1.5), ablated vs reference",
+}
+
+
 def vital_layers_payload(scores: Sequence[LayerScore], vital: Sequence[int], selection: dict, *, model: str | None,
-                         dino_model: str, num_double: int, extra: dict | None = None) -> dict:
-    """The vital_layers.json object (read by demo_4_edit.py)."""
+                         dino_model: str | None, num_double: int, extra: dict | None = None,
+                         metric: str = "dinov2") -> dict:
+    """The vital_layers.json object (read by demo_4_edit.py); `dino_model` is None when the metric needs none."""
     return {
         "vital_layers": sorted(vital),
         "selection": selection,
         "model": model,
+        "metric": metric,
         "dino_model": dino_model,
         "num_double": num_double,
-        "similarity": "cosine of DINOv2 CLS embeddings (pooler_output), ablated vs reference",
+        "similarity": METRICS[metric],
         **(extra or {}),
         "layers": [asdict(s) for s in scores],
     }
@@ -140,6 +149,10 @@ class DinoConfig:
     sweep_dir: str = field(default="outputs/demo_2_skip", metadata={
         "help": "demo_2_skip.py output folder: <prompt_id>/ref.png, <prompt_id>/layer_XX.png, manifest.json"})
     output_dir: str = field(default="outputs/demo_3_dino", metadata={"help": "folder for the outputs"})
+    metric: Literal["dinov2", "ssim"] = field(default="dinov2", metadata={
+        "help": "how an ablated image is compared with its reference: 'dinov2' (the paper's: cosine of DINOv2 "
+                "embeddings; for real models) or 'ssim' (structural similarity of the pixels: needs no weights; "
+                "meaningful on flux-mini's procedural images)"})
     dino_model: str = field(default=DEFAULT_DINO, metadata={
         "help": "DINOv2 hub id (facebook/dinov2-small|base|large|giant) or local folder; "
                 "'tiny-random': a seeded random tiny model for tests and CPU smoke runs (meaningless scores)"})
@@ -151,7 +164,7 @@ class DinoConfig:
     rule: Literal["threshold", "top_k"] = field(default="threshold", metadata={
         "help": "vital set: 'threshold' (vitality >= tau, the paper's rule) or 'top_k' (the k most vital layers)"})
     tau: float = field(default=DEFAULT_TAU, metadata={
-        "help": "vitality threshold (vitality = 1 - mean DINOv2 similarity); a default to tune with the plot",
+        "help": "vitality threshold (vitality = 1 - mean similarity); a default to tune with the plot",
         "min": 0.0, "max": 2.0})
     top_k: int = field(default=10, metadata={"help": "number of vital layers when rule is top_k", "min": 1})
     num_double: int | None = field(default=None, metadata={
@@ -184,6 +197,11 @@ class DinoConfig:
                 if value is not None and not exists(Path(value)):
                     problems.append(f"'{name}' '{value}' is not an existing {'file' if kind == 'image' else 'folder'}")
         return problems + output_dir_problems(self.output_dir)
+
+    @property
+    def scorer(self) -> str | None:
+        """The DINOv2 model the metric uses (None for SSIM, which needs no weights)."""
+        return self.dino_model if self.metric == "dinov2" else None
 
     def vital_rule(self) -> dict:
         """`select_vital`'s keyword for the chosen rule: {"tau": ...} or {"top_k": ...}."""
