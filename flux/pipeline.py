@@ -176,8 +176,8 @@ class FluxModels:
         """(B, 16, h, w) latents -> images (B, 3, 8h, 8w) in [-1, 1].
 
         With a bf16 model the decoder runs under bf16 autocast, as the official CLI decodes; a float32
-        model decodes in float32. One image at a time: at 1024² the decoder's activations take ~2.5 GB
-        per image, which a 24 GB card holding the transformer does not have twice over."""
+        model decodes in float32. One image at a time: at 1024² the decoder's activations for two images
+        do not fit beside the transformer on a 24 GB card (docs/performance.md)."""
         ae_dtype = next(self.ae.parameters()).dtype
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with self.on_device(self.ae), autocast:

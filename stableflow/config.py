@@ -510,14 +510,14 @@ class BaseConfig:
                 "less GPU memory, slower"})
     output_dir: str = field(default="outputs", metadata={"help": "folder for the outputs (created if missing)"})
     compile: Literal["auto"] | bool = field(default="auto", metadata={
-        "help": "compile each transformer block and the autoencoder's decoder (torch.compile, ~30-40 s on a GPU "
-                "per image size): ~1.45x faster steps and ~2.7x faster decoding at 1024²; auto: on for bf16 on a "
-                "CUDA GPU of compute capability 8.0+ (not with stream_blocks)"})
+        "help": "compile each transformer block and the autoencoder's decoder (torch.compile, a one-time compile per "
+                "image size): faster steps and decoding, outputs within bf16 rounding (docs/performance.md); auto: "
+                "on for bf16 on a CUDA GPU of compute capability 8.0+ (not with stream_blocks)"})
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = field(default="auto", metadata={
         "help": "attention kernel: auto (cuDNN first on Hopper GPUs, torch's choice elsewhere) or one to prefer"})
     fp8: bool = field(default=False, metadata={
         "help": "FP8 e4m3 weights for the transformer's block linears (Ada/Hopper GPUs): half the memory, "
-                "faster, approximate (~6% relative error vs bf16); not for ablation sweeps"})
+                "faster, approximate (see docs/performance.md for its error vs bf16); not for ablation sweeps"})
     stream_blocks: Literal["auto"] | bool = field(default="auto", metadata={
         "help": "keep transformer blocks in pinned CPU memory and copy each to the GPU just before it runs "
                 "(lossless; for 24 GB cards); replaces offload for the transformer; auto: on when the CUDA GPU's "
@@ -527,8 +527,8 @@ class BaseConfig:
                 "memory less 8.5 GiB for streaming slots, activations and decoding", "min": 0})
     fuse_gelu: Literal["auto"] | bool = field(default="auto", metadata={
         "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
-                "concatenation: 1-3% faster compiled steps on a GPU (~5% eager), outputs within bf16 rounding; "
-                "with fp8, GELU and quantisation of the MLP hidden layer in one kernel (6-8% faster); auto: as compile"})
+                "concatenation: faster steps on a GPU, outputs within bf16 rounding; with fp8, GELU and quantisation "
+                "of the MLP hidden layer in one kernel (docs/performance.md); auto: as compile"})
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""
