@@ -131,12 +131,12 @@ def test_compiled_blocks_match_eager_and_skips_do_not_recompile():
     assert counter.frame_count == graphs + 2
 
 
-def test_compiled_decoder_matches_eager_and_comes_with_the_compile_option():
+def test_compiled_decoder_matches_eager_and_comes_with_the_compile_option(tiny_models):
     from flux.pipeline import load_models
 
     models = load_models("flux-tiny", "cpu", torch.float32, accel=accel.AccelOptions(compile=True))
     assert accel.is_compiled(models.ae.decoder) and not accel.is_compiled(models.ae.encoder)
-    assert not accel.is_compiled(load_models("flux-tiny", "cpu", torch.float32).ae.decoder)
+    assert not accel.is_compiled(tiny_models.ae.decoder)
     ae = models.ae
     z = torch.randn(2, ae.params.z_channels, 8, 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -1,8 +1,6 @@
 """The config layer: every kind of bad input gets its message, all at once; overrides; --print-config; run_demo."""
 
 import json
-import subprocess
-import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -421,7 +419,7 @@ def test_print_config_prints_loadable_json_and_runs_nothing(tmp_path, capsys):
     assert "'steps' must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_demo_script_as_a_subprocess(tmp_path):
+def test_demo_script_as_a_subprocess(tmp_path, repo_root, run_script):
     """The real thing: a script calling run_demo, its exit status, stderr and output folder."""
     script = tmp_path / "demo_example.py"
     script.write_text(textwrap.dedent("""
@@ -442,15 +440,12 @@ def test_demo_script_as_a_subprocess(tmp_path):
     """))
     out = tmp_path / "out"
     bad = write(tmp_path, {"width": 100, "output_dir": str(out)})
-    root = Path(__file__).resolve().parents[1]
-    env_run = dict(capture_output=True, text=True, cwd=root, timeout=60)
-    result = subprocess.run([sys.executable, str(script), str(bad)], **env_run,
-                            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    bare = dict(env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"}, inherit_env=False, timeout=60)
+    result = run_script(script, bad, **bare)
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"error: config file '{bad}': 'width' must be a multiple of 16, got 100 (nearest: 96 or 112)\n"
     assert result.stdout == "" and not out.exists()
-    result = subprocess.run([sys.executable, str(script), str(bad), "width=32"], **env_run,
-                            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    result = run_script(script, bad, "width=32", **bare)
     assert result.returncode == 0, result.stderr
     assert (out / "done.txt").read_text() == "32"
 

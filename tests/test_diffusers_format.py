@@ -3,24 +3,18 @@ the same tensors as the official single files; broken folders fail with one clea
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers_oracle import diffusers_transformer  # the tests' independent key mapping
 from safetensors.torch import save_file
 
 from flux.convert import vae_config
 from flux.errors import UserError
 from flux.util import configs, load_ae, load_flow_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from diffusers_oracle import diffusers_transformer  # the tests' independent key mapping
-
-ROOT = Path(__file__).resolve().parents[1]
 TINY = configs["flux-tiny"]
 
 
@@ -48,8 +42,9 @@ def write_repo(root: Path, flow: torch.nn.Module, ae: torch.nn.Module) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models():
-    return load_flow_model("flux-tiny", "cpu", torch.float32), load_ae("flux-tiny", "cpu")
+def models(tiny_models):
+    """The tiny transformer (float32) and autoencoder, as load_flow_model and load_ae give them."""
+    return tiny_models.model, tiny_models.ae
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +93,13 @@ def test_vae_folder_loads_the_same_tensors(repo, official, where):
     assert same_weights(load_ae("flux-tiny", "cpu", path=str(path)), ref)
 
 
-def run_demo(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "demo_0_test.py", "configs/tiny/demo_0_test.json", *overrides],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300, check=False,
-    )
+@pytest.fixture
+def run_demo(run_script):
+    return lambda *overrides: run_script("demo_0_test.py", "configs/tiny/demo_0_test.json", *overrides)
 
 
-def test_demo_gives_the_same_png_bytes(repo, official, tmp_path):
+@pytest.mark.slow
+def test_demo_gives_the_same_png_bytes(repo, official, tmp_path, run_demo):
     a = run_demo("num_images=1", f"flow_path={official / 'flow.safetensors'}", f"ae_path={official / 'ae.safetensors'}",
                  f"output_dir={tmp_path / 'a'}")
     b = run_demo("num_images=1", f"flow_path={repo}", f"ae_path={repo / 'vae'}", f"output_dir={tmp_path / 'b'}")
@@ -179,8 +173,9 @@ def wrong_model_config(repo: Path) -> str:
     return "flux-schnell"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [delete_shard, corrupt_index, wrong_model_config])
-def test_broken_folder_exits_2_with_one_clear_line(broken_repo, tmp_path, damage):
+def test_broken_folder_exits_2_with_one_clear_line(broken_repo, tmp_path, damage, run_demo):
     named = damage(broken_repo)
     r = run_demo(f"flow_path={broken_repo}", f"output_dir={tmp_path / 'out'}")
     assert r.returncode == 2, r.stderr
@@ -272,13 +267,12 @@ def test_no_network_fails_fast_with_advice(tmp_path, monkeypatch):
         assert advice in msg, advice
 
 
-def test_no_network_demo_exits_2_quickly(tmp_path):
+@pytest.mark.slow
+def test_no_network_demo_exits_2_quickly(tmp_path, run_script):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
-    env_off = [k for k in ("HF_HUB_CACHE", "HF_TOKEN", "FLUX_MODEL", "FLUX_DEV", "FLUX_AE", "AE") if k in os.environ]
-    full_env = {k: v for k, v in os.environ.items() if k not in env_off} | env
+    env |= dict.fromkeys(("HF_HUB_CACHE", "HF_TOKEN", "FLUX_MODEL", "FLUX_DEV", "FLUX_AE", "AE"))  # None: unset
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "demo_0_test.py", "configs/demo_0_test.json", f"output_dir={tmp_path / 'o'}"],
-                       cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=300, check=False)
+    r = run_script("demo_0_test.py", "configs/demo_0_test.json", f"output_dir={tmp_path / 'o'}", env=env)
     elapsed = time.perf_counter() - t
     assert r.returncode == 2 and r.stderr.startswith("error: cannot reach the Hugging Face Hub"), r.stderr
     assert "Traceback" not in r.stderr and "Retrying" not in r.stderr

@@ -9,10 +9,7 @@ velocity field that does not depend on x allows 1e-5 (fp32 rounding of x + a - a
 import copy
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,6 @@ import demo_4_edit
 from demo_4_edit import main as run
 from flux.errors import UserError
 from flux.model import Injection
-from flux.pipeline import load_models
 from flux.sampling import image_ids, pack, unpack
 from stableflow.clip_score import ClipScorer, tiny_clip
 from stableflow.config import load_config, run_demo
@@ -46,17 +42,12 @@ from stableflow.edit import (
 )
 from stableflow.io import load_image, slug, tensor_to_pil
 
-ROOT = Path(__file__).resolve().parent.parent
-HOUSE = ROOT / "tests" / "data" / "house.png"  # 120x90
+TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+HOUSE = Path(__file__).resolve().parent / "data" / "house.png"  # 120x90
 W, H, STEPS, SEED = 48, 32, 4, 7
 REF = "a red fox in the snow"
 EDITS = ["a white fox in the snow", "a red fox on green grass", "a red fox in the snow at night"]
 ALL_LAYERS = list(range(6))  # flux-tiny: 2 double + 4 single blocks
-
-
-@pytest.fixture(scope="module")
-def models():
-    return load_models("flux-tiny", "cpu", torch.float32)
 
 
 def plain(models, prompt: str, seed: int = SEED, guidance: float = 3.5) -> torch.Tensor:
@@ -78,33 +69,33 @@ def edit(models, edits=EDITS, callback=None, **kw):
 
 
 @pytest.mark.parametrize("layers", [None, ALL_LAYERS])
-def test_reference_equals_plain_generation(models, layers):
-    result = edit(models, layers=layers)
+def test_reference_equals_plain_generation(tiny_models, layers):
+    result = edit(tiny_models, layers=layers)
     assert result.latents.shape == (4, 16, H // 8, W // 8)
-    assert_same(result.latents[0], plain(models, REF))
+    assert_same(result.latents[0], plain(tiny_models, REF))
     assert result.reference.shape == (3, H, W) and result.edits.shape == (3, 3, H, W)
     # decoded in a batch of 4 vs 1: convolutions round differently, hence a tolerance
-    assert torch.allclose(result.reference, models.decode(result.latents[:1])[0], rtol=0, atol=1e-5)
+    assert torch.allclose(result.reference, tiny_models.decode(result.latents[:1])[0], rtol=0, atol=1e-5)
 
 
-def test_without_injection_each_edit_is_a_plain_generation(models):
-    result = edit(models, layers=[])
+def test_without_injection_each_edit_is_a_plain_generation(tiny_models):
+    result = edit(tiny_models, layers=[])
     for i, prompt in enumerate(EDITS):
-        assert_same(result.latents[1 + i], plain(models, prompt))
+        assert_same(result.latents[1 + i], plain(tiny_models, prompt))
 
 
-def test_injection_changes_the_edits_and_only_them(models):
-    free, injected = edit(models, layers=[]), edit(models, layers=[0])
+def test_injection_changes_the_edits_and_only_them(tiny_models):
+    free, injected = edit(tiny_models, layers=[]), edit(tiny_models, layers=[0])
     assert torch.equal(free.latents[0], injected.latents[0])
     for i in range(len(EDITS)):
         assert (free.latents[1 + i] - injected.latents[1 + i]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("batch_size", [None, 2, 3])
-def test_full_injection_with_the_reference_prompt_gives_the_reference(models, batch_size):
+def test_full_injection_with_the_reference_prompt_gives_the_reference(tiny_models, batch_size):
     # The edit equal to the reference sits between two different ones: K/V taken from any sample but the
     # reference (a wrong source index, or a chunk that forgets its reference) would change it.
-    result = edit(models, ["a blue fox in a desert", REF, "a fox made of glass"], layers=ALL_LAYERS,
+    result = edit(tiny_models, ["a blue fox in a desert", REF, "a fox made of glass"], layers=ALL_LAYERS,
                   batch_size=batch_size)
     assert_same(result.latents[2], result.latents[0])
     assert (result.latents[1] - result.latents[0]).abs().max() > 1e-3
@@ -112,16 +103,16 @@ def test_full_injection_with_the_reference_prompt_gives_the_reference(models, ba
 
 
 @pytest.mark.parametrize("batch_size", [2, 3, 4])
-def test_chunks_carry_an_identical_reference_and_match_one_batch(models, batch_size):
+def test_chunks_carry_an_identical_reference_and_match_one_batch(tiny_models, batch_size):
     edits = EDITS + ["a red fox in the snow, oil painting", "two red foxes in the snow"]
-    whole = edit(models, edits)
+    whole = edit(tiny_models, edits)
     finals = []
 
     def record(step):
         if step.index == STEPS - 1:
             finals.append(step.next_latent[0].clone())
 
-    chunked = edit(models, edits, batch_size=batch_size, callback=record)
+    chunked = edit(tiny_models, edits, batch_size=batch_size, callback=record)
     assert len(finals) == len(chunked.chunks) == len(edit_chunks(len(edits), batch_size)) > 1
     assert all(torch.equal(f, finals[0]) for f in finals)
     assert chunked.reference_drift == 0.0
@@ -143,11 +134,11 @@ def test_edit_chunks_are_balanced_and_padded_to_one_shape():
         edit_chunks(0, None)
 
 
-def test_library_rejects_an_empty_edit_list_and_bad_layers(models):
+def test_library_rejects_an_empty_edit_list_and_bad_layers(tiny_models):
     with pytest.raises(UserError, match="empty"):
-        edit(models, [])
+        edit(tiny_models, [])
     with pytest.raises(UserError, match=r"0\.\.5"):
-        edit(models, layers=[0, 6])
+        edit(tiny_models, layers=[0, 6])
 
 
 # ----------------------------------------------------------------------------------------------- vital layers
@@ -237,11 +228,11 @@ def _house(size: int = 40) -> torch.Tensor:
     return pil_to_tensor(fit_image(load_image(HOUSE), size))
 
 
-def test_inversion_is_exact_where_the_velocity_does_not_depend_on_x(models):
+def test_inversion_is_exact_where_the_velocity_does_not_depend_on_x(tiny_models):
     # With img_in's weight zeroed, v = v(t, prompt) only, and each inverse step x_i = x_{i+1} + (t_i - t_{i+1}) v(t_i)
     # is undone exactly by the Euler step from t_i. Evaluating v at the current time instead (the naive inversion)
     # leaves sum (v(t_i) - v(t_{i+1})) dt behind: the check below proves the test can tell the two apart.
-    xm = dataclasses.replace(models, model=copy.deepcopy(models.model))
+    xm = dataclasses.replace(tiny_models, model=copy.deepcopy(tiny_models.model))
     with torch.no_grad():
         xm.model.img_in.weight.zero_()
     latent = xm.encode_image(_house()[None])
@@ -263,37 +254,37 @@ def test_inversion_is_exact_where_the_velocity_does_not_depend_on_x(models):
     assert (naive - latent).abs().max() > 1e-3
 
 
-def test_inversion_error_shrinks_like_euler_on_the_random_model(models):
+def test_inversion_error_shrinks_like_euler_on_the_random_model(tiny_models):
     # The random tiny model's flow is far from straight, so few steps reconstruct badly; inverse Euler is first
     # order, so 4x the steps should cut the error about 4x (measured 3.7x; we ask for 3x).
-    latent = models.encode_image(_house()[None])
-    text = models.encode(["a red house"])
+    latent = tiny_models.encode_image(_house()[None])
+    text = tiny_models.encode(["a red house"])
 
     def error(steps: int) -> float:
-        ts = models.schedule(steps, W, H)
-        rec = models.denoise(text, unpack(invert(models, latent, text, ts).noise, H, W), ts, guidance=1.0)
+        ts = tiny_models.schedule(steps, W, H)
+        rec = tiny_models.denoise(text, unpack(invert(tiny_models, latent, text, ts).noise, H, W), ts, guidance=1.0)
         return (rec - latent).norm().item() / latent.norm().item()
 
     coarse, fine = error(4), error(16)
     assert fine < coarse / 3, (coarse, fine)
 
 
-def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(models):
+def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(tiny_models):
     calls = []
 
     def spy(module, args, kwargs):
         calls.append((kwargs["guidance"].tolist(), kwargs.get("inject"), kwargs["timesteps"][0].item()))
 
     seen = []  # (step index, latent of the reference that the model saw) during denoising
-    hook = models.model.register_forward_pre_hook(spy, with_kwargs=True)
+    hook = tiny_models.model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        result = edit_real(models, EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0,
+        result = edit_real(tiny_models, EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0,
                                                layers=[0, 5]), RealImage(_house(), nudge=1.15),
                            callback=lambda s: s.t_prev < s.t and seen.append((s.index, s.latent[0].clone())))
     finally:
         hook.remove()
     inv = result.inversion
-    assert torch.equal(inv.latents[-1], pack(models.encode_image(_house()[None]) * 1.15))
+    assert torch.equal(inv.latents[-1], pack(tiny_models.encode_image(_house()[None]) * 1.15))
     assert [i for i, _ in seen] == list(range(STEPS))
     for i, latent in seen:  # step i starts at t_i: the reference is the inversion latent at t_i, bit for bit
         assert torch.equal(latent, inv.latents[i][0])
@@ -310,10 +301,10 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(models
     assert result.input.shape == (3, H, W) and result.edits.shape == (2, 3, H, W)
 
 
-def test_real_edit_chunks_share_one_reference_path(models):
+def test_real_edit_chunks_share_one_reference_path(tiny_models):
     edits = ["a white house", "a red house in snow", "a blue house"]
-    whole = edit_real(models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1]), RealImage(_house()))
-    chunked = edit_real(models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1], batch_size=2),
+    whole = edit_real(tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1]), RealImage(_house()))
+    chunked = edit_real(tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1], batch_size=2),
                         RealImage(_house()))
     assert len(chunked.chunks) == 3 and chunked.reference_drift == 0.0
     assert torch.equal(chunked.latents[0], whole.latents[0])
@@ -356,12 +347,13 @@ def test_slug():
 
 def _config(name: str, tmp_path: Path, **overrides) -> EditConfig:
     over = [f"output_dir={tmp_path / 'out'}"] + [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    return load_config(EditConfig, ROOT / "configs" / "tiny" / name, over)
+    return load_config(EditConfig, TINY_CONFIGS / name, over)
 
 
-def test_real_run_writes_every_output(models, tmp_path):
+@pytest.mark.slow
+def test_real_run_writes_every_output(tiny_models, tmp_path):
     cfg = _config("demo_4_edit_real.json", tmp_path)
-    results = run(cfg, models)
+    results = run(cfg, tiny_models)
     out = tmp_path / "out"
     names = ["input.png", "reconstruction.png", "grid.png", "results.json"] + [e["file"] for e in results["edits"]]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
@@ -374,9 +366,10 @@ def test_real_run_writes_every_output(models, tmp_path):
     assert all(set(e["scores"]) == {"clip_txt", "clip_img", "clip_dir"} for e in on_disk["edits"])
 
 
-def test_generated_run_outputs(models, tmp_path):
+@pytest.mark.slow
+def test_generated_run_outputs(tiny_models, tmp_path):
     cfg = _config("demo_4_edit.json", tmp_path, scores=False)
-    results = run(cfg, models)
+    results = run(cfg, tiny_models)
     out = tmp_path / "out"
     assert (out / "reference.png").is_file() and (out / "grid.png").is_file()
     assert [e["file"] for e in results["edits"]] == [
@@ -387,7 +380,7 @@ def test_generated_run_outputs(models, tmp_path):
     assert s["vital_layers"] == [0, 1, 2, 3, 5] and "scaled" in s["vital_layers_from"]
     assert "scores" not in results["edits"][0]
     # The PNG is the edit itself: equal to the reference pixels only where injection made it so, never by a mix-up.
-    ref = edit_generated(models, EditRequest(cfg.source_prompt, cfg.edits, 4, 3.5, batch_size=3), cfg.seed, W, H)
+    ref = edit_generated(tiny_models, EditRequest(cfg.source_prompt, cfg.edits, 4, 3.5, batch_size=3), cfg.seed, W, H)
     assert Image.open(out / "reference.png").tobytes() == tensor_to_pil(ref.reference).tobytes()
     assert Image.open(out / results["edits"][1]["file"]).tobytes() == tensor_to_pil(ref.edits[1]).tobytes()
 
@@ -410,37 +403,31 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("config,overrides,message", BAD_INPUTS)
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, config, overrides, message):
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, repo_root, config, overrides, message):
     out = tmp_path / "out"
-    argv = [str(ROOT / "configs" / "tiny" / config), f"output_dir={out}", *overrides]
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # relative paths in the overrides, as a user would type them
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_demo(EditConfig, lambda cfg: pytest.fail("main must not run"), argv)
-    finally:
-        os.chdir(cwd)
+    argv = [str(TINY_CONFIGS / config), f"output_dir={out}", *overrides]
+    monkeypatch.chdir(repo_root)  # relative paths in the overrides, as a user would type them
+    with pytest.raises(SystemExit) as exit_info:
+        run_demo(EditConfig, lambda cfg: pytest.fail("main must not run"), argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
 
 
-def _demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "demo_4_edit.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.mark.parametrize("config", ["demo_4_edit.json", "demo_4_edit_real.json"])
-def test_tiny_configs_run_as_scripts(tmp_path, config):
-    proc = _demo(f"configs/tiny/{config}", f"output_dir={tmp_path}")
+@pytest.mark.slow
+def test_tiny_configs_run_as_scripts(run_script, tmp_path, config):
+    proc = run_script("demo_4_edit.py", f"configs/tiny/{config}", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert all((tmp_path / f).is_file() for f in results["files"].values())
     assert all((tmp_path / e["file"]).is_file() for e in results["edits"])
 
 
-def test_script_bad_image_exits_2(tmp_path):
-    proc = _demo("configs/tiny/demo_4_edit_real.json", f"output_dir={tmp_path / 'out'}", "image=no/such.png")
+@pytest.mark.slow
+def test_script_bad_image_exits_2(run_script, tmp_path):
+    proc = run_script("demo_4_edit.py", "configs/tiny/demo_4_edit_real.json", f"output_dir={tmp_path / 'out'}",
+                      "image=no/such.png")
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no/such.png does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -450,31 +437,31 @@ def test_script_bad_image_exits_2(tmp_path):
 
 
 @pytest.mark.parametrize("start,end", [(0, 1), (0, 3), (1, 3)])
-def test_injection_over_a_step_range_is_injection_there_and_plain_denoising_elsewhere(models, start, end):
+def test_injection_over_a_step_range_is_injection_there_and_plain_denoising_elsewhere(tiny_models, start, end):
     # Built by hand from the hooks on the same latents: plain steps before `start`, injected steps up to `end`,
     # plain steps after; one batch [reference, edits...] as the edit makes it.
-    result = edit(models, layers=ALL_LAYERS, inject_steps=(start, end))
+    result = edit(tiny_models, layers=ALL_LAYERS, inject_steps=(start, end))
     assert result.inject_steps == (start, end)
-    text, ts = models.encode([REF, *EDITS]), models.schedule(STEPS, W, H)
+    text, ts = tiny_models.encode([REF, *EDITS]), tiny_models.schedule(STEPS, W, H)
     inject = Injection.from_reference(ALL_LAYERS, 4)
-    x = models.noise([SEED], W, H).repeat(4, 1, 1, 1)
+    x = tiny_models.noise([SEED], W, H).repeat(4, 1, 1, 1)
     if start > 0:
-        x = models.denoise(text, x, ts[: start + 1], GENERATED_GUIDANCE)
-    x = models.denoise(text, x, ts[start : end + 1], GENERATED_GUIDANCE, inject=inject)
-    x = models.denoise(text, x, ts[end:], GENERATED_GUIDANCE)
+        x = tiny_models.denoise(text, x, ts[: start + 1], GENERATED_GUIDANCE)
+    x = tiny_models.denoise(text, x, ts[start : end + 1], GENERATED_GUIDANCE, inject=inject)
+    x = tiny_models.denoise(text, x, ts[end:], GENERATED_GUIDANCE)
     assert torch.equal(result.latents, x)
-    full = edit(models, layers=ALL_LAYERS)
+    full = edit(tiny_models, layers=ALL_LAYERS)
     assert full.inject_steps == (0, STEPS)
     assert all((result.latents[i] - full.latents[i]).abs().max() > 1e-4 for i in range(1, 4))
     assert torch.equal(result.latents[0], full.latents[0])
 
 
-def test_injection_over_every_step_is_the_default_and_bad_ranges_are_refused(models):
-    every = edit(models, layers=[0, 5], inject_steps=(0, STEPS))
-    assert torch.equal(every.latents, edit(models, layers=[0, 5]).latents)
+def test_injection_over_every_step_is_the_default_and_bad_ranges_are_refused(tiny_models):
+    every = edit(tiny_models, layers=[0, 5], inject_steps=(0, STEPS))
+    assert torch.equal(every.latents, edit(tiny_models, layers=[0, 5]).latents)
     for bad in [(0, STEPS + 1), (2, 2), (3, 1), (-1, 2)]:
         with pytest.raises(UserError, match="inject_steps"):
-            edit(models, inject_steps=bad)
+            edit(tiny_models, inject_steps=bad)
 
 
 # ----------------------------------------------------------------------------------------------- config and re-runs
@@ -485,7 +472,7 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
 
     def layers(**over):
         overrides = [f"output_dir={tmp_path / 'demo_4_edit'}"] + [f"{k}={json.dumps(v)}" for k, v in over.items()]
-        cfg = load_config(EditConfig, ROOT / "configs" / "tiny" / "demo_4_edit.json", overrides)
+        cfg = load_config(EditConfig, TINY_CONFIGS / "demo_4_edit.json", overrides)
         return cfg.injection_layers
 
     found = tmp_path / "demo_3_dino" / "vital_layers.json"
@@ -504,13 +491,14 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
     assert layers(vital_layers_file=None)[1].startswith("default")
 
 
-def test_the_real_input_is_decoded_once(models, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_the_real_input_is_decoded_once(tiny_models, tmp_path, monkeypatch):
     import stableflow.edit
 
     calls = []
     monkeypatch.setattr(stableflow.edit, "load_image", lambda path: calls.append(path) or load_image(path))
     cfg = _config("demo_4_edit_real.json", tmp_path, scores=False)
-    run(cfg, models)
+    run(cfg, tiny_models)
     assert calls == ["tests/data/house.png"]
 
 
@@ -518,9 +506,10 @@ def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png")) if p.name != "grid.png"}
 
 
-def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(models, tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(tiny_models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    first = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:2]), models)
+    first = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:2]), tiny_models)
     assert first["already_done"] == 0 and "wrote 2 edit(s), reference.png, grid.png" in capsys.readouterr().out
     made = _pngs(out)
     # Everything there: no model is loaded, nothing is recomputed or rewritten.
@@ -533,16 +522,16 @@ def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(models, tmp_path
     assert all("scores" in e for e in again["edits"])
     # One more edit: only it is made (every forward pass is the reference + that edit), beside the same reference.
     batches = []
-    hook = models.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["img"].shape[0]),
+    hook = tiny_models.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["img"].shape[0]),
                                                   with_kwargs=True)
     try:
-        third = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS), models)
+        third = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS), tiny_models)
     finally:
         hook.remove()
     assert batches == [2] * 4 and third["already_done"] == 2
     now = _pngs(out)
     assert {k: now[k] for k in made} == made and len(now) == 4
-    alone = edit_generated(models, EditRequest(REF, [EDITS[2]], 4, 3.5), 0, W, H)  # the same batch shape: exact
+    alone = edit_generated(tiny_models, EditRequest(REF, [EDITS[2]], 4, 3.5), 0, W, H)  # the same batch shape: exact
     new = third["edits"][2]["file"]
     assert Image.open(out / new).tobytes() == tensor_to_pil(alone.edits[0]).tobytes()
 
@@ -550,14 +539,15 @@ def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(models, tmp_path
 @pytest.mark.parametrize("override,change", [("steps=5", "steps 4 -> 5"), ("seed=1", "seed 0 -> 1"),
                                              ("vital_layers=[0]", "vital_layers [0, 1, 2, 3, 5] -> [0]"),
                                              ("inject_steps=[0, 2]", "inject_steps [0, 4] -> [0, 2]")])
-def test_rerun_with_other_settings_is_refused_and_changes_nothing(models, tmp_path, capsys, override, change):
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_models, tmp_path, capsys, override, change):
     out = tmp_path / "out"
-    run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:1]), models)
+    run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS[:1]), tiny_models)
     made, results = _pngs(out), (out / "results.json").read_bytes()
     capsys.readouterr()
-    argv = [str(ROOT / "configs" / "tiny" / "demo_4_edit.json"), f"output_dir={out}", override]
+    argv = [str(TINY_CONFIGS / "demo_4_edit.json"), f"output_dir={out}", override]
     with pytest.raises(SystemExit) as exit_info:
-        run_demo(EditConfig, lambda cfg: run(cfg, models), argv)
+        run_demo(EditConfig, lambda cfg: run(cfg, tiny_models), argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "holds outputs made with other settings" in err and change in err and "another output_dir" in err

@@ -1,9 +1,6 @@
 """Loading real checkpoints, proven on small ones that the tests write in the official layout."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -116,7 +113,7 @@ def test_autoencoder_round_trip(tmp_path, monkeypatch):
         assert torch.equal(load_ae("flux-test-ae", "cpu").encode(x), ae.encode(x))
 
 
-def test_hub_download_through_the_cache(tmp_path):
+def test_hub_download_through_the_cache(tmp_path, run_script):
     """A model name resolves through huggingface_hub, honouring HF_HOME (offline here: a pre-filled cache)."""
     ref = reference_model()
     snap = tmp_path / "hf" / "hub" / "models--acme--flux-test" / "snapshots" / ("a" * 40)
@@ -137,9 +134,7 @@ def test_hub_download_through_the_cache(tmp_path):
         print("ok")
         """
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env.pop("FLUX_MODEL", None)
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    r = run_script("-c", script, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "FLUX_MODEL": None})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
@@ -159,14 +154,13 @@ def test_gated_repo_says_how_to_log_in(monkeypatch, test_spec):
     assert "gated" in msg and "hf auth login" in msg and "HF_TOKEN" in msg and "FLUX_MODEL" in msg
 
 
-def test_offline_without_cache_names_the_fixes(tmp_path, test_spec):
+def test_offline_without_cache_names_the_fixes(tmp_path, test_spec, run_script):
     script = (
         "import dataclasses; from flux.util import configs, load_flow_model;"
         "configs['x'] = dataclasses.replace(configs['flux-tiny'], repo_id='acme/none', repo_flow='f.safetensors');"
         "load_flow_model('x', 'cpu')"
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    r = run_script("-c", script, env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert r.returncode != 0
     assert "UserError" in r.stderr and "HF_ENDPOINT" in r.stderr and "FLUX_MODEL" in r.stderr
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from diffusers_oracle import diffusers_forward, diffusers_transformer
+
 from flux.model import Flux, FluxParams
 from flux.sampling import get_noise, get_schedule, image_ids, pack, time_shift, unpack
 from flux.util import configs

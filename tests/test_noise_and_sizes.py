@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flux.errors import UserError
-from flux.pipeline import FluxModels, check_size, load_models
+from flux.pipeline import FluxModels, check_size
 from flux.sampling import get_noise
 from flux.util import model_spec
 from stableflow.config import ConfigError, load_config
@@ -77,15 +77,14 @@ def test_sizes_that_are_not_multiples_of_16_are_refused_with_the_nearest_valid_o
             ask()
 
 
-def test_no_size_is_silently_rounded():
+def test_no_size_is_silently_rounded(tiny_models):
     """Asking for 40 px used to give 48: get_noise rounds the latent up (as the official one does), and
     FluxModels.noise passed any size through."""
-    models = load_models("flux-tiny", "cpu", torch.float32)
     with pytest.raises(UserError, match="use 32 or 48"):
-        models.generate(["a fox"], [0], 40, 32, 1, 3.5)
+        tiny_models.generate(["a fox"], [0], 40, 32, 1, 3.5)
     with pytest.raises(UserError, match="width 40 .*: use 32 or 48"):
-        models.encode_image(torch.zeros(1, 3, 32, 40))
-    image = models.generate(["a fox"], [0], 48, 32, 1, 3.5)
+        tiny_models.encode_image(torch.zeros(1, 3, 32, 40))
+    image = tiny_models.generate(["a fox"], [0], 48, 32, 1, 3.5)
     assert image.shape == (1, 3, 32, 48)  # a valid size is made exactly
 
 

@@ -2,17 +2,12 @@
 
 import pytest
 import torch
-
 from diffusers_oracle import diffusers_transformer
-from flux.pipeline import check_size, load_models
-from flux.errors import UserError
-from flux.sampling import pack
 from test_autoencoder import diffusers_vae, to_diffusers
 
-
-@pytest.fixture(scope="module")
-def models():
-    return load_models("flux-tiny", "cpu", torch.float32)
+from flux.errors import UserError
+from flux.pipeline import check_size
+from flux.sampling import pack
 
 
 def diffusers_pipeline(models):
@@ -35,13 +30,13 @@ def diffusers_pipeline(models):
 
 
 @pytest.mark.parametrize("width,height,steps,guidance", [(64, 48, 4, 3.5), (32, 80, 6, 2.0)])
-def test_text_to_image_matches_diffusers_pipeline(models, width, height, steps, guidance):
+def test_text_to_image_matches_diffusers_pipeline(tiny_models, width, height, steps, guidance):
     prompts = ["a red fox jumping over a frozen creek at dawn", "a teapot"]
     seeds = [5, 9]
-    ours = models.generate(prompts, seeds, width, height, steps, guidance) * 0.5 + 0.5  # [-1,1] -> [0,1]
+    ours = tiny_models.generate(prompts, seeds, width, height, steps, guidance) * 0.5 + 0.5  # [-1,1] -> [0,1]
 
-    pipe = diffusers_pipeline(models)
-    noise = models.noise(seeds, width, height)
+    pipe = diffusers_pipeline(tiny_models)
+    noise = tiny_models.noise(seeds, width, height)
     with torch.no_grad():
         theirs = pipe(
             prompt=prompts,
@@ -50,7 +45,7 @@ def test_text_to_image_matches_diffusers_pipeline(models, width, height, steps, 
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=pack(noise),
-            max_sequence_length=models.spec.max_length,
+            max_sequence_length=tiny_models.spec.max_length,
             output_type="pt",
         ).images
     assert ours.shape == theirs.shape == (2, 3, height, width)
@@ -59,10 +54,10 @@ def test_text_to_image_matches_diffusers_pipeline(models, width, height, steps, 
     assert diff < 1e-4, diff
 
 
-def test_prompts_change_the_image(models):
-    a = models.generate(["a red fox"], [0], 32, 32, 2, 3.5)
-    b = models.generate(["a blue whale"], [0], 32, 32, 2, 3.5)
-    c = models.generate(["a red fox"], [1], 32, 32, 2, 3.5)
+def test_prompts_change_the_image(tiny_models):
+    a = tiny_models.generate(["a red fox"], [0], 32, 32, 2, 3.5)
+    b = tiny_models.generate(["a blue whale"], [0], 32, 32, 2, 3.5)
+    c = tiny_models.generate(["a red fox"], [1], 32, 32, 2, 3.5)
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
 
 
@@ -101,17 +96,17 @@ def test_offload_holds_a_module_across_nested_uses():
     assert spy.moves == ["to", "cpu", "to", "cpu"]
 
 
-def test_bf16_models_decode_under_bf16_autocast_like_the_official_cli(models):
+def test_bf16_models_decode_under_bf16_autocast_like_the_official_cli(tiny_models):
     """The official CLI decodes a bf16 model's latents with the float32 AE under bf16 autocast; a float32
     model decodes in float32."""
     from dataclasses import replace
 
     latent = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        fp32 = models.decode(latent)
-        assert torch.equal(fp32, models.ae.decode(latent).clamp(-1, 1))
-        bf16 = replace(models, dtype=torch.bfloat16).decode(latent)
+        fp32 = tiny_models.decode(latent)
+        assert torch.equal(fp32, tiny_models.ae.decode(latent).clamp(-1, 1))
+        bf16 = replace(tiny_models, dtype=torch.bfloat16).decode(latent)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            official = models.ae.decode(latent).clamp(-1, 1).float()
+            official = tiny_models.ae.decode(latent).clamp(-1, 1).float()
     assert torch.equal(bf16, official)
     assert 0 < (bf16 - fp32).abs().max() < 0.05

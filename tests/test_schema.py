@@ -8,8 +8,8 @@ import pytest
 
 from stableflow.config import DEMO_CONFIGS, SCHEMA_DIR, demo_schemas, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.json")) + sorted((ROOT / "configs" / "tiny").glob("*.json"))
+CONFIGS = SCHEMA_DIR.parent
+SHIPPED = sorted(CONFIGS.glob("*.json")) + sorted((CONFIGS / "tiny").glob("*.json"))
 
 
 def schema_of(config: Path) -> tuple[str, dict]:
@@ -27,7 +27,7 @@ def test_committed_schemas_equal_freshly_generated_ones():
         assert (SCHEMA_DIR / name).read_text() == text, f"{name} is stale: python -m stableflow.config --write-schemas"
 
 
-@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS.parent)))
 def test_every_shipped_config_names_and_passes_its_schema(config):
     text = config.read_text()
     assert text.startswith('{\n  "$schema": '), "the schema comes first, where an editor looks for it"
@@ -52,7 +52,7 @@ def errors(schema: dict, data: dict) -> list[str]:
 
 
 def test_schema_rejects_typos_and_out_of_range_values():
-    _, schema = schema_of(ROOT / "configs" / "demo_2_skip.json")
+    _, schema = schema_of(CONFIGS / "demo_2_skip.json")
     assert errors(schema, {"$schema": "x", "_comment": "ok", "width": 512, "layers": [0, 56], "compile": "auto",
                            "resident_gb": 15, "stream_blocks": True}) == []
     assert errors(schema, {"widht": 512}) == ["'widht' does not match any of the regexes: '^_'"]  # not a known key

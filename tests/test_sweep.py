@@ -19,7 +19,7 @@ from PIL import Image
 from demo_2_skip import main, run_sweep
 from flux.errors import UserError
 from flux.pipeline import Text, tensor_to_pil
-from stableflow.config import load_config, load_models_for, run_demo
+from stableflow.config import load_config, run_demo
 from stableflow.io import read_png_metadata
 from stableflow.sweep import (
     Dist,
@@ -36,7 +36,7 @@ from stableflow.sweep import (
     shard,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]  # launch() starts its sweeps there, with Popen: they are killed mid-way
 TINY = REPO / "configs" / "tiny" / "demo_2_skip.json"
 PROMPTS = [PromptSpec("fox", "a red fox in the snow", 11), PromptSpec("lamp", "a lighthouse at dusk, ünïcödé", 22)]
 N_LAYERS = 6  # flux-tiny: 2 double + 4 single blocks
@@ -349,6 +349,7 @@ def sweeps(tmp_path_factory):
             "survivors": survivors, "prompts": prompts}
 
 
+@pytest.mark.slow
 def test_two_ranks_make_every_image_exactly_once(sweeps):
     root, (rank0, rank1), logs = sweeps["ranks_root"], sweeps["written"], sweeps["logs"]
     assert rank0 and rank1 and not rank0 & rank1  # both worked, on disjoint items
@@ -372,7 +373,8 @@ def test_two_ranks_make_every_image_exactly_once(sweeps):
     assert not np.array_equal(pixels(root / "fox" / "ref.png"), pixels(root / "fox" / "layer_00.png"))
 
 
-def test_killed_sweep_resumes_to_the_same_files(sweeps):
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_same_files(sweeps, run_script):
     root, survivors = sweeps["killed_root"], sweeps["survivors"]
     args = [f"output_dir={root}", f"prompts_file={sweeps['prompts']}", *SETTINGS]
     assert 3 <= len(survivors) < len(expected_files(root))  # killed mid-way
@@ -383,8 +385,7 @@ def test_killed_sweep_resumes_to_the_same_files(sweeps):
     stale.write_bytes(b"half a PNG")
 
     # The restart is the plain command a user would type again.
-    result = subprocess.run([sys.executable, "demo_2_skip.py", str(TINY), *args], cwd=REPO, env=plain_env(),
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = run_script("demo_2_skip.py", TINY, *args, env=plain_env(), inherit_env=False, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"{len(survivors)} already done" in result.stderr
     assert pngs(root) == expected_files(root)
@@ -396,7 +397,8 @@ def test_killed_sweep_resumes_to_the_same_files(sweeps):
         assert read_png_metadata(path) == read_png_metadata(same)
 
 
-def test_a_sweep_image_is_the_plain_generation_with_that_layer_bypassed(sweeps):
+@pytest.mark.slow
+def test_a_sweep_image_is_the_plain_generation_with_that_layer_bypassed(sweeps, tiny_models):
     """The independent path: FluxModels.generate for one prompt alone, its own seed, `skip=[{layer}]`.
 
     Not bytes: the sweep denoised this sample inside a batch of 3 with other prompts and skip sets, so its
@@ -406,11 +408,11 @@ def test_a_sweep_image_is_the_plain_generation_with_that_layer_bypassed(sweeps):
     tolerance cannot hide them)."""
     root = sweeps["ranks_root"]
     cfg = load_config(SkipConfig, TINY, [f"prompts_file={sweeps['prompts']}", *SETTINGS])
-    models = load_models_for(cfg)
+    assert (cfg.model, cfg.dtype, cfg.device) == ("flux-tiny", "fp32", "cpu")  # the models of tiny_models
     fox, lamp = PROMPTS
 
     def generated(prompt: PromptSpec, skip: set[int]) -> np.ndarray:
-        image = models.generate([prompt.prompt], [prompt.seed], 32, 48, 2, 3.5, skip=[skip])[0]
+        image = tiny_models.generate([prompt.prompt], [prompt.seed], 32, 48, 2, 3.5, skip=[skip])[0]
         return np.asarray(tensor_to_pil(image).convert("RGB")).astype(int)
 
     for prompt, layer in ((lamp, 3), (fox, 0), (fox, None)):

@@ -2,19 +2,14 @@
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
-from stableflow.io import read_png_metadata
+from stableflow.io import read_png_metadata, tensor_to_pil
 
-ROOT = Path(__file__).parents[1]
-
-
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=300)
+pytestmark = pytest.mark.slow  # every test runs the demo or the CLI as a script
 
 
 def final_progress(stderr: str) -> tuple[int, int]:
@@ -23,11 +18,11 @@ def final_progress(stderr: str) -> tuple[int, int]:
     return int(done), int(total)
 
 
-def test_tiny_config_end_to_end_and_resume(tmp_path):
+def test_tiny_config_end_to_end_and_resume(tmp_path, repo_root, run_script, tiny_models):
     out = tmp_path / "out"
-    r = run("demo_0_test.py", "configs/tiny/demo_0_test.json", f"output_dir={out}")
+    r = run_script("demo_0_test.py", "configs/tiny/demo_0_test.json", f"output_dir={out}")
     assert r.returncode == 0, r.stderr
-    cfg = json.loads((ROOT / "configs/tiny/demo_0_test.json").read_text())
+    cfg = json.loads((repo_root / "configs/tiny/demo_0_test.json").read_text())
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == len(cfg["prompt"]) * cfg["num_images"]
     # The progress bar counts every image's steps to the end, also in batches (batch_size 2 stopped at half).
@@ -39,20 +34,14 @@ def test_tiny_config_end_to_end_and_resume(tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["generated_this_run"] == len(pngs) and record["config"]["width"] == cfg["width"]
     # The batched demo (prompts encoded once, rows selected per batch) gives the one-image generate() result.
-    import torch
-
-    from flux.pipeline import load_models
-    from stableflow.io import tensor_to_pil
-
-    models = load_models("flux-tiny", "cpu", torch.float32)
-    alone = models.generate([cfg["prompt"][1]], [1], cfg["width"], cfg["height"], cfg["steps"], 3.5)[0]
+    alone = tiny_models.generate([cfg["prompt"][1]], [1], cfg["width"], cfg["height"], cfg["steps"], 3.5)[0]
     got = torch.tensor(list(Image.open(out / "img_001_seed1.png").getdata()), dtype=torch.float32)
     want = torch.tensor(list(tensor_to_pil(alone).getdata()), dtype=torch.float32)
     assert (got - want).abs().max() <= 1  # batch-size-dependent CPU rounding may move a pixel by one level
     # Same seed, same image; a second run finds everything done and regenerates nothing.
     assert Image.open(out / "img_000_seed0.png").tobytes() != Image.open(out / "img_001_seed0.png").tobytes()
     before = {p.name: p.read_bytes() for p in pngs}
-    r = run("demo_0_test.py", "configs/tiny/demo_0_test.json", f"output_dir={out}")
+    r = run_script("demo_0_test.py", "configs/tiny/demo_0_test.json", f"output_dir={out}")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "run.json").read_text())["generated_this_run"] == 0
     assert json.loads((out / "run.json").read_text())["already_done"] == len(pngs)
@@ -60,11 +49,11 @@ def test_tiny_config_end_to_end_and_resume(tmp_path):
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
 
 
-def test_bad_config_exits_2_and_writes_nothing(tmp_path):
+def test_bad_config_exits_2_and_writes_nothing(tmp_path, run_script):
     bad = tmp_path / "bad.json"
     out = tmp_path / "out"
     bad.write_text(json.dumps({"model": "flux-tni", "widht": 64, "height": 50, "steps": "4", "output_dir": str(out)}))
-    r = run("demo_0_test.py", str(bad))
+    r = run_script("demo_0_test.py", str(bad))
     assert r.returncode == 2
     for expected in ["did you mean \"flux-tiny\"", "unknown key 'widht' — did you mean 'width'?",
                      "'height' must be a multiple of 16, got 50", "'steps' must be an integer or null, got \"4\""]:
@@ -72,41 +61,41 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_print_config_is_loadable(tmp_path):
-    r = run("demo_0_test.py", "--print-config")
+def test_print_config_is_loadable(tmp_path, run_script):
+    r = run_script("demo_0_test.py", "--print-config")
     assert r.returncode == 0
     cfg = json.loads(r.stdout)
     assert cfg["width"] == 1024 and "_help" in cfg
     (tmp_path / "c.json").write_text(r.stdout)
-    assert run("demo_0_test.py", str(tmp_path / "c.json"), "--print-config").returncode == 0
+    assert run_script("demo_0_test.py", str(tmp_path / "c.json"), "--print-config").returncode == 0
 
 
-def test_official_cli_flags(tmp_path):
-    r = run("-m", "flux", "--name", "flux-tiny", "--width", "40", "--height", "32", "--prompt", "a fox",
-            "--seed", "3", "--num_steps", "2", "--guidance", "3.5", "--output_dir", str(tmp_path), "--device", "cpu",
-            "--dtype", "fp32")
+def test_official_cli_flags(tmp_path, run_script):
+    r = run_script("-m", "flux", "--name", "flux-tiny", "--width", "40", "--height", "32", "--prompt", "a fox",
+                   "--seed", "3", "--num_steps", "2", "--guidance", "3.5", "--output_dir", str(tmp_path),
+                   "--device", "cpu", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     (png,) = tmp_path.glob("*.png")
     assert Image.open(png).size == (32, 32)  # floored to multiples of 16, as the official CLI does
     assert read_png_metadata(png)["prompt"] == "a fox"
 
 
-def test_speed_options_from_the_config(tmp_path):
+def test_speed_options_from_the_config(tmp_path, run_script):
     """stream_blocks is lossless (same PNG bytes); FP8 runs (this torch has CPU FP8 matmuls); bad combinations
     and FP8 in an ablation sweep are one clear error."""
     base = ["demo_0_test.py", "configs/tiny/demo_0_test.json", "prompt=a fox", "num_images=1", "steps=2"]
     # Both with the math attention kernel: then streaming is the only difference, and it moves weights, not numbers
     # (with the default kernel on one side, equal bytes held only because seed 0 happened to round the same).
-    assert run(*base, f"output_dir={tmp_path / 'plain'}", "attention=math").returncode == 0
-    r = run(*base, f"output_dir={tmp_path / 'stream'}", "stream_blocks=true", "attention=math")
+    assert run_script(*base, f"output_dir={tmp_path / 'plain'}", "attention=math").returncode == 0
+    r = run_script(*base, f"output_dir={tmp_path / 'stream'}", "stream_blocks=true", "attention=math")
     assert r.returncode == 0, r.stderr
     plain, streamed = (Image.open(tmp_path / d / "img_000_seed0.png") for d in ("plain", "stream"))
     assert plain.tobytes() == streamed.tobytes()
-    r = run(*base, f"output_dir={tmp_path / 'x'}", "compile=true", "stream_blocks=true", "offload=true")
+    r = run_script(*base, f"output_dir={tmp_path / 'x'}", "compile=true", "stream_blocks=true", "offload=true")
     assert r.returncode == 2 and "'compile' and 'stream_blocks' do not combine" in r.stderr
     assert "'offload' and 'stream_blocks' do not combine" in r.stderr
-    r = run(*base, f"output_dir={tmp_path / 'fp8'}", "fp8=true")
+    r = run_script(*base, f"output_dir={tmp_path / 'fp8'}", "fp8=true")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "fp8" / "img_000_seed0.png").size == plain.size
-    r = run("demo_2_skip.py", "configs/tiny/demo_2_skip.json", "fp8=true", f"output_dir={tmp_path / 'sweep'}")
+    r = run_script("demo_2_skip.py", "configs/tiny/demo_2_skip.json", "fp8=true", f"output_dir={tmp_path / 'sweep'}")
     assert r.returncode == 2 and "confound" in r.stderr and not (tmp_path / "sweep").exists()

@@ -3,8 +3,6 @@ local copy or the HF cache, with the google/openai repos as the fallback; no net
 
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +14,6 @@ from flux.errors import UserError
 from flux.modules.conditioner import HFEmbedder
 from flux.util import CLIP_FALLBACK, T5_FALLBACK, configs, load_clip, load_t5
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a fox in the snow", "a lighthouse at dusk, oil painting"]
 
 
@@ -70,15 +67,15 @@ def put_in_cache(cache: Path, repo_id: str, files: Path, only: tuple[str, ...] =
     (base / "refs" / "main").write_text(rev)
 
 
-def run_isolated(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
+@pytest.fixture
+def run_isolated(run_script, tmp_path):
     """Python with an HF cache of its own and an unreachable Hub: any request would fail."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env = {k: None for k in os.environ if k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return lambda code: run_script("-c", textwrap.dedent(code), env=env)
 
 
-def test_hub_ids_served_from_the_hf_cache(flux_repo, encoders, tmp_path):
+def test_hub_ids_served_from_the_hf_cache(flux_repo, encoders, tmp_path, run_isolated):
     """With an unreachable Hub: a cached FLUX repo gives its own encoders; a cached FLUX repo that lacks them
     (only transformer/) falls back to the google/openai repos (cached here too, with the tiny models)."""
     t5, clip = encoders
@@ -98,7 +95,7 @@ def test_hub_ids_served_from_the_hf_cache(flux_repo, encoders, tmp_path):
         enc.tokenizer.save_pretrained(folder)
         put_in_cache(cache, repo, folder)
     torch.save({"t5": t5(PROMPTS), "clip": clip(PROMPTS)}, tmp_path / "expected.pt")
-    r = run_isolated(tmp_path, f"""
+    r = run_isolated(f"""
         import torch
         from flux.util import load_clip, load_t5
         expected = torch.load({str(tmp_path / "expected.pt")!r})

@@ -1,10 +1,7 @@
 """demo_1_layer.py on its tiny config, run as the README says: every step's x_t and predicted x0, grid, GIF."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +13,13 @@ from stableflow.config import run_demo
 from stableflow.io import read_png_metadata
 from stableflow.trajectory import TrajectoryConfig
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "configs" / "tiny" / "demo_1_layer.json"
+TINY = Path("configs/tiny/demo_1_layer.json")  # relative to the repository root, where the demos run
 
 
-def demo(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "demo_1_layer.py", str(TINY), *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def demo(run_script, repo_root):
+    env = {"PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1"}
+    return lambda *args: run_script("demo_1_layer.py", TINY, *args, env=env, timeout=120)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -31,12 +27,13 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def test_trajectory_outputs(tmp_path):
+@pytest.mark.slow
+def test_trajectory_outputs(tmp_path, repo_root, demo):
     steps, seeds = 4, [0, 5]
     result = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]",
                   "batch_size=3")
     assert result.returncode == 0, result.stderr
-    config = json.loads(TINY.read_text())
+    config = json.loads((repo_root / TINY).read_text())
     run = json.loads((tmp_path / "run.json").read_text())
     assert len(run["samples"]) == len(config["prompt"]) * len(seeds)
     # Batches of 3 and 1: the progress bar still ends at every sample's every step.
@@ -80,10 +77,10 @@ def test_trajectory_outputs(tmp_path):
     assert any(after[p] != before[p] for p in before if folders[-1] in p.parents)
 
 
-def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys, repo_root):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:  # in-process: the config check runs before any model is loaded
-        run_demo(TrajectoryConfig, main, [str(TINY), f"output_dir={out}", "skip_layers=[0,6]"])
+        run_demo(TrajectoryConfig, main, [str(repo_root / TINY), f"output_dir={out}", "skip_layers=[0,6]"])
     assert e.value.code == 2
     assert "'skip_layers': layer 6 out of range: this model has layers 0..5" in capsys.readouterr().err
     assert not out.exists()
