@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: end-to-end runs of the demos as scripts (CI runs them too)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of a demo or `python -m flux` (CI runs them too)")
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,12 @@ def test_sizes_that_are_not_multiples_of_16_are_refused_with_the_nearest_valid_o
             ask()
 
 
+@pytest.mark.parametrize("w,h", [(60, 64), (64, 0), (-16, 32)])
+def test_sizes_must_be_multiples_of_16(w, h):
+    with pytest.raises(UserError, match="multiple of 16"):
+        check_size(w, h)
+
+
 def test_no_size_is_silently_rounded(tiny_models):
     """Asking for 40 px used to give 48: get_noise rounds the latent up (as the official one does), and
     FluxModels.noise passed any size through."""
