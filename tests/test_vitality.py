@@ -4,8 +4,6 @@ rule, the feature cache, the output files agreeing with each other, partial swee
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,6 @@ from stableflow import dino as D
 from stableflow import report as R
 from stableflow import vitality as V
 from stableflow.sweep import scan_sweep
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # facebook/dinov2-base's preprocessor_config.json (small, large and giant ship the same values): the expected facts.
 HUB_PREPROCESSOR_CONFIG = {
@@ -406,12 +402,12 @@ def test_plain_mode_folders(tmp_path, embedder):
     assert sims[0] == pytest.approx(1.0, abs=1e-9) and sims[1] < 0.9
 
 
-def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
+@pytest.mark.slow
+def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, repo_root):
     from stableflow.config import ConfigError, load_config
 
     a, b = save(tmp_path / "a.png", gradient(0)), save(tmp_path / "b.png", gradient(1))
-    cfg = load_config(V.DinoConfig, ROOT / "configs" / "tiny" / "demo_3_dino.json",
+    cfg = load_config(V.DinoConfig, repo_root / "configs" / "tiny" / "demo_3_dino.json",
                       [f"image_a={a}", f"image_b={b}", f"output_dir={tmp_path / 'out'}"])
     demo_3_dino.main(cfg)
     data = json.loads((tmp_path / "out" / "similarity.json").read_text())
@@ -422,7 +418,7 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
                                                    f"folder_b={tmp_path}"])
     with pytest.raises(ConfigError, match="needs both image_a and image_b"):
         load_config(V.DinoConfig, None, [f"image_a={a}"])
-    load_config(V.DinoConfig, ROOT / "configs" / "demo_3_dino.json")  # the real config is valid
+    load_config(V.DinoConfig, repo_root / "configs" / "demo_3_dino.json")  # the real config is valid
 
     from stableflow.config import (
         run_demo,  # bad input: one message naming the problem, exit status 2, nothing written
@@ -430,19 +426,19 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(SystemExit) as exit_:
         run_demo(V.DinoConfig, demo_3_dino.main,
-                 [str(ROOT / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
+                 [str(repo_root / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
                   f"output_dir={tmp_path / 'out2'}"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nowhere" in err and not (tmp_path / "out2").exists()
 
 
-def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch, repo_root, run_script):
     sweep = make_sweep(tmp_path / "sweep", broken=(1, 4))
     out, cache = sweep / "scores", sweep / "features"  # both inside the sweep: they must not be taken for prompts
     args = ["configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={out}", f"cache_dir={cache}"]
-    run = subprocess.run([sys.executable, "demo_3_dino.py", *args], cwd=ROOT, capture_output=True, text=True, check=False,
-                         timeout=300)
+    run = run_script("demo_3_dino.py", *args)
     assert run.returncode == 0, run.stderr
     data = json.loads((out / "vital_layers.json").read_text())
     assert data["vital_layers"] == [1, 4] and data["selection"] == {"rule": "top_k", "k": 2}
@@ -452,8 +448,7 @@ def test_demo_runs_on_the_tiny_config(tmp_path, capsys, monkeypatch):
     assert (cache / "tiny-random-seed0.safetensors").is_file()
 
     # Again, in process, with the cache's images counted: nothing is re-embedded, the answer is the same.
-    monkeypatch.chdir(ROOT)
-    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(repo_root)
     from stableflow.config import run_demo
 
     built = D.load_dino
