@@ -47,7 +47,10 @@ def main(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
             batch = todo[i : i + cfg.batch_size]
             noise = models.noise([seed for _, _, seed in batch], cfg.width, cfg.height)
             latent = models.denoise(
-                text.select([row[prompt] for _, prompt, _ in batch]), noise, timesteps, guidance,
+                text.select([row[prompt] for _, prompt, _ in batch]),
+                noise,
+                timesteps,
+                guidance,
                 callback=advance,
             )
             for (p, prompt, seed), image in zip(batch, models.decode(latent)):
@@ -56,12 +59,18 @@ def main(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
 
     seconds = time.perf_counter() - start if todo else 0.0
     files = [out / image_name(p, seed) for p, _, seed in jobs]
-    atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "steps": steps, "guidance": guidance,
-        "images": [{"file": f.name, "prompt": prompt, "seed": seed} for f, (_, prompt, seed) in zip(files, jobs)],
-        "generated_this_run": len(todo), "already_done": len(jobs) - len(todo),
-        "seconds": round(seconds, 2),
-    })
+    atomic_write_json(
+        out / "run.json",
+        {
+            "config": config_to_dict(cfg),
+            "steps": steps,
+            "guidance": guidance,
+            "images": [{"file": f.name, "prompt": prompt, "seed": seed} for f, (_, prompt, seed) in zip(files, jobs)],
+            "generated_this_run": len(todo),
+            "already_done": len(jobs) - len(todo),
+            "seconds": round(seconds, 2),
+        },
+    )
     print(f"wrote {len(todo)} image{'s' * (len(todo) != 1)} to {out} ({len(jobs) - len(todo)} already there)")
     return files
 

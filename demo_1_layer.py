@@ -50,8 +50,9 @@ def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     skip = frozenset(cfg.skip_layers)
     if todo:
         text, row = models.encode_all([prompt for _, prompt, _ in todo])  # each distinct prompt once
-        bar = tqdm(total=len(todo) * cfg.steps, desc=f"{len(todo)} samples x {cfg.steps} steps", unit="step",
-                   smoothing=0)  # the average over the run, so the ETA includes the frames' decoding and writing
+        bar = tqdm(
+            total=len(todo) * cfg.steps, desc=f"{len(todo)} samples x {cfg.steps} steps", unit="step", smoothing=0
+        )  # the average over the run, so the ETA includes the frames' decoding and writing
 
         def advance(step: Step) -> None:  # one sampler step advances every sample of the batch by one step
             bar.update(len(step.latent))
@@ -59,24 +60,41 @@ def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
         for i in range(0, len(todo), cfg.batch_size):
             batch = todo[i : i + cfg.batch_size]
             trajectories = record_trajectories(
-                models, text.select([row[prompt] for _, prompt, _ in batch]),
-                models.noise([seed for _, _, seed in batch], cfg.width, cfg.height), timesteps, guidance,
-                skip=[skip] * len(batch) if skip else None, on_step=advance,
+                models,
+                text.select([row[prompt] for _, prompt, _ in batch]),
+                models.noise([seed for _, _, seed in batch], cfg.width, cfg.height),
+                timesteps,
+                guidance,
+                skip=[skip] * len(batch) if skip else None,
+                on_step=advance,
             )
             bar.set_postfix_str("writing frames")
             for (p, prompt, seed), trajectory in zip(batch, trajectories):
-                write_trajectory(out / sample_folder(p, prompt, seed), trajectory, models,
-                                 sample_metadata(cfg, prompt, seed, guidance), cfg.preview_size, cfg.gif_frame_ms)
+                write_trajectory(
+                    out / sample_folder(p, prompt, seed),
+                    trajectory,
+                    models,
+                    sample_metadata(cfg, prompt, seed, guidance),
+                    cfg.preview_size,
+                    cfg.gif_frame_ms,
+                )
             bar.set_postfix_str("")
         bar.close()
 
-    atomic_write_json(out / "run.json", {
-        "config": config_to_dict(cfg), "timesteps": timesteps,
-        "samples": [{"folder": sample_folder(*job), **sample_metadata(cfg, job[1], job[2], guidance),
-                     "frames": cfg.steps} for job in jobs],
-        "generated_this_run": len(todo), "already_done": len(jobs) - len(todo),
-        "seconds": round(time.perf_counter() - start, 2),
-    })
+    atomic_write_json(
+        out / "run.json",
+        {
+            "config": config_to_dict(cfg),
+            "timesteps": timesteps,
+            "samples": [
+                {"folder": sample_folder(*job), **sample_metadata(cfg, job[1], job[2], guidance), "frames": cfg.steps}
+                for job in jobs
+            ],
+            "generated_this_run": len(todo),
+            "already_done": len(jobs) - len(todo),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
     what = "trajectory" if len(todo) == 1 else "trajectories"
     print(f"wrote {len(todo)} {what} ({cfg.steps} steps) to {out} ({len(jobs) - len(todo)} already there)")
     return [out / sample_folder(*job) for job in jobs]

@@ -39,14 +39,21 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_sweep(plan: SweepPlan, load: Callable[[str], FluxModels], device: str = "auto", dist: Dist | None = None,
-              progress: bool = True) -> SweepResult:
+def run_sweep(
+    plan: SweepPlan,
+    load: Callable[[str], FluxModels],
+    device: str = "auto",
+    dist: Dist | None = None,
+    progress: bool = True,
+) -> SweepResult:
     """Make this rank's missing images of `plan`. `load(device)` loads the models, only if work remains."""
     dist = dist or Dist()
     root, tag = plan.output_dir, dist.tag
     work = claim(plan, dist)  # checks/extends manifest.json (other settings: UserError), finds what is missing
-    log(f"{tag}sweep of {plan.total} images ({len(plan.prompts)} prompts x {len(plan.layers) + 1} variants) in "
-        f"{root}: {sum(map(len, work.mine))} are this process's, {work.done} already done, {work.todo} to make")
+    log(
+        f"{tag}sweep of {plan.total} images ({len(plan.prompts)} prompts x {len(plan.layers) + 1} variants) in "
+        f"{root}: {sum(map(len, work.mine))} are this process's, {work.done} already done, {work.todo} to make"
+    )
     if not work.pending:
         return SweepResult([], work.done, plan.total)
 
@@ -61,9 +68,13 @@ def run_sweep(plan: SweepPlan, load: Callable[[str], FluxModels], device: str = 
     with models.on_device(models.model, models.ae), ImageWriter(bar) as writer:
         for batch in work.pending:
             # One variant of several prompts: each sample bypasses its own layer (all the same one in full groups).
-            latent = models.denoise(text.select([row[it.prompt] for it in batch]),
-                                    torch.cat([noise[it.prompt.seed] for it in batch]), timesteps, plan.guidance,
-                                    skip=[it.skip for it in batch])
+            latent = models.denoise(
+                text.select([row[it.prompt] for it in batch]),
+                torch.cat([noise[it.prompt.seed] for it in batch]),
+                timesteps,
+                plan.guidance,
+                skip=[it.skip for it in batch],
+            )
             writer.wait()  # the previous batch's files: a kill then loses only the batch in flight
             for i, item in enumerate(batch):
                 if item.path(root).exists():  # made before a kill mid-batch: identical by construction
@@ -71,16 +82,19 @@ def run_sweep(plan: SweepPlan, load: Callable[[str], FluxModels], device: str = 
                 # Decoded one at a time: the AE at 1024² needs several GB per image.
                 writer.submit(item.path(root), models.decode(latent[i : i + 1])[0].cpu(), plan.metadata(item))
     seconds = time.perf_counter() - start
-    log(f"{tag}done: wrote {len(writer.written)} images on {models.device} in {seconds:.1f} s "
-        f"({seconds / max(1, len(writer.written)):.2f} s/image)")
+    log(
+        f"{tag}done: wrote {len(writer.written)} images on {models.device} in {seconds:.1f} s "
+        f"({seconds / max(1, len(writer.written)):.2f} s/image)"
+    )
     return SweepResult(writer.written, work.done, plan.total)
 
 
 def main(cfg: SkipConfig) -> None:
     plan = cfg.plan()  # validated prompts and layers (the prompt file was read once, by the config check)
     dist = Dist.from_env()  # torchrun's RANK / WORLD_SIZE: each process takes every WORLD_SIZE-th batch
-    result = run_sweep(plan, lambda device: load_models_for(replace(cfg, device=device)), cfg.device, dist,
-                       cfg.progress)
+    result = run_sweep(
+        plan, lambda device: load_models_for(replace(cfg, device=device)), cfg.device, dist, cfg.progress
+    )
     print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir} ({result.skipped} already there)")
 
 

@@ -51,20 +51,33 @@ def main(cfg: DinoConfig) -> None:
     scores = layer_scores(sims, sweep.num_double, cfg.bootstrap_samples, cfg.seed, cfg.confidence)
     rule = cfg.vital_rule()
     vital = select_vital(scores, **rule)
-    analysis = Analysis(sweep, sims, scores, vital, selection_dict(rule.get("tau"), rule.get("top_k")),
-                        {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": cfg.confidence},
-                        sweep.notes + (cache.notes() if cache else []))
+    analysis = Analysis(
+        sweep,
+        sims,
+        scores,
+        vital,
+        selection_dict(rule.get("tau"), rule.get("top_k")),
+        {"samples": cfg.bootstrap_samples, "seed": cfg.seed, "confidence": cfg.confidence},
+        sweep.notes + (cache.notes() if cache else []),
+    )
     for note in analysis.notes:
         print(f"note: {note}")
 
-    paths = report.write_sweep_outputs(analysis, cfg.output_dir, dino_model=cfg.scorer, metric=cfg.metric,
-                                       contact_sheet_prompts=cfg.contact_sheet_prompts,
-                                       contact_sheet_columns=cfg.contact_sheet_layers)
+    paths = report.write_sweep_outputs(
+        analysis,
+        cfg.output_dir,
+        dino_model=cfg.scorer,
+        metric=cfg.metric,
+        contact_sheet_prompts=cfg.contact_sheet_prompts,
+        contact_sheet_columns=cfg.contact_sheet_layers,
+    )
     print("\n".join(report.summary_lines(analysis)))
     images = len({p for *_, ref, ablated in pairs for p in (ref, ablated)})
     reuse = f"; {cached} of {images} images' features already cached" if cache else ""
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {cfg.output_dir} ({len(pairs)} pairs scored with "
-          f"{cfg.metric}{reuse})")
+    print(
+        f"wrote {', '.join(p.name for p in paths.values())} to {cfg.output_dir} ({len(pairs)} pairs scored with "
+        f"{cfg.metric}{reuse})"
+    )
 
 
 def similarity_of(cfg: DinoConfig, device, cache: dino.FeatureCache | None = None) -> dino.Similarity:
@@ -82,8 +95,10 @@ def compare(cfg: DinoConfig, similarity: dino.Similarity) -> None:
     else:
         matched, notes = dino.match_folders(Path(cfg.folder_a), Path(cfg.folder_b))
         if not matched:
-            raise UserError(f"no image file name appears in both {cfg.folder_a} and {cfg.folder_b}; the plain mode "
-                            f"compares same-named files")
+            raise UserError(
+                f"no image file name appears in both {cfg.folder_a} and {cfg.folder_b}; the plain mode "
+                f"compares same-named files"
+            )
         names, pairs = [n for n, _, _ in matched], [(a, b) for _, a, b in matched]
     sims = similarity(pairs)
     rows = [{"name": n, "a": str(a), "b": str(b), "similarity": s} for n, (a, b), s in zip(names, pairs, sims)]

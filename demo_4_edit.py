@@ -77,14 +77,23 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     edit_pngs = [images[n] for n in names]
     tiles = [images[n] for n in refs] + edit_pngs
     labels = ["input", f"reconstruction: {cfg.source_prompt}"] if real else [f"reference: {cfg.source_prompt}"]
-    save_png(out / "grid.png", make_grid(tiles, labels + [f"edit {i}: {e}" for i, e in enumerate(cfg.edits)],
-                                         cols=min(len(tiles), 5)))
+    save_png(
+        out / "grid.png",
+        make_grid(tiles, labels + [f"edit {i}: {e}" for i, e in enumerate(cfg.edits)], cols=min(len(tiles), 5)),
+    )
 
     summary = results_settings(cfg, settings, len(chunks), result.reference_drift if result else 0.0)
     files = dict(zip(["input", "reconstruction"] if real else ["reference"], refs)) | {"grid": "grid.png"}
     edits = [{"index": i, "prompt": p, "file": n} for i, (p, n) in enumerate(zip(cfg.edits, names))]
-    results = {"settings": summary, "source_prompt": cfg.source_prompt, "files": files, "edits": edits,
-               "already_done": len(cfg.edits) - len(todo), "seconds": round(seconds, 2), "config": config_to_dict(cfg)}
+    results = {
+        "settings": summary,
+        "source_prompt": cfg.source_prompt,
+        "files": files,
+        "edits": edits,
+        "already_done": len(cfg.edits) - len(todo),
+        "seconds": round(seconds, 2),
+        "config": config_to_dict(cfg),
+    }
     if scorer is not None:  # from the 8-bit PNGs: an edit scores the same in the run that made it and in any re-run
         scorer.device = models.device if models is not None else scorer.device
         for e, s in zip(edits, scorer.scores(source, cfg.source_prompt, edit_pngs, cfg.edits)):
@@ -92,8 +101,10 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
         results |= {"scores_model": cfg.clip_model, "mean_scores": mean_scores([e["scores"] for e in edits])}
     atomic_write_json(out / "results.json", results)
     skipped = f" ({results['already_done']} edit(s) already there)" if results["already_done"] else ""
-    print(f"wrote {len(todo)} edit(s), {', '.join(n for n in written if n in refs) or 'no reference'}, grid.png and "
-          f"results.json to {out}{skipped}")
+    print(
+        f"wrote {len(todo)} edit(s), {', '.join(n for n in written if n in refs) or 'no reference'}, grid.png and "
+        f"results.json to {out}{skipped}"
+    )
     return results
 
 

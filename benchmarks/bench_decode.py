@@ -28,11 +28,12 @@ import gc
 import time
 
 import torch
-from common import Results, add_common_args, compare, env_info, first_call_s, gib, randomize_, time_ms
 from torch import nn
 
 from flux.modules.autoencoder import AutoEncoder
 from flux.util import configs, load_ae
+
+from common import Results, add_common_args, compare, env_info, first_call_s, gib, randomize_, time_ms
 
 CL = torch.channels_last
 # name: (weights dtype, bf16 autocast, channels_last)
@@ -82,7 +83,9 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ae-path", default=None, help="ae.safetensors: real weights instead of random ones")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)")
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated: fp32,compile,batch2,cudnn_benchmark,encode")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -93,10 +96,17 @@ def main() -> None:
     size = 32 if tiny else 1024
     reps, warmup = (min(args.reps, 3), 1) if tiny else (args.reps, args.warmup)
     backend = args.compile_backend or ("aot_eager" if tiny else "inductor")
-    res = Results(f"{args.out}/decode.json", env=env_info(device), model=name, weights=args.ae_path or "random",
-                  case=f"decode (1, 16, {size // 8}, {size // 8}) -> (1, 3, {size}, {size}); encode the reverse",
-                  tf32={"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
-                  compile_backend=backend, reps=reps, warmup=warmup)
+    res = Results(
+        f"{args.out}/decode.json",
+        env=env_info(device),
+        model=name,
+        weights=args.ae_path or "random",
+        case=f"decode (1, 16, {size // 8}, {size // 8}) -> (1, 3, {size}, {size}); encode the reverse",
+        tf32={"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+        compile_backend=backend,
+        reps=reps,
+        warmup=warmup,
+    )
     t0 = time.perf_counter()
 
     ae32 = load_ae(name, device, path=args.ae_path) if args.ae_path else random_ae(name, device)
@@ -133,8 +143,9 @@ def main() -> None:
 
     outs: dict[str, torch.Tensor] = {}  # unclamped fp32 outputs, batch row 0
 
-    def measure(section: str, key: str, fn, x, refs: dict[str, str], n: int = 1, first: str | None = None,
-                extra=None) -> dict | None:
+    def measure(
+        section: str, key: str, fn, x, refs: dict[str, str], n: int = 1, first: str | None = None, extra=None
+    ) -> dict | None:
         """Time fn(x) (n images), its peak memory above what is resident, and the errors of fn(x, clamp=False)
         against outs[ref] for each ref; `first` names the seconds of a first call (compilation, autotuning) to
         report apart. An error string in place of the entry where it fails."""
@@ -157,13 +168,20 @@ def main() -> None:
             res.set(section, key, value=entry)
             return entry
         except Exception as e:  # noqa: BLE001  (one failing setting must not lose the others)
-            res.set(section, key, value={"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+            res.set(
+                section, key, value={"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            )
             return None
 
     refs = {"vs_current": "current", "vs_fp32": "fp32"}
     with torch.inference_mode():
-        res.set("weights_gib", value={"fp32": gib(sum(p.numel() * 4 for p in ae32.parameters())),
-                                      "decoder_fp32": gib(sum(p.numel() * 4 for p in ae32.decoder.parameters()))})
+        res.set(
+            "weights_gib",
+            value={
+                "fp32": gib(sum(p.numel() * 4 for p in ae32.parameters())),
+                "decoder_fp32": gib(sum(p.numel() * 4 for p in ae32.decoder.parameters())),
+            },
+        )
         # Reference: strict fp32 (timed too, to put the others in proportion).
         if "fp32" not in skip:
             with strict_fp32():
@@ -194,16 +212,30 @@ def main() -> None:
 
         if "batch2" not in skip:
             # Row 0 of the batch against the same setting's batch-1 output: is the result batch-invariant?
-            measure("decode", f"batch2_{best}", calls[best], z2, {**refs, "vs_same_batch1": best}, n=2,
-                    first="compile_s" if best.startswith("compiled") else None)
+            measure(
+                "decode",
+                f"batch2_{best}",
+                calls[best],
+                z2,
+                {**refs, "vs_same_batch1": best},
+                n=2,
+                first="compile_s" if best.startswith("compiled") else None,
+            )
         best_eager = min(EAGER.keys() & timings.keys(), key=timings.get, default=None)
         if "cudnn_benchmark" not in skip and cuda and best_eager:
             torch.backends.cudnn.benchmark = True  # the first call tries every algorithm for each conv shape
-            measure("decode", f"cudnn_benchmark_{best_eager}", calls[best_eager], z, {**refs, "vs_same": best_eager},
-                    first="autotune_s")
+            measure(
+                "decode",
+                f"cudnn_benchmark_{best_eager}",
+                calls[best_eager],
+                z,
+                {**refs, "vs_same": best_eager},
+                first="autotune_s",
+            )
             torch.backends.cudnn.benchmark = False
 
         if "encode" not in skip:
+
             def encoder_call(autocast, cl):
                 ae = models[torch.float32, cl]
                 fmt = CL if cl else torch.contiguous_format
@@ -231,8 +263,10 @@ def print_table(data: dict) -> None:
         px = f"{e['pixels']['frac_differ']:7.4f}" if "pixels" in e else f"{'-':>7}"
         return f"{e['max_abs']:9.2e} {e['rel_l2']:9.2e} {px}"
 
-    print(f"\n{'':32} {'ms/img':>8} {'peak+GiB':>8} {'compile':>7} | {'vs current: max|Δ|  relL2  px≠':>35} |"
-          f" {'vs fp32: max|Δ|  relL2  px≠':>27}")
+    print(
+        f"\n{'':32} {'ms/img':>8} {'peak+GiB':>8} {'compile':>7} | {'vs current: max|Δ|  relL2  px≠':>35} |"
+        f" {'vs fp32: max|Δ|  relL2  px≠':>27}"
+    )
     for section in ("decode", "encode"):
         for key, e in data.get(section, {}).items():
             if "error" in e:
@@ -241,10 +275,14 @@ def print_table(data: dict) -> None:
             first = e.get("vs_current") or e.get("vs_pipeline")
             second = e.get("vs_fp32") or e.get("vs_fp32_strict")
             peak = f"{e['peak_extra_gib']:8.3f}" if "peak_extra_gib" in e else f"{'-':>8}"
-            print(f"{section[:3]} {key:28} {e['ms_per_image']:8.2f} {peak}"
-                  f" {e.get('compile_s', e.get('autotune_s', '')):>7} | {err(first):>35} | {err(second):>27}")
-    print("px≠: share of 8-bit pixels (as stableflow.io saves them) that differ. Encode rows: vs the pipeline's fp32 encode"
-          " (TF32 convolutions) and vs strict fp32. peak+: peak memory above the resident weights.")
+            print(
+                f"{section[:3]} {key:28} {e['ms_per_image']:8.2f} {peak}"
+                f" {e.get('compile_s', e.get('autotune_s', '')):>7} | {err(first):>35} | {err(second):>27}"
+            )
+    print(
+        "px≠: share of 8-bit pixels (as stableflow.io saves them) that differ. Encode rows: vs the pipeline's fp32 encode"
+        " (TF32 convolutions) and vs strict fp32. peak+: peak memory above the resident weights."
+    )
 
 
 if __name__ == "__main__":

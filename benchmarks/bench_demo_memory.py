@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import torch
-from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
 from torch import nn
 
 import demo_0_test  # the demos' run loops live in the demo scripts (common puts the repo root on sys.path)
@@ -42,6 +41,8 @@ from stableflow.config import load_config
 from stableflow.io import atomic_write_json
 from stableflow.sweep import PromptSpec, SweepPlan
 
+from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
+
 
 def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     with torch.device("meta"):
@@ -53,10 +54,25 @@ def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[H
     """T5-XXL and CLIP-L shapes with random weights; the tiny tokenizers (their ids fit any vocabulary)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    t5_cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    clip_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+    t5_cfg = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+    )
     t5 = HFEmbedder.tiny("t5", max_length=512)
     t5.hf_module = random_module(lambda: T5EncoderModel(t5_cfg), device, dtype, seed=7)
     # CLIP is built for real, not on meta: its position_ids buffer must hold 0..76 (to_empty leaves garbage there).
@@ -65,7 +81,9 @@ def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[H
     return t5, clip
 
 
-def build_models(tiny: bool, device: torch.device, offload: bool = False, options: AccelOptions | None = None) -> FluxModels:
+def build_models(
+    tiny: bool, device: torch.device, offload: bool = False, options: AccelOptions | None = None
+) -> FluxModels:
     """The networks where flux.pipeline.load_models puts them for these options. Random weights are drawn
     on `device` (fast) and then moved to their home: with offload every network lives in host memory and
     visits the GPU only while it is used; with stream_blocks the blocks stream from pinned host memory
@@ -102,51 +120,117 @@ def build_models(tiny: bool, device: torch.device, offload: bool = False, option
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--offload", action="store_true", help="the demos' offload option: networks live in host memory")
-    parser.add_argument("--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=15")
+    parser.add_argument(
+        "--offload", action="store_true", help="the demos' offload option: networks live in host memory"
+    )
+    parser.add_argument(
+        "--options", default="", help="speed/memory config keys, e.g. stream_blocks=true,resident_gb=15"
+    )
     parser.add_argument("--cap", type=float, default=None, help="cap the GPU at this many GiB (a smaller card)")
-    parser.add_argument("--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)")
+    parser.add_argument(
+        "--edit-only", action="store_true", help="only the two-image edits (reference + 1 edit per batch)"
+    )
     parser.add_argument("--only", default="", help="run only the demos whose name contains this text")
-    parser.add_argument("--no-expandable", action="store_true",
-                        help="keep the allocator's fixed-size segments (load_models turns expandable ones on with stream_blocks)")
+    parser.add_argument(
+        "--no-expandable",
+        action="store_true",
+        help="keep the allocator's fixed-size segments (load_models turns expandable ones on with stream_blocks)",
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
-    options = AccelOptions(**{k: json.loads(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))})
+    options = AccelOptions(
+        **{k: json.loads(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))}
+    )
     expandable = options.stream_blocks and not args.no_expandable and not args.tiny and accel.use_expandable_segments()
     t0 = time.perf_counter()
     models = build_models(args.tiny, device, args.offload, options)
-    results = {"env": env_info(device), "size": size, "offload": args.offload, "options": str(options),
-               "expandable_segments": expandable,
-               "build_s": round(time.perf_counter() - t0, 1), "demos": {}}
+    results = {
+        "env": env_info(device),
+        "size": size,
+        "offload": args.offload,
+        "options": str(options),
+        "expandable_segments": expandable,
+        "build_s": round(time.perf_counter() - t0, 1),
+        "demos": {},
+    }
     if args.cap and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap * 2**30 / total)
         results["cap_gib"] = args.cap
     if device.type == "cuda":
-        results["resident_gib"] = {n: gib(sum(p.numel() * p.element_size() for p in m.parameters()))
-                                   for n, m in (("transformer", models.model), ("ae", models.ae),
-                                                ("t5", models.t5), ("clip", models.clip))}
+        results["resident_gib"] = {
+            n: gib(sum(p.numel() * p.element_size() for p in m.parameters()))
+            for n, m in (("transformer", models.model), ("ae", models.ae), ("t5", models.t5), ("clip", models.clip))
+        }
     work = tempfile.mkdtemp()
     base = {"model": models.name, "width": size, "height": size, "steps": 2, "device": str(device)}
     demos = {
-        "demo_0_test": lambda: demo_0_test.main(load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models),
-        "demo_1_layer": lambda: demo_1_layer.main(load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models),
-        "demo_2_skip (batch 4)": lambda: demo_2_skip.run_sweep(SweepPlan(
-            models.name, models.spec.params.depth, models.spec.params.depth_single_blocks, "fp32" if args.tiny else "bf16",
-            (PromptSpec("p0", "a fox", 0),), (0, 1, 2), size, size, 2, 3.5, 4, f"{work}/d2"),
-            lambda d: models, str(device), progress=False),
-        "demo_4_edit generated (ref + 2 edits)": lambda: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
-            base, output_dir=f"{work}/d4", edits=["a dog", "a cat"], batch_size=3)), models),
-        "demo_4_edit real (ref + 2 edits)": lambda: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
-            base, output_dir=f"{work}/d4r", image=str(REPO / "tests/data/house.png"), size=size,
-            edits=["a red house", "a house in snow"], batch_size=3)), models),
+        "demo_0_test": lambda: demo_0_test.main(
+            load_config(text2img.Text2ImgConfig, None, _args(base, output_dir=f"{work}/d0")), models
+        ),
+        "demo_1_layer": lambda: demo_1_layer.main(
+            load_config(trajectory.TrajectoryConfig, None, _args(base, output_dir=f"{work}/d1")), models
+        ),
+        "demo_2_skip (batch 4)": lambda: demo_2_skip.run_sweep(
+            SweepPlan(
+                models.name,
+                models.spec.params.depth,
+                models.spec.params.depth_single_blocks,
+                "fp32" if args.tiny else "bf16",
+                (PromptSpec("p0", "a fox", 0),),
+                (0, 1, 2),
+                size,
+                size,
+                2,
+                3.5,
+                4,
+                f"{work}/d2",
+            ),
+            lambda d: models,
+            str(device),
+            progress=False,
+        ),
+        "demo_4_edit generated (ref + 2 edits)": lambda: demo_4_edit.main(
+            load_config(
+                edit.EditConfig, None, _args(base, output_dir=f"{work}/d4", edits=["a dog", "a cat"], batch_size=3)
+            ),
+            models,
+        ),
+        "demo_4_edit real (ref + 2 edits)": lambda: demo_4_edit.main(
+            load_config(
+                edit.EditConfig,
+                None,
+                _args(
+                    base,
+                    output_dir=f"{work}/d4r",
+                    image=str(REPO / "tests/data/house.png"),
+                    size=size,
+                    edits=["a red house", "a house in snow"],
+                    batch_size=3,
+                ),
+            ),
+            models,
+        ),
     }
     if args.edit_only:  # the 24 GB case: batches of two images
-        demos = {f"{name} (2-image batches)": lambda name=name, i=i: demo_4_edit.main(load_config(edit.EditConfig, None, _args(
-            base, output_dir=f"{work}/{i}", edits=["a dog", "a cat"], batch_size=2,
-            **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}))), models)
-            for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))}
+        demos = {
+            f"{name} (2-image batches)": lambda name=name, i=i: demo_4_edit.main(
+                load_config(
+                    edit.EditConfig,
+                    None,
+                    _args(
+                        base,
+                        output_dir=f"{work}/{i}",
+                        edits=["a dog", "a cat"],
+                        batch_size=2,
+                        **({"image": str(REPO / "tests/data/house.png"), "size": size} if "real" in name else {}),
+                    ),
+                ),
+                models,
+            )
+            for i, name in enumerate(("demo_4_edit generated", "demo_4_edit real"))
+        }
     demos = {name: run for name, run in demos.items() if args.only in name}
     text_home = next(models.t5.parameters()).device
     for name, run in demos.items():
@@ -163,7 +247,9 @@ def main() -> None:
             entry["peak_reserved_gib"] = gib(torch.cuda.max_memory_reserved())
         results["demos"][name] = entry
         print(name, entry, flush=True)
-        tag = "_offload" * args.offload + ("_" + args.options.replace("=", "-").replace(",", "_") if args.options else "")
+        tag = "_offload" * args.offload + (
+            "_" + args.options.replace("=", "-").replace(",", "_") if args.options else ""
+        )
         tag += "_fixed_segments" * (args.no_expandable and bool(options.stream_blocks))
         atomic_write_json(f"{args.out}/demo_memory{tag}.json", results)  # after each demo
 

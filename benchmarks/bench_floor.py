@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from common import Results, add_common_args, env_info, gib, model_params, time_ms
 
 from flux import accel
 from flux.accel.kernels import quantize_rows
+
+from common import Results, add_common_args, env_info, gib, model_params, time_ms
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ def skeleton(p, batch: int, img: int, txt: int) -> list:
     """The matmuls and attention calls of Flux.forward, in its order (flux/model.py, flux/modules/layers.py)."""
     h, mlp, b = p.hidden_size, int(p.hidden_size * p.mlp_ratio), batch
     ops = [Linear("img_in", b * img, p.in_channels, h, False)]
-    embedders = [("time_in", 256)] + ([("guidance_in", 256)] if p.guidance_embed else []) + [("vector_in", p.vec_in_dim)]
+    embedders = (
+        [("time_in", 256)] + ([("guidance_in", 256)] if p.guidance_embed else []) + [("vector_in", p.vec_in_dim)]
+    )
     for emb, k in embedders:  # MLPEmbedder: in_layer, SiLU, out_layer
         ops += [Linear(f"{emb}.in", b, k, h, False), Linear(f"{emb}.out", b, h, h, False)]
     ops.append(Linear("txt_in", b * txt, p.context_in_dim, h, False))
@@ -62,12 +65,19 @@ def skeleton(p, batch: int, img: int, txt: int) -> list:
         ops += [Linear(f"double.{i}.{s}.qkv", m, h, 3 * h, True) for s, m in streams]
         ops.append(ATTENTION)
         for s, m in streams:
-            ops += [Linear(f"double.{i}.{s}.proj", m, h, h, True), Linear(f"double.{i}.{s}.mlp0", m, h, mlp, True),
-                    Linear(f"double.{i}.{s}.mlp2", m, mlp, h, True)]
+            ops += [
+                Linear(f"double.{i}.{s}.proj", m, h, h, True),
+                Linear(f"double.{i}.{s}.mlp0", m, h, mlp, True),
+                Linear(f"double.{i}.{s}.mlp2", m, mlp, h, True),
+            ]
     m = b * (img + txt)
     for i in range(p.depth_single_blocks):
-        ops += [Linear(f"single.{i}.mod", b, h, 3 * h, False), Linear(f"single.{i}.linear1", m, h, 3 * h + mlp, True),
-                ATTENTION, Linear(f"single.{i}.linear2", m, h + mlp, h, True)]
+        ops += [
+            Linear(f"single.{i}.mod", b, h, 3 * h, False),
+            Linear(f"single.{i}.linear1", m, h, 3 * h + mlp, True),
+            ATTENTION,
+            Linear(f"single.{i}.linear2", m, h + mlp, h, True),
+        ]
     ops += [Linear("final.adaLN", b, h, 2 * h, False), Linear("final.linear", b * img, h, p.out_channels, False)]
     return ops
 
@@ -97,8 +107,18 @@ def sdpa_context(spec: str | None):
 class Skeleton:
     """One case's skeleton over preallocated tensors; `run(mm, attn)` launches it once (outputs are dropped)."""
 
-    def __init__(self, ops: list, weights: dict, fp8_weights: dict, bias_in_kernel: bool, batch: int, heads: int, tokens: int,
-                 head_dim: int, g: torch.Generator):
+    def __init__(
+        self,
+        ops: list,
+        weights: dict,
+        fp8_weights: dict,
+        bias_in_kernel: bool,
+        batch: int,
+        heads: int,
+        tokens: int,
+        head_dim: int,
+        g: torch.Generator,
+    ):
         self.ops, self.weights, self.fp8_weights, self.bias_in_kernel = ops, weights, fp8_weights, bias_in_kernel
         w = next(iter(weights.values()))[0]
         self.dtype = w.dtype
@@ -109,7 +129,9 @@ class Skeleton:
         self.x = {s: torch.randn(*s, generator=g, device=w.device, dtype=w.dtype) for s in sorted(shapes)}
         fp8_shapes = {(op.m, op.k) for op in ops if op != ATTENTION and op.name in fp8_weights}
         self.x8 = {s: quantize_rows(self.x[s]) for s in fp8_shapes}  # quantisation excluded from the floor
-        self.qkv = [torch.randn(batch, heads, tokens, head_dim, generator=g, device=w.device, dtype=w.dtype) for _ in range(3)]
+        self.qkv = [
+            torch.randn(batch, heads, tokens, head_dim, generator=g, device=w.device, dtype=w.dtype) for _ in range(3)
+        ]
 
     def run(self, mm: str | None, attn: str | None) -> None:
         for op in self.ops:
@@ -119,7 +141,9 @@ class Skeleton:
             elif mm == "fp8" and op.fp8:  # as FP8Linear.matmul
                 (a, scale_a), (w8, scale_w) = self.x8[op.m, op.k], self.fp8_weights[op.name]
                 bias = self.weights[op.name][1] if self.bias_in_kernel else None
-                torch._scaled_mm(a, w8.t(), scale_a=scale_a, scale_b=scale_w, bias=bias, out_dtype=self.dtype, use_fast_accum=True)
+                torch._scaled_mm(
+                    a, w8.t(), scale_a=scale_a, scale_b=scale_w, bias=bias, out_dtype=self.dtype, use_fast_accum=True
+                )
             elif mm:
                 F.linear(self.x[op.m, op.k], *self.weights[op.name])
 
@@ -153,7 +177,11 @@ def main() -> None:
     p = model_params(args.tiny)
     heads, head_dim = p.num_heads, p.hidden_size // p.num_heads
     txt_len = 16 if args.tiny else 512
-    cases = {"64x1": (64, 1), "32x4": (32, 4), "64x4": (64, 4)} if args.tiny else {"1024x1": (1024, 1), "512x4": (512, 4), "1024x4": (1024, 4)}
+    cases = (
+        {"64x1": (64, 1), "32x4": (32, 4), "64x4": (64, 4)}
+        if args.tiny
+        else {"1024x1": (1024, 1), "512x4": (512, 4), "1024x4": (1024, 4)}
+    )
     if args.cases:
         cases = {c: cases[c] for c in args.cases.split(",")}
     variants = {v: VARIANTS[v] for v in args.variants.split(",")} if args.variants else dict(VARIANTS)
@@ -166,18 +194,30 @@ def main() -> None:
         notes.append(f"fp8 variants skipped: {fp8_problem}")
         variants = {v: s for v, s in variants.items() if s[0] != "fp8"}
     elif not bias_in_kernel:
-        notes.append("this torch's _scaled_mm takes no bias with row-wise scales: FP8 linears run without their bias (a floor)")
+        notes.append(
+            "this torch's _scaled_mm takes no bias with row-wise scales: FP8 linears run without their bias (a floor)"
+        )
     if device.type != "cuda":
         notes.append("cuDNN attention needs CUDA: the *_cudnn variants use torch's default attention here")
-    res = Results(f"{args.out}/floor.json", env=env_info(device), model="flux-tiny" if args.tiny else "flux-dev", dtype="bf16",
-                  txt_len=txt_len, cuda_graph=use_graph, fp8_bias_in_kernel=bias_in_kernel, notes=notes)
+    res = Results(
+        f"{args.out}/floor.json",
+        env=env_info(device),
+        model="flux-tiny" if args.tiny else "flux-dev",
+        dtype="bf16",
+        txt_len=txt_len,
+        cuda_graph=use_graph,
+        fp8_bias_in_kernel=bias_in_kernel,
+        notes=notes,
+    )
 
     # Distinct weights per block and stream, as in the model (~24 GB bf16 + ~8.6 GB FP8 at flux-dev sizes):
     # reusing one weight per shape would let weights that fit the 50 MB L2 (proj: 19 MB) stay there between
     # blocks, flattering the floor a little; distinct ones cost nothing but memory, which an 80 GB GPU has.
     t0 = time.perf_counter()
     g = torch.Generator(device=device).manual_seed(0)
-    linears = {op.name: op for s, b in cases.values() for op in skeleton(p, b, (s // 16) ** 2, txt_len) if op != ATTENTION}
+    linears = {
+        op.name: op for s, b in cases.values() for op in skeleton(p, b, (s // 16) ** 2, txt_len) if op != ATTENTION
+    }
     weights, fp8_weights = {}, {}
     for op in linears.values():
         w = torch.randn(op.n, op.k, generator=g, device=device, dtype=dtype) * op.k**-0.5  # as common.randomize_
@@ -186,8 +226,15 @@ def main() -> None:
             w8, scale = quantize_rows(w)  # as FP8Linear.from_linear: one scale per output row
             fp8_weights[op.name] = (w8, scale.reshape(1, -1))
     nbytes = sum(t.numel() * t.element_size() for d in (weights, fp8_weights) for pair in d.values() for t in pair)
-    res.set("weights", value={"linears": len(weights), "fp8_linears": len(fp8_weights), "gib": gib(nbytes),
-                              "build_s": round(time.perf_counter() - t0, 1)})
+    res.set(
+        "weights",
+        value={
+            "linears": len(weights),
+            "fp8_linears": len(fp8_weights),
+            "gib": gib(nbytes),
+            "build_s": round(time.perf_counter() - t0, 1),
+        },
+    )
 
     summary = []
     with torch.inference_mode():
@@ -197,10 +244,14 @@ def main() -> None:
             ops = skeleton(p, batch, img_tokens, txt_len)
             sk = Skeleton(ops, weights, fp8_weights, bias_in_kernel, batch, heads, n_tok, head_dim, g)
             n_attn = ops.count(ATTENTION)
-            flops = {"linears": sum(2 * op.m * op.k * op.n for op in ops if op != ATTENTION),
-                     "attention": n_attn * 4 * batch * heads * n_tok**2 * head_dim}
+            flops = {
+                "linears": sum(2 * op.m * op.k * op.n for op in ops if op != ATTENTION),
+                "attention": n_attn * 4 * batch * heads * n_tok**2 * head_dim,
+            }
             flops["total"] = flops["linears"] + flops["attention"]
-            flops["accel_flops_per_forward"] = accel.flops_per_forward(p, batch, img_tokens, txt_len)  # bench_transformer's count
+            flops["accel_flops_per_forward"] = accel.flops_per_forward(
+                p, batch, img_tokens, txt_len
+            )  # bench_transformer's count
             try:
                 from torch.nn.attention import SDPBackend
 
@@ -208,9 +259,20 @@ def main() -> None:
                 default_attention = names.get(int(torch._fused_sdp_choice(*sk.qkv)), "?")
             except (AttributeError, RuntimeError):
                 default_attention = "?"
-            res.set("cases", case, "shape", value={"size": size, "batch": batch, "img_tokens": img_tokens, "tokens": n_tok,
-                                                   "linear_calls": len(ops) - n_attn, "attention_calls": n_attn,
-                                                   "default_attention": default_attention})
+            res.set(
+                "cases",
+                case,
+                "shape",
+                value={
+                    "size": size,
+                    "batch": batch,
+                    "img_tokens": img_tokens,
+                    "tokens": n_tok,
+                    "linear_calls": len(ops) - n_attn,
+                    "attention_calls": n_attn,
+                    "default_attention": default_attention,
+                },
+            )
             res.set("cases", case, "flops", value=flops)
 
             forward = None
@@ -235,7 +297,13 @@ def main() -> None:
                         with sdpa_context(attn):
                             t = time_ms(forward, device, reps=args.reps)
                     graph_used = use_graph and "graph_error" not in entry
-                    entry = {**t, "tflops": tflops(done, t["median_ms"]), "attention": attn, "cuda_graph": graph_used, **entry}
+                    entry = {
+                        **t,
+                        "tflops": tflops(done, t["median_ms"]),
+                        "attention": attn,
+                        "cuda_graph": graph_used,
+                        **entry,
+                    }
                     if device.type == "cuda":
                         entry["peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
                     summary.append((case, name, t["median_ms"], entry["tflops"]))
@@ -248,7 +316,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
     res.set("total_s", value=round(time.perf_counter() - t0, 1))
 
-    print(f"\nkernel floor of one forward ({'CUDA graph' if use_graph else 'eager'}; {res.data['env'].get('gpu', device)})")
+    print(
+        f"\nkernel floor of one forward ({'CUDA graph' if use_graph else 'eager'}; {res.data['env'].get('gpu', device)})"
+    )
     print(f"{'case':8} {'variant':16} {'ms':>9} {'TFLOP/s':>8}")
     for case, name, ms, tf in summary:
         print(f"{case:8} {name:16} " + (f"{ms:9.2f} {tf:8.1f}" if ms is not None else f"{'error':>9}"))

@@ -22,6 +22,10 @@ import gc
 import time
 
 import torch
+
+from flux import accel
+from flux.model import Injection
+
 from common import (
     Results,
     add_common_args,
@@ -36,9 +40,6 @@ from common import (
     random_inputs,
     time_ms,
 )
-
-from flux import accel
-from flux.model import Injection
 
 # Vital layers of FLUX.1-dev reported by Stable Flow (global indices); any set works for memory and speed.
 EDIT_LAYERS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
@@ -64,8 +65,12 @@ def main() -> None:
     params = model_params(tiny)
     size, txt_len = (64, 16) if tiny else (1024, 512)
     backend = args.compile_backend or ("aot_eager" if tiny else "inductor")
-    res = Results(f"{args.out}/memory.json", env=env_info(device), model="flux-tiny" if tiny else "flux-dev",
-                  case=f"edit of 2 images at {size}², {txt_len} text tokens, injection in layers {list(EDIT_LAYERS)}")
+    res = Results(
+        f"{args.out}/memory.json",
+        env=env_info(device),
+        model="flux-tiny" if tiny else "flux-dev",
+        case=f"edit of 2 images at {size}², {txt_len} text tokens, injection in layers {list(EDIT_LAYERS)}",
+    )
     reps = max(2, args.reps // 2)
 
     def peak() -> float | None:
@@ -103,9 +108,17 @@ def main() -> None:
         reset()
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), torch.cuda.current_device())
-            res.set("cap", value={"cap_gib": args.cap_gib, "fraction": args.cap_gib * 2**30 / total,
-                                  "target_gib": args.target_gib})
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, args.cap_gib * 2**30 / total), torch.cuda.current_device()
+            )
+            res.set(
+                "cap",
+                value={
+                    "cap_gib": args.cap_gib,
+                    "fraction": args.cap_gib * 2**30 / total,
+                    "target_gib": args.target_gib,
+                },
+            )
 
         def streamed(key: str, keep: int) -> None:
             reset()
@@ -115,10 +128,16 @@ def main() -> None:
             reset()
             out = step()
             entry = {
-                "keep_gib": gib(keep), "streamed_blocks": len(streamer.streamed),
-                "streamed_gib_per_step": gib(sum(nbytes(accel.blocks(model)[i].parameters()) for i in streamer.streamed)),
-                "slots_gib": gib(streamer.device_bytes), "host_arena_gib": gib(streamer.arena.nbytes),
-                "bit_identical": bool(torch.equal(out, ref)), **compare(out, ref), **setup,
+                "keep_gib": gib(keep),
+                "streamed_blocks": len(streamer.streamed),
+                "streamed_gib_per_step": gib(
+                    sum(nbytes(accel.blocks(model)[i].parameters()) for i in streamer.streamed)
+                ),
+                "slots_gib": gib(streamer.device_bytes),
+                "host_arena_gib": gib(streamer.arena.nbytes),
+                "bit_identical": bool(torch.equal(out, ref)),
+                **compare(out, ref),
+                **setup,
             }
             entry.update(time_ms(step, device, reps=reps, warmup=1))
             entry["peak_gib"] = peak()
@@ -146,15 +165,25 @@ def main() -> None:
             quant_peak = peak()
             reset()
             out = step()
-            entry = {"quantize_peak_gib": quant_peak, "weights_gib": gib(nbytes(model.parameters()) + nbytes(model.buffers())),
-                     **compare(out, ref), **time_ms(step, device, reps=reps), "peak_gib": peak()}
+            entry = {
+                "quantize_peak_gib": quant_peak,
+                "weights_gib": gib(nbytes(model.parameters()) + nbytes(model.buffers())),
+                **compare(out, ref),
+                **time_ms(step, device, reps=reps),
+                "peak_gib": peak(),
+            }
             res.set("fp8_eager", value=entry)
             if "fp8_compiled" not in skip:
                 accel.compile_blocks(model, backend=backend)
                 reset()
                 compile_s = first_call_s(step, device)
                 out = step()
-                entry = {"compile_s": compile_s, **compare(out, ref), **time_ms(step, device, reps=reps), "peak_gib": peak()}
+                entry = {
+                    "compile_s": compile_s,
+                    **compare(out, ref),
+                    **time_ms(step, device, reps=reps),
+                    "peak_gib": peak(),
+                }
                 res.set("fp8_compiled", value=entry)
     res.set("total_s", value=round(time.perf_counter() - t0, 1))
 

@@ -20,6 +20,15 @@ import shutil
 import time
 
 import torch
+from torch import nn
+
+from demo_2_skip import run_sweep  # the sweep loop lives in the demo (common puts the repo root on sys.path)
+from flux import accel
+from flux.modules.autoencoder import AutoEncoder
+from flux.pipeline import FluxModels
+from flux.util import configs
+from stableflow.sweep import Dist, SweepPlan, load_prompts, select_prompts
+
 from common import (
     REPO,
     Results,
@@ -31,14 +40,6 @@ from common import (
     random_flux,
     randomize_,
 )
-from torch import nn
-
-from flux import accel
-from flux.modules.autoencoder import AutoEncoder
-from flux.pipeline import FluxModels
-from flux.util import configs
-from demo_2_skip import run_sweep  # the sweep loop lives in the demo (common puts the repo root on sys.path)
-from stableflow.sweep import Dist, SweepPlan, load_prompts, select_prompts
 
 FULL_SWEEP_IMAGES = 64 * 58
 
@@ -59,7 +60,9 @@ class RandomText(nn.Module):
         return torch.stack(rows)
 
 
-def random_models(name: str, device: torch.device, compile_blocks: bool, backend: str, fuse_gelu: bool = False) -> FluxModels:
+def random_models(
+    name: str, device: torch.device, compile_blocks: bool, backend: str, fuse_gelu: bool = False
+) -> FluxModels:
     spec = configs[name]
     model = random_flux(spec.params, device, torch.bfloat16)
     if fuse_gelu:
@@ -79,13 +82,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--tag", default="1gpu")
-    parser.add_argument("--prompts", type=int, default=4,
-                        help="prompts in the sample: a multiple of --batch-size, like the real sweep's 64 (its batches "
-                             "then hold one variant each)")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=4,
+        help="prompts in the sample: a multiple of --batch-size, like the real sweep's 64 (its batches "
+        "then hold one variant each)",
+    )
     parser.add_argument("--layers", default="0,5,10,15,20,25,30,35,40,45,50", help="layers bypassed in the sample")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--attention", default="pick", help='"pick" (fastest SDPA at this shape), or a spec: auto, cudnn!, ...')
+    parser.add_argument(
+        "--attention", default="pick", help='"pick" (fastest SDPA at this shape), or a spec: auto, cudnn!, ...'
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--fuse-gelu", action="store_true", help="flux.accel.fuse_gelu (the config key fuse_gelu)")
     parser.add_argument("--workdir", default="/tmp/bench_sweep", help="where the sample's PNGs go (deleted first)")
@@ -110,16 +119,33 @@ def main() -> None:
     n_images = len(prompts) * (len(layers) + 1)
     res = None
     if dist.rank == 0:
-        res = Results(f"{args.out}/sweep_{args.tag}.json", env=env_info(device), model=name, world_size=dist.world_size,
-                      sample={"prompts": len(prompts), "layers": layers, "images": n_images, "size": size,
-                              "steps": steps, "batch_size": args.batch_size, "compile": not args.no_compile, "fuse_gelu": args.fuse_gelu,
-                              "attention": args.attention})
+        res = Results(
+            f"{args.out}/sweep_{args.tag}.json",
+            env=env_info(device),
+            model=name,
+            world_size=dist.world_size,
+            sample={
+                "prompts": len(prompts),
+                "layers": layers,
+                "images": n_images,
+                "size": size,
+                "steps": steps,
+                "batch_size": args.batch_size,
+                "compile": not args.no_compile,
+                "fuse_gelu": args.fuse_gelu,
+                "attention": args.attention,
+            },
+        )
     workdir = f"{args.workdir}_{args.tag}"
     if dist.rank == 0:
         shutil.rmtree(workdir, ignore_errors=True)
 
     t0 = time.perf_counter()
-    attention, sdpa = (args.attention, {}) if args.attention != "pick" else fastest_attention(device, args.batch_size, (size // 16) ** 2 + 512)
+    attention, sdpa = (
+        (args.attention, {})
+        if args.attention != "pick"
+        else fastest_attention(device, args.batch_size, (size // 16) ** 2 + 512)
+    )
     if res:
         res.set("attention", value={"chosen": attention, "sdpa_ms": sdpa})
     # Preferred, not strict: the AE's attention (one 512-wide head) needs a fallback kernel.
@@ -132,7 +158,9 @@ def main() -> None:
         noise = models.noise([0] * b, size, size)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            latent = models.denoise(text, noise, models.schedule(2, size, size), 3.5, skip=[{layers[0]}] + [set()] * (b - 1))
+            latent = models.denoise(
+                text, noise, models.schedule(2, size, size), 3.5, skip=[{layers[0]}] + [set()] * (b - 1)
+            )
             models.decode(latent[:1])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -146,15 +174,33 @@ def main() -> None:
         if dist.world_size > 1:
             torch.distributed.barrier()
         t3 = time.perf_counter()
-        plan = SweepPlan(name, params.depth, params.depth_single_blocks, "bf16", prompts, layers,
-                         size, size, steps, 3.5, args.batch_size, workdir)
+        plan = SweepPlan(
+            name,
+            params.depth,
+            params.depth_single_blocks,
+            "bf16",
+            prompts,
+            layers,
+            size,
+            size,
+            steps,
+            3.5,
+            args.batch_size,
+            workdir,
+        )
         result = run_sweep(plan, lambda dev: models, device=str(device), dist=dist, progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         sample_s = time.perf_counter() - t3
-    mine = {"rank": dist.rank, "images": len(result.written), "sample_s": round(sample_s, 2), "build_s": round(build_s, 1),
-            "warmup_compile_s": round(warm_s, 1), "decode_ms_per_image": round(decode_ms, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+    mine = {
+        "rank": dist.rank,
+        "images": len(result.written),
+        "sample_s": round(sample_s, 2),
+        "build_s": round(build_s, 1),
+        "warmup_compile_s": round(warm_s, 1),
+        "decode_ms_per_image": round(decode_ms, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
     ranks = [mine]
     if dist.world_size > 1:
         ranks = [None] * dist.world_size
@@ -164,13 +210,18 @@ def main() -> None:
         images = sum(r["images"] for r in ranks)
         per_image = wall / images  # seconds of wall time per image, all processes together
         res.set("ranks", value=ranks)
-        res.set("summary", value={
-            "images": images, "wall_s": round(wall, 2), "wall_s_per_image": round(per_image, 3),
-            "images_per_s": round(images / wall, 3),
-            "ms_per_step_per_image": round(per_image / steps * 1e3, 1),
-            "extrapolated_full_sweep_h": round(FULL_SWEEP_IMAGES * per_image / 3600, 3),
-            "one_time_s": round(max(r["build_s"] + r["warmup_compile_s"] for r in ranks), 1),
-        })
+        res.set(
+            "summary",
+            value={
+                "images": images,
+                "wall_s": round(wall, 2),
+                "wall_s_per_image": round(per_image, 3),
+                "images_per_s": round(images / wall, 3),
+                "ms_per_step_per_image": round(per_image / steps * 1e3, 1),
+                "extrapolated_full_sweep_h": round(FULL_SWEEP_IMAGES * per_image / 3600, 3),
+                "one_time_s": round(max(r["build_s"] + r["warmup_compile_s"] for r in ranks), 1),
+            },
+        )
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     if dist.rank == 0 and not os.environ.get("KEEP_SWEEP_PNGS"):

@@ -19,6 +19,10 @@ import gc
 import time
 
 import torch
+
+from flux import accel
+from flux.model import Injection
+
 from common import (
     Results,
     add_common_args,
@@ -36,9 +40,6 @@ from common import (
     time_ms,
     uncompile,
 )
-
-from flux import accel
-from flux.model import Injection
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -65,23 +66,32 @@ def check_recompiles(model, x, case, res, device, reps) -> None:
     after_inject = unique_graphs()
     model(**x, inject=Injection(frozenset({2, n // 2}), tuple(range(b))[::-1]))
     after_inject2 = unique_graphs()
-    res.set("recompiles", value={
-        "case": case,
-        "new_graphs_for_3_skip_patterns": after_skip - before,
-        "new_graphs_first_injection": after_inject - after_skip,
-        "new_graphs_other_injection_layers_and_sources": after_inject2 - after_inject,
-        "skip_forward": t_skip,
-    })
+    res.set(
+        "recompiles",
+        value={
+            "case": case,
+            "new_graphs_for_3_skip_patterns": after_skip - before,
+            "new_graphs_first_injection": after_inject - after_skip,
+            "new_graphs_other_injection_layers_and_sources": after_inject2 - after_inject,
+            "skip_forward": t_skip,
+        },
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)")
-    parser.add_argument("--attention", default="auto,cudnn!", help="attention choices for the compiled model, the first is the default")
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)"
+    )
+    parser.add_argument(
+        "--attention", default="auto,cudnn!", help="attention choices for the compiled model, the first is the default"
+    )
     parser.add_argument("--mode", default=None, help="torch.compile mode for our blocks (default: inductor's default)")
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: eager,compiled,fused,diffusers_compiled,fp8")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to leave out: eager,compiled,fused,diffusers_compiled,fp8"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -92,8 +102,15 @@ def main() -> None:
     cases = {"64x1": (64, 1), "32x4": (32, 4)} if args.tiny else {"1024x1": (1024, 1), "512x4": (512, 4)}
     if args.cases:
         cases = {c: cases[c] for c in args.cases.split(",")}
-    res = Results(f"{args.out}/transformer.json", env=env_info(device), model="flux-tiny" if args.tiny else "flux-dev",
-                  dtype="bf16", txt_len=txt_len, compile_backend=backend, compile_mode=args.mode)
+    res = Results(
+        f"{args.out}/transformer.json",
+        env=env_info(device),
+        model="flux-tiny" if args.tiny else "flux-dev",
+        dtype="bf16",
+        txt_len=txt_len,
+        compile_backend=backend,
+        compile_mode=args.mode,
+    )
     torch.backends.cuda.matmul.allow_tf32 = True  # bf16 everywhere; this only affects stray fp32 matmuls
 
     t0 = time.perf_counter()
@@ -106,7 +123,9 @@ def main() -> None:
     ref: dict[str, torch.Tensor] = {}  # our bf16 eager output (torch's default attention) per case
     ref_diffusers: dict[str, torch.Tensor] = {}
 
-    def measure(key: str, case: str, fn, reference: torch.Tensor | None = None, extra: dict | None = None) -> torch.Tensor:
+    def measure(
+        key: str, case: str, fn, reference: torch.Tensor | None = None, extra: dict | None = None
+    ) -> torch.Tensor:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = fn()
@@ -126,7 +145,9 @@ def main() -> None:
         if "eager" not in skip:
             for case, x in inputs.items():
                 ref[case] = measure("ours_eager", case, lambda x=x: model(**x))
-                ref_diffusers[case] = measure("diffusers_eager", case, lambda x=x: diffusers_forward(twin, x), ref[case])
+                ref_diffusers[case] = measure(
+                    "diffusers_eager", case, lambda x=x: diffusers_forward(twin, x), ref[case]
+                )
                 try:
                     with attention_context("cudnn!", device):
                         measure("ours_eager_cudnn", case, lambda x=x: model(**x), ref[case])
@@ -148,7 +169,13 @@ def main() -> None:
                     with attention_context(spec, device):
                         for case, x in inputs.items():
                             compile_s = first_call_s(lambda x=x: model(**x), device)
-                            measure(key, case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": spec})
+                            measure(
+                                key,
+                                case,
+                                lambda x=x: model(**x),
+                                ref[case],
+                                {"compile_s": compile_s, "attention": spec},
+                            )
                             if case == next(iter(cases)):
                                 best = min(best, (res.data["cases"][case][key]["median_ms"], spec))
                             # CPU time to enqueue one forward: when it is well under the GPU time, the GPU
@@ -175,7 +202,13 @@ def main() -> None:
                 accel.compile_blocks(model, mode=args.mode, backend=backend)
                 for case, x in inputs.items():
                     compile_s = first_call_s(lambda x=x: model(**x), device)
-                    measure("ours_compiled_fuse_gelu", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                    measure(
+                        "ours_compiled_fuse_gelu",
+                        case,
+                        lambda x=x: model(**x),
+                        ref[case],
+                        {"compile_s": compile_s, "attention": best[1]},
+                    )
             uncompile(model)
             accel.unfuse_gelu(model)
 
@@ -189,7 +222,13 @@ def main() -> None:
                 twin = torch.compile(twin, backend=backend, dynamic=False)
             for case, x in inputs.items():
                 compile_s = first_call_s(lambda x=x: diffusers_forward(twin, x), device)
-                measure("diffusers_compiled", case, lambda x=x: diffusers_forward(twin, x), ref[case], {"compile_s": compile_s, "how": how})
+                measure(
+                    "diffusers_compiled",
+                    case,
+                    lambda x=x: diffusers_forward(twin, x),
+                    ref[case],
+                    {"compile_s": compile_s, "how": how},
+                )
 
     # --- FP8: a fresh model with the same weights (the compiled one cannot be quantised), quantised in place.
     if "fp8" not in skip:
@@ -200,7 +239,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if device.type == "cuda":
-            res.set("fp8_allocated_before_build_gib", value=gib(torch.cuda.memory_allocated(device)))  # leftovers count in peak_gib
+            res.set(
+                "fp8_allocated_before_build_gib", value=gib(torch.cuda.memory_allocated(device))
+            )  # leftovers count in peak_gib
         model = random_flux(params, device, dtype)
         problem = accel.fp8_problem(device)
         if problem:
@@ -214,13 +255,25 @@ def main() -> None:
                 accel.compile_blocks(model, mode=args.mode, backend=backend)
                 for case, x in inputs.items():
                     compile_s = first_call_s(lambda x=x: model(**x), device)
-                    measure("ours_fp8_compiled", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                    measure(
+                        "ours_fp8_compiled",
+                        case,
+                        lambda x=x: model(**x),
+                        ref[case],
+                        {"compile_s": compile_s, "attention": best[1]},
+                    )
                 if "fused" not in skip:
                     uncompile(model)
                     accel.compile_blocks(accel.fuse_gelu(model), mode=args.mode, backend=backend)
                     for case, x in inputs.items():
                         compile_s = first_call_s(lambda x=x: model(**x), device)
-                        measure("ours_fp8_compiled_fuse_gelu", case, lambda x=x: model(**x), ref[case], {"compile_s": compile_s, "attention": best[1]})
+                        measure(
+                            "ours_fp8_compiled_fuse_gelu",
+                            case,
+                            lambda x=x: model(**x),
+                            ref[case],
+                            {"compile_s": compile_s, "attention": best[1]},
+                        )
     res.set("total_s", value=round(time.perf_counter() - t0, 1))
 
 

@@ -30,7 +30,9 @@ from flux.util import configs
 
 
 def add_common_args(parser) -> None:
-    parser.add_argument("--tiny", action="store_true", help="flux-tiny on the CPU at toy sizes: checks the script, not speed")
+    parser.add_argument(
+        "--tiny", action="store_true", help="flux-tiny on the CPU at toy sizes: checks the script, not speed"
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median reported)")
 
@@ -53,13 +55,22 @@ def env_info(device: torch.device) -> dict:
         info["diffusers"] = None
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
-        info.update(gpu=prop.name, gpu_memory_gib=round(prop.total_memory / 2**30, 1), capability=f"{prop.major}.{prop.minor}")
+        info.update(
+            gpu=prop.name, gpu_memory_gib=round(prop.total_memory / 2**30, 1), capability=f"{prop.major}.{prop.minor}"
+        )
         try:
             import subprocess
 
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, check=False
-            ).stdout.split("\n")[0].strip()
+            info["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                .stdout.split("\n")[0]
+                .strip()
+            )
         except OSError:
             pass
     return info
@@ -166,7 +177,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10, warm
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "max_ms": round(max(times), 3), "reps": reps}
+    return {
+        "median_ms": round(statistics.median(times), 3),
+        "min_ms": round(min(times), 3),
+        "max_ms": round(max(times), 3),
+        "reps": reps,
+    }
 
 
 def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
@@ -224,7 +240,7 @@ class Results:
 
 
 def attention_context(spec: str, device: torch.device):
-    """"cudnn" prefers cuDNN (falls back); "cudnn!" uses cuDNN alone; "default" leaves torch's own order."""
+    """ "cudnn" prefers cuDNN (falls back); "cudnn!" uses cuDNN alone; "default" leaves torch's own order."""
     import contextlib
 
     from flux import accel
@@ -234,8 +250,15 @@ def attention_context(spec: str, device: torch.device):
     return accel.attention_backend(spec.rstrip("!"), device, strict=spec.endswith("!"))
 
 
-def sdpa_timings(device: torch.device, batch: int, seq: int, heads: int = 24, head_dim: int = 128,
-                 specs: tuple[str, ...] = ("default", "auto", "cudnn!", "flash!", "efficient!"), reps: int = 20) -> dict:
+def sdpa_timings(
+    device: torch.device,
+    batch: int,
+    seq: int,
+    heads: int = 24,
+    head_dim: int = 128,
+    specs: tuple[str, ...] = ("default", "auto", "cudnn!", "flash!", "efficient!"),
+    reps: int = 20,
+) -> dict:
     """ms of one joint-attention call (FLUX layout, bf16) under each attention spec; an error message where
     the spec cannot run these inputs."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -244,14 +267,18 @@ def sdpa_timings(device: torch.device, batch: int, seq: int, heads: int = 24, he
     for spec in specs:
         try:
             with attention_context(spec, device):
-                t = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, reps=reps, warmup=3)
+                t = time_ms(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, reps=reps, warmup=3
+                )
             out[spec] = t["median_ms"]
         except RuntimeError as e:
             out[spec] = f"error: {str(e).splitlines()[0][:200]}"
     return out
 
 
-def fastest_attention(device: torch.device, batch: int, seq: int, specs: tuple[str, ...] = ("auto", "cudnn!", "flash!")) -> tuple[str, dict]:
+def fastest_attention(
+    device: torch.device, batch: int, seq: int, specs: tuple[str, ...] = ("auto", "cudnn!", "flash!")
+) -> tuple[str, dict]:
     """The attention spec with the fastest SDPA call at this shape (auto on a CPU)."""
     if device.type != "cuda":
         return "auto", {}

@@ -29,6 +29,9 @@ import gc
 import time
 
 import torch
+
+from flux import accel
+
 from common import (
     Results,
     add_common_args,
@@ -43,8 +46,6 @@ from common import (
     uncompile,
 )
 from profile_transformer import kernel_table
-
-from flux import accel
 
 
 def main() -> None:
@@ -69,7 +70,9 @@ def main() -> None:
         for c in cases:
             ref[c] = model(**inputs[c])
 
-    def run_variant(name: str, model, compile_kw: dict | None, inductor: dict | None = None, graph: bool = False) -> None:
+    def run_variant(
+        name: str, model, compile_kw: dict | None, inductor: dict | None = None, graph: bool = False
+    ) -> None:
         uncompile(model)
         t0 = time.perf_counter()
         with torch.inference_mode(), attention_context("auto", device), torch._inductor.config.patch(inductor or {}):
@@ -88,8 +91,12 @@ def main() -> None:
                     fn = lambda g=g, out=static_out: (g.replay(), out)[1]
                 out = fn()
                 t = time_ms(fn, device, reps=args.reps)
-                entry = {**t, "tflops": round(flops[c] / (t["median_ms"] * 1e-3) / 1e12, 1), "compile_s": compile_s,
-                         "vs_ours_eager": compare(out, ref[c])}
+                entry = {
+                    **t,
+                    "tflops": round(flops[c] / (t["median_ms"] * 1e-3) / 1e12, 1),
+                    "compile_s": compile_s,
+                    "vs_ours_eager": compare(out, ref[c]),
+                }
                 if ci == 0 and device.type == "cuda":
                     table = kernel_table(fn, device, calls=2, top=12)
                     entry["gpu_ms_per_call"] = table["gpu_ms_per_call"]
@@ -152,7 +159,14 @@ def main() -> None:
             res.set("errors", v, value=f"{e.__class__.__name__}: {str(e).splitlines()[0][:400]}")
     # The table, last, so that the end of the log carries it.
     for v, cs in res.data.get("variants", {}).items():
-        print(v.ljust(20), "  ".join(f"{c}: {e['median_ms']:.1f} ms ({e['vs_ours_eager']['rel_l2']:.3g})" for c, e in cs.items() if isinstance(e, dict)))
+        print(
+            v.ljust(20),
+            "  ".join(
+                f"{c}: {e['median_ms']:.1f} ms ({e['vs_ours_eager']['rel_l2']:.3g})"
+                for c, e in cs.items()
+                if isinstance(e, dict)
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import warnings
 from collections import defaultdict
 
 import torch
+
+from flux import accel
+
 from common import (
     Results,
     add_common_args,
@@ -29,8 +32,6 @@ from common import (
     random_inputs,
     sdpa_timings,
 )
-
-from flux import accel
 
 CATEGORIES = [
     ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fort_native", re.IGNORECASE)),
@@ -66,7 +67,9 @@ def kernel_table(fn, device: torch.device, calls: int = 3, top: int = 25) -> dic
     return {
         "gpu_ms_per_call": round(sum(v[0] for v in per_kernel.values()), 3),
         "by_category_ms": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": n[:160], "ms": round(ms, 3), "launches_per_call": cnt // calls} for n, (ms, cnt) in rows],
+        "top_kernels": [
+            {"name": n[:160], "ms": round(ms, 3), "launches_per_call": cnt // calls} for n, (ms, cnt) in rows
+        ],
     }
 
 
@@ -101,12 +104,19 @@ def main() -> None:
     b, n = next(iter(seqs.values()))
     q, k, v = (torch.randn(b, heads, n, hd, device=device, dtype=torch.bfloat16) for _ in range(3))
     fused = torch.randn(b, n, 3, heads, hd, device=device, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
-    res.set("cudnn_refusal", value={"contiguous": cudnn_refusal(device, q, k, v),
-                                    "strided_like_single_block": cudnn_refusal(device, *fused)})
+    res.set(
+        "cudnn_refusal",
+        value={
+            "contiguous": cudnn_refusal(device, q, k, v),
+            "strided_like_single_block": cudnn_refusal(device, *fused),
+        },
+    )
     for spec in ("default", "auto", "cudnn!", "flash!"):
         try:
             with attention_context(spec, device):
-                table = kernel_table(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, calls=2, top=3)
+                table = kernel_table(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, calls=2, top=3
+                )
             res.set("sdpa_kernels", spec, value=[r["name"] for r in table["top_kernels"]])
         except RuntimeError as e:
             res.set("sdpa_kernels", spec, value=f"error: {str(e).splitlines()[0][:200]}")
@@ -121,7 +131,9 @@ def main() -> None:
             with torch.inference_mode(), attention_context(spec, device):
                 res.set("compiled_forward_1024x1", spec, value=kernel_table(lambda: model(**x), device))
         except Exception as e:  # noqa: BLE001 -- diagnostics: record the failure, go on
-            res.set("compiled_forward_1024x1", spec, value=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}")
+            res.set(
+                "compiled_forward_1024x1", spec, value=f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}"
+            )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"img_{len(list(out.glob('img_*.png')))}.png"
         info = PngImagePlugin.PngInfo()
-        for key, value in {"prompt": args.prompt, "seed": seed, "model": args.name, "steps": steps,
-                           "guidance": args.guidance}.items():
+        for key, value in {
+            "prompt": args.prompt,
+            "seed": seed,
+            "model": args.name,
+            "steps": steps,
+            "guidance": args.guidance,
+        }.items():
             info.add_text(key, str(value))
         tensor_to_pil(image.to(torch.float32)).save(path, pnginfo=info)
     except UserError as e:

@@ -54,8 +54,14 @@ def transformer_rules(p: FluxParams) -> dict[str, Rule]:
         # Per stream: (official prefix, diffusers modulation, q/k/v names, q/k norm names, out proj, MLP module)
         for s, mod, qkv, norms, proj, ff in (
             ("img", "norm1", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"), "to_out.0", "ff"),
-            ("txt", "norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"),
-             "to_add_out", "ff_context"),
+            (
+                "txt",
+                "norm1_context",
+                ("add_q_proj", "add_k_proj", "add_v_proj"),
+                ("norm_added_q", "norm_added_k"),
+                "to_add_out",
+                "ff_context",
+            ),
         ):
             linear(f"{o}.{s}_mod.lin", f"{d}.{mod}.linear")
             fused(f"{o}.{s}_attn.qkv", [f"{d}.attn.{n}" for n in qkv], (H, H, H))
@@ -119,8 +125,14 @@ def vae_rules(official_keys: list[str], p: AutoEncoderParams) -> dict[str, Rule]
     rules = {}
     for key in official_keys:
         # The decoder's levels are numbered from the bottom (official) vs from the top (diffusers).
-        name = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key)
-        name = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", name)
+        name = re.sub(
+            r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key
+        )
+        name = re.sub(
+            r"^decoder\.up\.(\d+)\.upsample\.",
+            lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.",
+            name,
+        )
         for pattern, repl in _VAE_RENAMES:
             name = re.sub(pattern, repl, name)
         # The mid attention's q, k, v, out are 1x1 convs officially and linears in diffusers.

@@ -179,8 +179,10 @@ def check_layers(layers: Collection[int], num_layers: int, what: str = "layer") 
     model is loaded (num_layers = depth + depth_single_blocks of the model's spec)."""
     bad = sorted({i for i in layers if not 0 <= i < num_layers})
     if bad:
-        raise ValueError(f"{what}: layer{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} out of range: this model "
-                         f"has layers 0..{num_layers - 1} (double blocks first, then single blocks)")
+        raise ValueError(
+            f"{what}: layer{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} out of range: this model "
+            f"has layers 0..{num_layers - 1} (double blocks first, then single blocks)"
+        )
 
 
 def layer_name(layer: int, depth: int) -> str:

@@ -36,8 +36,10 @@ def check_size(width: int, height: int) -> None:
         if v <= 0 or v % 16:
             low = v // 16 * 16
             nearest = f"{low} or {low + 16}" if low > 0 else "16"
-            raise UserError(f"{name} {v} is not a positive multiple of 16 (FLUX packs 8x-downsampled latents in 2x2 "
-                            f"patches): use {nearest}")
+            raise UserError(
+                f"{name} {v} is not a positive multiple of 16 (FLUX packs 8x-downsampled latents in 2x2 "
+                f"patches): use {nearest}"
+            )
 
 
 def tensor_to_pil(x: Tensor) -> Image.Image:
@@ -210,7 +212,13 @@ class FluxModels:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         text = self.encode(prompts)
         latent = self.denoise(
-            text, self.noise(seeds, width, height), self.schedule(steps, width, height), guidance, skip, inject, callback
+            text,
+            self.noise(seeds, width, height),
+            self.schedule(steps, width, height),
+            guidance,
+            skip,
+            inject,
+            callback,
         )
         return self.decode(latent)
 
@@ -227,8 +235,9 @@ def resolve_device(name: str) -> "torch.device":
         return torch.device("cpu")
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError("device=mps was asked for but this machine has no usable Apple GPU (MPS): "
-                            "set device=auto or device=cpu")
+            raise UserError(
+                "device=mps was asked for but this machine has no usable Apple GPU (MPS): set device=auto or device=cpu"
+            )
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if match is None:
@@ -238,8 +247,10 @@ def resolve_device(name: str) -> "torch.device":
         raise UserError(f"device={name} was asked for but {why}: set device=auto or device=cpu")
     index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
-        raise UserError(f"device={name} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): choose one of those or device=auto")
+        raise UserError(
+            f"device={name} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): choose one of those or device=auto"
+        )
     return torch.device(name)
 
 

@@ -10,7 +10,9 @@ from torch import Tensor
 from .model import Flux, Injection, SkipSets
 
 
-def get_noise(num_samples: int, height: int, width: int, device: torch.device | str, dtype: torch.dtype, seed: int) -> Tensor:
+def get_noise(
+    num_samples: int, height: int, width: int, device: torch.device | str, dtype: torch.dtype, seed: int
+) -> Tensor:
     """Initial latent noise. Drawn on a CPU generator in the target dtype, so a seed gives the
     same noise on every device (the official behaviour since mid-2025).
 

@@ -32,17 +32,21 @@ class ClipScorer:
             return cls(*tiny_clip(), device)
         path = Path(name).expanduser()
         if path.is_file():
-            raise UserError(f"clip_model {name} is a file: give a folder with config.json and the processor files, "
-                            f"or a hub id")
+            raise UserError(
+                f"clip_model {name} is a file: give a folder with config.json and the processor files, or a hub id"
+            )
         if name.startswith(("/", ".", "~")) and not path.exists():
-            raise UserError(f"clip_model folder {name} does not exist: fix the path, or give a hub id like "
-                            f"{DEFAULT_CLIP}")
+            raise UserError(
+                f"clip_model folder {name} does not exist: fix the path, or give a hub id like {DEFAULT_CLIP}"
+            )
         try:
             model = CLIPModel.from_pretrained(str(path) if path.exists() else name)
             processor = CLIPProcessor.from_pretrained(str(path) if path.exists() else name)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load CLIP model {name} for the scores ({str(e).splitlines()[0]}): give a hub id "
-                            f"such as {DEFAULT_CLIP} or a local folder, or set scores=false") from None
+            raise UserError(
+                f"cannot load CLIP model {name} for the scores ({str(e).splitlines()[0]}): give a hub id "
+                f"such as {DEFAULT_CLIP} or a local folder, or set scores=false"
+            ) from None
         return cls(model, processor, device)
 
     @staticmethod
@@ -65,8 +69,9 @@ class ClipScorer:
         mask = tokens["attention_mask"].to(self.device)
         return self._features(self.model.get_text_features(input_ids=ids, attention_mask=mask)).cpu()
 
-    def scores(self, source: Image.Image, source_prompt: str, edits: Sequence[Image.Image],
-               edit_prompts: Sequence[str]) -> list[dict[str, float | None]]:
+    def scores(
+        self, source: Image.Image, source_prompt: str, edits: Sequence[Image.Image], edit_prompts: Sequence[str]
+    ) -> list[dict[str, float | None]]:
         """Per edit: CLIP_txt = cos(edit image, edit prompt); CLIP_img = cos(edit image, source image);
         CLIP_dir = cos(edit image - source image, edit prompt - source prompt) on unit embeddings
         (None where a direction is zero, e.g. an edit prompt equal to the source prompt)."""
@@ -76,11 +81,13 @@ class ClipScorer:
         for k in range(1, len(img)):
             d_img, d_txt = img[k] - img[0], txt[k] - txt[0]
             norm = d_img.norm() * d_txt.norm()
-            out.append({
-                "clip_txt": float(img[k] @ txt[k]),
-                "clip_img": float(img[k] @ img[0]),
-                "clip_dir": float((d_img @ d_txt) / norm) if norm > 1e-12 else None,
-            })
+            out.append(
+                {
+                    "clip_txt": float(img[k] @ txt[k]),
+                    "clip_img": float(img[k] @ img[0]),
+                    "clip_dir": float((d_img @ d_txt) / norm) if norm > 1e-12 else None,
+                }
+            )
         return out
 
 
@@ -91,12 +98,28 @@ def tiny_clip(seed: int = 0):
     from flux.modules.conditioner import TINY_ASSETS
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TINY_ASSETS / "clip"))
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 77, **ids}
-    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        **ids,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

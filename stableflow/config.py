@@ -42,8 +42,16 @@ if TYPE_CHECKING:  # torch loads only once a demo runs, so bad configs and --pri
     from flux.pipeline import FluxModels
 
 __all__ = [
-    "BaseConfig", "ConfigError", "check_rules", "config_json", "config_to_dict", "default_config_json", "load_config",
-    "load_models_for", "output_dir_problems", "run_demo",
+    "BaseConfig",
+    "ConfigError",
+    "check_rules",
+    "config_json",
+    "config_to_dict",
+    "default_config_json",
+    "load_config",
+    "load_models_for",
+    "output_dir_problems",
+    "run_demo",
 ]
 
 C = TypeVar("C")
@@ -61,7 +69,9 @@ class ConfigError(UserError):
         if len(self.problems) == 1:
             super().__init__(f"{where}: {self.problems[0]}")
         else:
-            super().__init__(f"{where} has {len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+            super().__init__(
+                f"{where} has {len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,7 +208,9 @@ def _schema(cls: type) -> list[_Field]:
             raise TypeError(f"{cls.__name__}.{f.name} needs a default: every config key must have one")
         meta = dict(f.metadata)
         if unknown := set(meta) - _META_KEYS:
-            raise TypeError(f"{cls.__name__}.{f.name}: unknown metadata {sorted(unknown)}; allowed: {sorted(_META_KEYS)}")
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: unknown metadata {sorted(unknown)}; allowed: {sorted(_META_KEYS)}"
+            )
         tp = hints[f.name]
         _describe(tp)  # rejects unsupported types now, not when a user happens to set the key
         fields.append(_Field(f.name, tp, default, meta))
@@ -261,7 +273,9 @@ def _convert(f: _Field, value: Any) -> Any:
             problems.append(f"{where} has an invalid value {_show(leaf)}: expected {meta.get('help', meta['pattern'])}")
         if "choices" in meta and leaf not in meta["choices"]:
             choices = ", ".join(json.dumps(c) for c in meta["choices"])
-            problems.append(f"{where} must be one of {choices}, got {_show(leaf)}{_did_you_mean(leaf, meta['choices'])}")
+            problems.append(
+                f"{where} must be one of {choices}, got {_show(leaf)}{_did_you_mean(leaf, meta['choices'])}"
+            )
     if problems:
         raise _Problems(problems)
     return value
@@ -300,8 +314,11 @@ def _read_json(path: Path) -> tuple[Any, list[str]]:
         hint = f" (it holds: {', '.join(inside[:8])})" if inside else ""
         return None, [f"is a folder, not a file: pass the path of a .json config file{hint}"]
     if not path.exists():
-        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*")], n=1) \
-            if path.parent.is_dir() else []
+        near = (
+            difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*")], n=1)
+            if path.parent.is_dir()
+            else []
+        )
         hint = f" — did you mean '{path.parent / near[0]}'?" if near else ""
         return None, [f"no such file{hint}"]
     try:
@@ -311,7 +328,7 @@ def _read_json(path: Path) -> tuple[Any, list[str]]:
     except UnicodeDecodeError as e:
         return None, [f"is not a UTF-8 text file (bad byte at offset {e.start}): is it really a JSON config?"]
     if not text.strip():
-        return None, ["is empty: write a JSON object such as {\"seed\": 0}, or print a full one with --print-config"]
+        return None, ['is empty: write a JSON object such as {"seed": 0}, or print a full one with --print-config']
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -322,19 +339,21 @@ def _read_json(path: Path) -> tuple[Any, list[str]]:
             hint = " (a trailing comma before '}'? JSON allows none)"
         elif e.msg.startswith("Expecting value") and before.endswith(","):
             hint = " (a trailing comma before ']'? JSON allows none)"
-        elif e.msg.startswith("Expecting property name") and text[e.pos:e.pos + 1] == "'":
+        elif e.msg.startswith("Expecting property name") and text[e.pos : e.pos + 1] == "'":
             hint = " (JSON needs double quotes \", not ')"
         elif e.msg.startswith("Expecting ',' delimiter"):
             hint = " (a missing comma between two entries?)"
-        return None, [f"broken JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}\n"
-                      f"      {line}\n      {' ' * (e.colno - 1)}^"]
+        return None, [
+            f"broken JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}\n"
+            f"      {line}\n      {' ' * (e.colno - 1)}^"
+        ]
     if not isinstance(data, dict):
-        return None, [f"must hold one JSON object {{\"key\": value, ...}}, not {_show(data)}"]
+        return None, [f'must hold one JSON object {{"key": value, ...}}, not {_show(data)}']
     return data, []
 
 
 def _parse_override(text: str) -> tuple[str, list[Any]] | None:
-    """"key=value" -> key and candidate values: the JSON reading first, then the plain string."""
+    """ "key=value" -> key and candidate values: the JSON reading first, then the plain string."""
     key, eq, raw = text.partition("=")
     if not eq or not key.strip():
         return None
@@ -371,8 +390,9 @@ def load_config(cls: type[C], path: str | Path | None, overrides: Sequence[str] 
         if parsed is None:
             problems.append(f"command-line override '{text}' must look like key=value (e.g. seed=7)")
         elif parsed[0] not in fields:
-            problems.append(f"command-line override '{text}': unknown key '{parsed[0]}'"
-                            f"{_did_you_mean_key(parsed[0], names)}")
+            problems.append(
+                f"command-line override '{text}': unknown key '{parsed[0]}'{_did_you_mean_key(parsed[0], names)}"
+            )
         else:
             raw[parsed[0]] = (parsed[1], f"command-line override '{text}': ")
     values: dict[str, Any] = {}
@@ -489,59 +509,126 @@ def default_config_json(cls: type) -> str:
 class BaseConfig:
     """Keys every demo has: which model, where its weights are, and where it runs."""
 
-    model: Literal["flux-dev", "flux-schnell", "flux-krea-dev", "flux-tiny", "flux-mini"] = field(default="flux-dev", metadata={
-        "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0) or "
-                "flux-tiny (tiny random weights: runs on a CPU in seconds, for tests)"})
-    flow_path: str | None = field(default=None, metadata={
-        "help": "local transformer .safetensors file instead of downloading (null: download; env FLUX_MODEL also works)"})
-    ae_path: str | None = field(default=None, metadata={
-        "help": "local autoencoder ae.safetensors instead of downloading (null: download; env FLUX_AE also works)"})
-    t5_path: str | None = field(default=None, metadata={
-        "help": "local T5 text-encoder folder (transformers format) instead of downloading"})
-    clip_path: str | None = field(default=None, metadata={
-        "help": "local CLIP text-encoder folder (transformers format) instead of downloading"})
-    dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={
-        "help": "weights and activations: bf16 (safe default), fp16 (may give black images), fp32 (CPU, tests)"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
-        "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
-    offload: bool = field(default=False, metadata={
-        "help": "keep each model on the GPU only while it is used (text encoders, transformer, decoder): "
-                "less GPU memory, slower"})
+    model: Literal["flux-dev", "flux-schnell", "flux-krea-dev", "flux-tiny", "flux-mini"] = field(
+        default="flux-dev",
+        metadata={
+            "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0) or "
+            "flux-tiny (tiny random weights: runs on a CPU in seconds, for tests)"
+        },
+    )
+    flow_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "local transformer .safetensors file instead of downloading (null: download; env FLUX_MODEL also works)"
+        },
+    )
+    ae_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "local autoencoder ae.safetensors instead of downloading (null: download; env FLUX_AE also works)"
+        },
+    )
+    t5_path: str | None = field(
+        default=None, metadata={"help": "local T5 text-encoder folder (transformers format) instead of downloading"}
+    )
+    clip_path: str | None = field(
+        default=None, metadata={"help": "local CLIP text-encoder folder (transformers format) instead of downloading"}
+    )
+    dtype: Literal["bf16", "fp16", "fp32"] = field(
+        default="bf16",
+        metadata={
+            "help": "weights and activations: bf16 (safe default), fp16 (may give black images), fp32 (CPU, tests)"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+            "pattern": r"auto|cpu|mps|cuda(:\d+)?",
+        },
+    )
+    offload: bool = field(
+        default=False,
+        metadata={
+            "help": "keep each model on the GPU only while it is used (text encoders, transformer, decoder): "
+            "less GPU memory, slower"
+        },
+    )
     output_dir: str = field(default="outputs", metadata={"help": "folder for the outputs (created if missing)"})
-    compile: Literal["auto"] | bool = field(default="auto", metadata={
-        "help": "compile each transformer block and the autoencoder's decoder (torch.compile, a one-time compile per "
-                "image size): faster steps and decoding, outputs within bf16 rounding (docs/performance.md); auto: "
-                "on for bf16 on a CUDA GPU of compute capability 8.0+ (not with stream_blocks)"})
-    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = field(default="auto", metadata={
-        "help": "attention kernel: auto (cuDNN first on Hopper GPUs, torch's choice elsewhere) or one to prefer"})
-    fp8: bool = field(default=False, metadata={
-        "help": "FP8 e4m3 weights for the transformer's block linears (Ada/Hopper GPUs): half the memory, "
-                "faster, approximate (see docs/performance.md for its error vs bf16); not for ablation sweeps"})
-    stream_blocks: Literal["auto"] | bool = field(default="auto", metadata={
-        "help": "keep transformer blocks in pinned CPU memory and copy each to the GPU just before it runs "
-                "(lossless; for 24 GB cards); replaces offload for the transformer; auto: on when the CUDA GPU's "
-                "free memory cannot hold the transformer and text encoders (not with offload, fp8 or compile=true)"})
-    resident_gb: Literal["auto"] | float = field(default="auto", metadata={
-        "help": "with stream_blocks: GiB of blocks that stay on the GPU (15 on a 24 GB card); auto: the free "
-                "memory less 8.5 GiB for streaming slots, activations and decoding", "min": 0})
-    fuse_gelu: Literal["auto"] | bool = field(default="auto", metadata={
-        "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
-                "concatenation: faster steps on a GPU, outputs within bf16 rounding; with fp8, GELU and quantisation "
-                "of the MLP hidden layer in one kernel (docs/performance.md); auto: as compile"})
+    compile: Literal["auto"] | bool = field(
+        default="auto",
+        metadata={
+            "help": "compile each transformer block and the autoencoder's decoder (torch.compile, a one-time compile per "
+            "image size): faster steps and decoding, outputs within bf16 rounding (docs/performance.md); auto: "
+            "on for bf16 on a CUDA GPU of compute capability 8.0+ (not with stream_blocks)"
+        },
+    )
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = field(
+        default="auto",
+        metadata={
+            "help": "attention kernel: auto (cuDNN first on Hopper GPUs, torch's choice elsewhere) or one to prefer"
+        },
+    )
+    fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "FP8 e4m3 weights for the transformer's block linears (Ada/Hopper GPUs): half the memory, "
+            "faster, approximate (see docs/performance.md for its error vs bf16); not for ablation sweeps"
+        },
+    )
+    stream_blocks: Literal["auto"] | bool = field(
+        default="auto",
+        metadata={
+            "help": "keep transformer blocks in pinned CPU memory and copy each to the GPU just before it runs "
+            "(lossless; for 24 GB cards); replaces offload for the transformer; auto: on when the CUDA GPU's "
+            "free memory cannot hold the transformer and text encoders (not with offload, fp8 or compile=true)"
+        },
+    )
+    resident_gb: Literal["auto"] | float = field(
+        default="auto",
+        metadata={
+            "help": "with stream_blocks: GiB of blocks that stay on the GPU (15 on a 24 GB card); auto: the free "
+            "memory less 8.5 GiB for streaming slots, activations and decoding",
+            "min": 0,
+        },
+    )
+    fuse_gelu: Literal["auto"] | bool = field(
+        default="auto",
+        metadata={
+            "help": "apply the MLPs' GELU inside their matmuls (cuBLASLt epilogue) and skip the single blocks' "
+            "concatenation: faster steps on a GPU, outputs within bf16 rounding; with fp8, GELU and quantisation "
+            "of the MLP hidden layer in one kernel (docs/performance.md); auto: as compile"
+        },
+    )
 
     def check(self) -> list[str]:
         """Cross-field rules; subclasses that add their own should extend `super().check()`."""
+
         def path_rule(name: str) -> Callable[[], list[str]]:
             value = getattr(self, name)
-            return lambda: [f"'{name}' points to '{value}', which does not exist (fix the path, or set it to null "
-                            "to download the weights)"] if value is not None and not Path(value).expanduser().exists() else []
+            return lambda: (
+                [
+                    f"'{name}' points to '{value}', which does not exist (fix the path, or set it to null "
+                    "to download the weights)"
+                ]
+                if value is not None and not Path(value).expanduser().exists()
+                else []
+            )
 
         return check_rules(
-            lambda: ["'compile' and 'stream_blocks' do not combine: choose one"]
-            if self.compile is True and self.stream_blocks is True else [],
-            lambda: ["'offload' and 'stream_blocks' do not combine: stream_blocks already keeps the transformer off "
-                     "the GPU; set offload=false"] if self.offload and self.stream_blocks is True else [],
+            lambda: (
+                ["'compile' and 'stream_blocks' do not combine: choose one"]
+                if self.compile is True and self.stream_blocks is True
+                else []
+            ),
+            lambda: (
+                [
+                    "'offload' and 'stream_blocks' do not combine: stream_blocks already keeps the transformer off "
+                    "the GPU; set offload=false"
+                ]
+                if self.offload and self.stream_blocks is True
+                else []
+            ),
             *(path_rule(name) for name in ("flow_path", "ae_path", "t5_path", "clip_path")),
             lambda: output_dir_problems(self.output_dir),
         )
@@ -573,23 +660,36 @@ def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = N
     """
     prog = Path(sys.argv[0]).name if argv is None else None
     parser = argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog,
+        description=description,
         epilog="Any key of the config can be overridden on the command line as key=value (the value is read as "
-               "JSON, else as a plain string), e.g. seed=7 'prompt=a red fox' 'layers=[0,1]'.")
-    parser.add_argument("args", nargs="*", metavar="config.json|key=value",
-                        help="the JSON config file, then overrides (overrides alone: the defaults plus them; "
-                             "FLUX.1-dev by default, a 24 GB download)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the full config as JSON (the defaults, or the given config with the overrides "
-                             "applied) with the meaning of every key, and exit")
+        "JSON, else as a plain string), e.g. seed=7 'prompt=a red fox' 'layers=[0,1]'.",
+    )
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="config.json|key=value",
+        help="the JSON config file, then overrides (overrides alone: the defaults plus them; "
+        "FLUX.1-dev by default, a 24 GB download)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full config as JSON (the defaults, or the given config with the overrides "
+        "applied) with the meaning of every key, and exit",
+    )
     args = parser.parse_args(argv)
     if not args.args and not args.print_config:
         parser.print_usage(sys.stderr)
         script = Path(sys.argv[0]).stem if argv is None else ""
         shipped = _shipped_configs(script)
-        print("give a config file (and key=value overrides), e.g.\n" + "".join(
-            f"  python {sys.argv[0] if argv is None else parser.prog} {c}\n" for c in shipped) + "or key=value overrides alone to run on the defaults; "
-            "--print-config lists every key, -h explains more", file=sys.stderr)
+        print(
+            "give a config file (and key=value overrides), e.g.\n"
+            + "".join(f"  python {sys.argv[0] if argv is None else parser.prog} {c}\n" for c in shipped)
+            + "or key=value overrides alone to run on the defaults; "
+            "--print-config lists every key, -h explains more",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     config, overrides = None, list(args.args)
     if overrides and not _looks_like_override(overrides[0]):
@@ -700,7 +800,9 @@ def demo_schemas() -> dict[str, str]:
     out = {}
     for demo, (module, name) in DEMO_CONFIGS.items():
         cls = getattr(importlib.import_module(module), name)
-        out[f"{demo}.schema.json"] = json.dumps(json_schema(cls, f"{demo}.py config"), indent=2, ensure_ascii=False) + "\n"
+        out[f"{demo}.schema.json"] = (
+            json.dumps(json_schema(cls, f"{demo}.py config"), indent=2, ensure_ascii=False) + "\n"
+        )
     return out
 
 

@@ -77,8 +77,9 @@ def tiny_dino(seed: int = 0):
     from transformers import Dinov2Config, Dinov2Model
 
     # initializer_range 0.2 (not 0.02): with tiny weights every CLS embedding is nearly the same vector.
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=224,
-                          initializer_range=0.2)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=224, initializer_range=0.2
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Dinov2Model(config).eval()
@@ -91,16 +92,22 @@ def load_dino(name: str = DEFAULT_DINO, device: str | torch.device = "cpu"):
     from transformers import AutoConfig, Dinov2Model
 
     if Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise UserError(f"dino_model {name!r} is a local path without a config.json; point it at a saved DINOv2 "
-                        f"model folder (save_pretrained) or use a hub id such as {DEFAULT_DINO!r}")
+        raise UserError(
+            f"dino_model {name!r} is a local path without a config.json; point it at a saved DINOv2 "
+            f"model folder (save_pretrained) or use a hub id such as {DEFAULT_DINO!r}"
+        )
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the DINOv2 config of {name!r}: {e}\nUse a hub id such as {DEFAULT_DINO!r} "
-                        f"(downloaded once, needs internet) or a local folder with config.json and weights.") from e
+        raise UserError(
+            f"cannot load the DINOv2 config of {name!r}: {e}\nUse a hub id such as {DEFAULT_DINO!r} "
+            f"(downloaded once, needs internet) or a local folder with config.json and weights."
+        ) from e
     if config.model_type != "dinov2":
-        raise UserError(f"dino_model {name!r} is a {config.model_type!r} model, not DINOv2; use one of "
-                        f"facebook/dinov2-small|base|large|giant or a local copy")
+        raise UserError(
+            f"dino_model {name!r} is a {config.model_type!r} model, not DINOv2; use one of "
+            f"facebook/dinov2-small|base|large|giant or a local copy"
+        )
     try:
         model = Dinov2Model.from_pretrained(name, config=config)
     except (OSError, ValueError) as e:
@@ -121,8 +128,14 @@ def model_slug(name: str) -> str:
 class DinoEmbedder:
     """CLS embeddings of images, in batches; images are decoded and preprocessed on a few threads."""
 
-    def __init__(self, model, device: str | torch.device = "cpu", batch_size: int = 32, num_workers: int = 4,
-                 preprocessing: Preprocess = HUB_PREPROCESS):
+    def __init__(
+        self,
+        model,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        num_workers: int = 4,
+        preprocessing: Preprocess = HUB_PREPROCESS,
+    ):
         self.model, self.device = model, torch.device(device)
         self.batch_size, self.num_workers, self.preprocessing = batch_size, num_workers, preprocessing
 
@@ -133,15 +146,21 @@ class DinoEmbedder:
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """CLS embeddings of in-memory images, [N, hidden] float32 on the CPU."""
-        feats = [self.forward(preprocess(images[i:i + self.batch_size], self.preprocessing))
-                 for i in range(0, len(images), self.batch_size)]
+        feats = [
+            self.forward(preprocess(images[i : i + self.batch_size], self.preprocessing))
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(feats) if feats else torch.empty(0, 0)
 
     def _prepare(self, path: Path) -> torch.Tensor:
         return preprocess([load_image(path)], self.preprocessing)[0]
 
-    def embed_files(self, paths: Sequence[Path], on_batch: Callable[[list[Path], torch.Tensor], None] | None = None,
-                    progress: bool = False) -> torch.Tensor:
+    def embed_files(
+        self,
+        paths: Sequence[Path],
+        on_batch: Callable[[list[Path], torch.Tensor], None] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Embeddings of image files in order; `on_batch` sees each finished batch (used to fill the cache).
 
         Decoding and resizing (PIL releases the GIL there) run on `num_workers` threads, one batch ahead of the
@@ -149,10 +168,13 @@ class DinoEmbedder:
         """
         from tqdm import tqdm
 
-        batches = [list(paths[i:i + self.batch_size]) for i in range(0, len(paths), self.batch_size)]
+        batches = [list(paths[i : i + self.batch_size]) for i in range(0, len(paths), self.batch_size)]
         feats = []
-        with ThreadPoolExecutor(max(1, self.num_workers)) as pool, \
-                tqdm(total=len(paths), desc="DINOv2", unit="img", disable=not progress) as bar:
+        with (
+            ThreadPoolExecutor(max(1, self.num_workers)) as pool,
+            tqdm(total=len(paths), desc="DINOv2", unit="img", disable=not progress) as bar,
+        ):
+
             def submit(k: int) -> list:
                 return [pool.submit(self._prepare, p) for p in batches[k]] if k < len(batches) else []
 
@@ -246,11 +268,19 @@ class FeatureCache:
 
 def cache_path(sweep_dir: str | Path, dino_model: str, cache_dir: str | Path | None = None) -> Path:
     """Where a sweep's features for one DINOv2 model live: <sweep>/dino_features/<model-slug>.safetensors."""
-    return Path(cache_dir if cache_dir is not None else Path(sweep_dir) / FEATURES_DIR) / f"{model_slug(dino_model)}.safetensors"
+    return (
+        Path(cache_dir if cache_dir is not None else Path(sweep_dir) / FEATURES_DIR)
+        / f"{model_slug(dino_model)}.safetensors"
+    )
 
 
-def embed_with_cache(embedder: DinoEmbedder, paths: Sequence[Path], cache: FeatureCache | None,
-                     save_every: int = 20, progress: bool = False) -> dict[Path, torch.Tensor]:
+def embed_with_cache(
+    embedder: DinoEmbedder,
+    paths: Sequence[Path],
+    cache: FeatureCache | None,
+    save_every: int = 20,
+    progress: bool = False,
+) -> dict[Path, torch.Tensor]:
     """Embeddings of `paths`, computing only those the cache lacks or holds for an older version of the file.
 
     The cache is saved every `save_every` batches and when this returns or fails (e.g. on a corrupt image), so work
@@ -287,8 +317,9 @@ def dino_similarity(embedder: DinoEmbedder, cache: FeatureCache | None = None, p
         if not pairs:
             return []
         feats = embed_with_cache(embedder, [p for ab in pairs for p in ab], cache, progress=progress)
-        return cosine(torch.stack([feats[Path(a)] for a, _ in pairs]),
-                      torch.stack([feats[Path(b)] for _, b in pairs])).tolist()
+        return cosine(
+            torch.stack([feats[Path(a)] for a, _ in pairs]), torch.stack([feats[Path(b)] for _, b in pairs])
+        ).tolist()
 
     return similarity
 

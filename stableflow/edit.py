@@ -50,8 +50,9 @@ AUTO = "auto"  # vital_layers_file: demo_3_dino.py's output next to this demo's,
 # ----------------------------------------------------------------------------------------------- vital layers
 
 
-def scale_layers(layers: Sequence[int], depth: int, depth_single: int,
-                 from_depths: tuple[int, int] = RELEASE_DEPTHS) -> list[int]:
+def scale_layers(
+    layers: Sequence[int], depth: int, depth_single: int, from_depths: tuple[int, int] = RELEASE_DEPTHS
+) -> list[int]:
     """Layer indices of a (from_depths) model moved to the same relative depth of a (depth, depth_single) model.
 
     Each kind of block is scaled on its own: double block d -> round(d * (depth - 1) / (from_double - 1)), likewise
@@ -93,12 +94,13 @@ def read_vital_layers(path: str | Path, depth: int, depth_single: int) -> list[i
     try:
         data = json.loads(p.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"vital_layers_file {path} is not readable JSON ({e}): rewrite it or run demo_3_dino.py "
-                        f"again") from None
+        raise UserError(
+            f"vital_layers_file {path} is not readable JSON ({e}): rewrite it or run demo_3_dino.py again"
+        ) from None
     layers = data.get("vital_layers") if isinstance(data, dict) else None
     if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
         raise UserError(
-            f"vital_layers_file {path} is malformed: expected a JSON object with \"vital_layers\": [integers], "
+            f'vital_layers_file {path} is malformed: expected a JSON object with "vital_layers": [integers], '
             f"as demo_3_dino.py writes it"
         )
     num_double = data.get("num_double")
@@ -125,8 +127,9 @@ def auto_vital_layers_file(output_dir: str, model: str) -> tuple[str | None, str
     return str(path), ""
 
 
-def choose_vital_layers(layers: Sequence[int] | None, file: str | None, depth: int,
-                        depth_single: int) -> tuple[list[int], str]:
+def choose_vital_layers(
+    layers: Sequence[int] | None, file: str | None, depth: int, depth_single: int
+) -> tuple[list[int], str]:
     """The injection layers and where they came from: the explicit list, else the file, else the scaled default."""
     if layers is not None and file is not None:
         raise UserError("both 'vital_layers' and 'vital_layers_file' are set: keep one (set the other to null)")
@@ -138,7 +141,8 @@ def choose_vital_layers(layers: Sequence[int] | None, file: str | None, depth: i
         return list(RELEASE_VITAL_LAYERS), "default (the official release's FLUX.1-dev layers)"
     return default_vital_layers(depth, depth_single), (
         f"default (the release's layers scaled from {RELEASE_DEPTHS[0]}+{RELEASE_DEPTHS[1]} to {depth}+{depth_single} "
-        f"blocks)")
+        f"blocks)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- one edit job
@@ -194,22 +198,30 @@ def check_inject_steps(inject_steps: Sequence[int] | None, steps: int) -> StepRa
     if len(inject_steps) != 2 or not 0 <= inject_steps[0] < inject_steps[1] <= steps:
         raise UserError(
             f"inject_steps {list(inject_steps)} must be [start, end] with 0 <= start < end <= steps ({steps}): "
-            f"injection runs in the denoising steps start..end-1; [0, {steps}] or null is every step")
+            f"injection runs in the denoising steps start..end-1; [0, {steps}] or null is every step"
+        )
     return int(inject_steps[0]), int(inject_steps[1])
 
 
 def _checked(models: FluxModels, request: EditRequest) -> EditRequest:
     """The request with its layers and steps resolved, or a UserError before any work."""
     if isinstance(request.edits, str):
-        raise UserError("edit prompts must be a list of strings, not one string: write [\"...\"]")
+        raise UserError('edit prompts must be a list of strings, not one string: write ["..."]')
     if not request.edits:
         raise UserError("the edit list is empty: give at least one edit prompt")
     p = models.model.params
-    layers = (default_vital_layers(p.depth, p.depth_single_blocks) if request.layers is None
-              else checked_layers(request.layers, p.depth, p.depth_single_blocks, "layers"))
+    layers = (
+        default_vital_layers(p.depth, p.depth_single_blocks)
+        if request.layers is None
+        else checked_layers(request.layers, p.depth, p.depth_single_blocks, "layers")
+    )
     edit_chunks(len(request.edits), request.batch_size)  # a bad batch_size fails before any work
-    return replace(request, edits=list(request.edits), layers=layers,
-                   inject_steps=check_inject_steps(request.inject_steps, request.steps))
+    return replace(
+        request,
+        edits=list(request.edits),
+        layers=layers,
+        inject_steps=check_inject_steps(request.inject_steps, request.steps),
+    )
 
 
 def edit_chunks(num_edits: int, batch_size: int | None) -> list[list[int]]:
@@ -257,8 +269,12 @@ def _denoise_chunks(
             return replaced
 
         out = models.denoise(
-            text.select(rows), start.repeat(len(rows), 1, 1, 1), timesteps,
-            guidance=[reference_guidance] + [request.guidance] * len(chunk), inject=inject, callback=step_hook,
+            text.select(rows),
+            start.repeat(len(rows), 1, 1, 1),
+            timesteps,
+            guidance=[reference_guidance] + [request.guidance] * len(chunk),
+            inject=inject,
+            callback=step_hook,
             inject_steps=request.inject_steps,
         )
         if reference is None:
@@ -276,8 +292,15 @@ def _encode_prompts(models: FluxModels, prompts: Sequence[str], free_text_encode
     return text
 
 
-def edit_generated(models: FluxModels, request: EditRequest, seed: int, width: int, height: int,
-                   callback: ProgressCallback | None = None, free_text_encoders: bool = False) -> EditResult:
+def edit_generated(
+    models: FluxModels,
+    request: EditRequest,
+    seed: int,
+    width: int,
+    height: int,
+    callback: ProgressCallback | None = None,
+    free_text_encoders: bool = False,
+) -> EditResult:
     """Generate the reference image of `request.source_prompt` from `seed` and one edit per edit prompt, injecting
     the reference's image K/V in `request.layers` ([]: plain generations).
 
@@ -287,8 +310,9 @@ def edit_generated(models: FluxModels, request: EditRequest, seed: int, width: i
     check_size(width, height)
     text = _encode_prompts(models, [request.source_prompt, *request.edits], free_text_encoders)
     timesteps = models.schedule(request.steps, width, height)
-    latents, chunks, drift = _denoise_chunks(models, request, text, models.noise([seed], width, height), timesteps,
-                                             request.guidance, None, callback)
+    latents, chunks, drift = _denoise_chunks(
+        models, request, text, models.noise([seed], width, height), timesteps, request.guidance, None, callback
+    )
     images = models.decode(latents)
     return EditResult(images[0], images[1:], latents, request.layers, chunks, drift, timesteps, request.inject_steps)
 
@@ -306,8 +330,9 @@ def fit_image(image: Image.Image, size: int | None, multiple: int = 16) -> Image
         image = image.resize((w, h), Image.Resampling.LANCZOS)
     cw, ch = w // multiple * multiple, h // multiple * multiple
     if cw == 0 or ch == 0:
-        raise UserError(f"image of {w}x{h} pixels is too small: both sides must be at least {multiple} pixels "
-                        f"(set 'size')")
+        raise UserError(
+            f"image of {w}x{h} pixels is too small: both sides must be at least {multiple} pixels (set 'size')"
+        )
     left, top = (w - cw) // 2, (h - ch) // 2
     return image.crop((left, top, left + cw, top + ch))
 
@@ -332,8 +357,14 @@ class Inversion:
 
 
 @torch.inference_mode()
-def invert(models: FluxModels, latent: Tensor, text: Text, timesteps: list[float], guidance: float = SOURCE_GUIDANCE,
-           callback: ProgressCallback | None = None) -> Inversion:
+def invert(
+    models: FluxModels,
+    latent: Tensor,
+    text: Text,
+    timesteps: list[float],
+    guidance: float = SOURCE_GUIDANCE,
+    callback: ProgressCallback | None = None,
+) -> Inversion:
     """flux.sampling.invert of one latent (1, 16, h, w) under one prompt, keeping every level of the path."""
     if latent.shape[0] != 1 or len(text) != 1:
         raise ValueError("invert takes one latent and one prompt")
@@ -346,13 +377,27 @@ def invert(models: FluxModels, latent: Tensor, text: Text, timesteps: list[float
         latents.append(step.next_latent)
 
     with models.on_device(models.model), attention_backend(models.attention, models.device):
-        sampling.invert(models.model, latents[0], image_ids(1, h // 2, w // 2, models.device), text.txt,
-                        text.txt_ids, text.vec, timesteps, guidance, callback=record)
+        sampling.invert(
+            models.model,
+            latents[0],
+            image_ids(1, h // 2, w // 2, models.device),
+            text.txt,
+            text.txt_ids,
+            text.vec,
+            timesteps,
+            guidance,
+            callback=record,
+        )
     return Inversion(list(timesteps), latents[::-1])
 
 
-def edit_real(models: FluxModels, request: EditRequest, image: RealImage, callback: ProgressCallback | None = None,
-              free_text_encoders: bool = False) -> EditResult:
+def edit_real(
+    models: FluxModels,
+    request: EditRequest,
+    image: RealImage,
+    callback: ProgressCallback | None = None,
+    free_text_encoders: bool = False,
+) -> EditResult:
     """Edit a real image: invert it under the source prompt, then denoise [reconstruction, edits...] from the noise.
 
     Inversion and the reference sample use `image.source_guidance` (1); the edits `request.guidance` (3). After every
@@ -376,11 +421,22 @@ def edit_real(models: FluxModels, request: EditRequest, image: RealImage, callba
         return nxt
 
     start = unpack(inversion.noise, height, width).to(models.dtype)
-    latents, chunks, drift = _denoise_chunks(models, request, text, start, timesteps, image.source_guidance,
-                                             overwrite_reference, callback)
+    latents, chunks, drift = _denoise_chunks(
+        models, request, text, start, timesteps, image.source_guidance, overwrite_reference, callback
+    )
     images = models.decode(latents)
-    return EditResult(images[0], images[1:], latents, request.layers, chunks, drift, timesteps, request.inject_steps,
-                      input=pixels.float().cpu(), inversion=inversion)
+    return EditResult(
+        images[0],
+        images[1:],
+        latents,
+        request.layers,
+        chunks,
+        drift,
+        timesteps,
+        request.inject_steps,
+        input=pixels.float().cpu(),
+        inversion=inversion,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- the demo's config
@@ -388,62 +444,136 @@ def edit_real(models: FluxModels, request: EditRequest, image: RealImage, callba
 
 @dataclass
 class EditConfig(BaseConfig):
-    image: str | None = field(default=None, metadata={
-        "help": "null: edit a generated image; a path: edit this real image (PNG/JPEG/WebP, any size; see 'size')"})
+    image: str | None = field(
+        default=None,
+        metadata={
+            "help": "null: edit a generated image; a path: edit this real image (PNG/JPEG/WebP, any size; see 'size')"
+        },
+    )
     source_prompt: str = field(
-        default="a photo of a small white dog sitting on a green sofa in a living room", metadata={
+        default="a photo of a small white dog sitting on a green sofa in a living room",
+        metadata={
             "help": "the reference image's prompt; for a real image, a description of it that mentions the region "
-                "to edit (edits that change nothing usually need a better source prompt)"})
-    edits: list[str] = field(default_factory=lambda: [
-        "a photo of a small white dog wearing sunglasses sitting on a green sofa in a living room",
-        "a photo of a small white cat sitting on a green sofa in a living room",
-        "a photo of a small white dog sitting on a red leather sofa in a living room",
-    ], metadata={"help": "edit prompts, one output each: the source prompt with the change written in"})
-    seed: int = field(default=0, metadata={
-        "help": "noise seed of the generated reference (generated images only)", "min": 0})
-    width: int = field(default=1024, metadata={
-        "help": "generated image width in pixels (ignored for a real image)", "min": 16, "max": 4096,
-        "multiple_of": 16})
-    height: int = field(default=1024, metadata={
-        "help": "generated image height in pixels (ignored for a real image)", "min": 16, "max": 4096,
-        "multiple_of": 16})
-    size: int | None = field(default=1024, metadata={
-        "help": "real image: resize so the shorter side has this many pixels, then centre-crop both sides down to "
-                "multiples of 16 (null: keep the size, only crop)", "min": 16, "max": 4096})
-    steps: int | None = field(default=None, metadata={
-        "help": f"denoising (and inversion) steps; null: {GENERATED_STEPS} for generated, {REAL_STEPS} for real images",
-        "min": 1, "max": 1000})
-    guidance: float | None = field(default=None, metadata={
-        "help": f"guidance of the edits (and of the generated reference); null: {GENERATED_GUIDANCE} for generated, "
-                f"{REAL_GUIDANCE} for real images", "min": 0, "max": 100})
-    source_guidance: float = field(default=SOURCE_GUIDANCE, metadata={
-        "help": "real image: guidance of the inversion and of the reference (reconstruction) sample", "min": 0,
-        "max": 100})
-    nudge: float = field(default=NUDGE, metadata={
-        "help": "real image: latent nudging factor lambda, the VAE latent is multiplied by it before inversion "
-                "(1: off)", "min": 0.1, "max": 10})
-    vital_layers: list[int] | None = field(default=None, metadata={
-        "help": "global layer indices to inject in (0..18 double, 19..56 single for FLUX.1; [] = no injection); "
-                "null: from vital_layers_file, else the release's [0, 1, 17, 18, 25, 28, 53, 54, 56] scaled to the "
-                "model",
-        "min": 0})
-    vital_layers_file: str | None = field(default=AUTO, metadata={
-        "help": "a vital_layers.json from demo_3_dino.py to take the layers from; 'auto': demo_3_dino/"
-                "vital_layers.json beside output_dir (outputs/demo_3_dino/vital_layers.json for the default folders) "
-                "when it exists and was made for this model, else the release's layers; null: the release's layers"})
-    inject_steps: list[int] | None = field(default=None, metadata={
-        "help": "[start, end]: inject only in the denoising steps start..end-1 (0-based, 0 <= start < end <= steps; "
-                "the release's percentage_of_steps as a step range), plain denoising in the others; null: every step "
-                "(the release's default)", "min": 0})
-    batch_size: int | None = field(default=None, metadata={
-        "help": "samples per forward pass, the reference included (null: all edits at once); more edits run in "
-                "chunks that each carry the reference", "min": 2, "max": 256})
-    scores: bool = field(default=False, metadata={
-        "help": "add CLIP_txt, CLIP_img and CLIP_dir of every edit to results.json"})
-    clip_model: str = field(default=DEFAULT_CLIP, metadata={
-        "help": f"CLIP for the scores: hub id or local folder ('{TINY_RANDOM}': random tiny model for tests)"})
+            "to edit (edits that change nothing usually need a better source prompt)"
+        },
+    )
+    edits: list[str] = field(
+        default_factory=lambda: [
+            "a photo of a small white dog wearing sunglasses sitting on a green sofa in a living room",
+            "a photo of a small white cat sitting on a green sofa in a living room",
+            "a photo of a small white dog sitting on a red leather sofa in a living room",
+        ],
+        metadata={"help": "edit prompts, one output each: the source prompt with the change written in"},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "noise seed of the generated reference (generated images only)", "min": 0}
+    )
+    width: int = field(
+        default=1024,
+        metadata={
+            "help": "generated image width in pixels (ignored for a real image)",
+            "min": 16,
+            "max": 4096,
+            "multiple_of": 16,
+        },
+    )
+    height: int = field(
+        default=1024,
+        metadata={
+            "help": "generated image height in pixels (ignored for a real image)",
+            "min": 16,
+            "max": 4096,
+            "multiple_of": 16,
+        },
+    )
+    size: int | None = field(
+        default=1024,
+        metadata={
+            "help": "real image: resize so the shorter side has this many pixels, then centre-crop both sides down to "
+            "multiples of 16 (null: keep the size, only crop)",
+            "min": 16,
+            "max": 4096,
+        },
+    )
+    steps: int | None = field(
+        default=None,
+        metadata={
+            "help": f"denoising (and inversion) steps; null: {GENERATED_STEPS} for generated, {REAL_STEPS} for real images",
+            "min": 1,
+            "max": 1000,
+        },
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": f"guidance of the edits (and of the generated reference); null: {GENERATED_GUIDANCE} for generated, "
+            f"{REAL_GUIDANCE} for real images",
+            "min": 0,
+            "max": 100,
+        },
+    )
+    source_guidance: float = field(
+        default=SOURCE_GUIDANCE,
+        metadata={
+            "help": "real image: guidance of the inversion and of the reference (reconstruction) sample",
+            "min": 0,
+            "max": 100,
+        },
+    )
+    nudge: float = field(
+        default=NUDGE,
+        metadata={
+            "help": "real image: latent nudging factor lambda, the VAE latent is multiplied by it before inversion "
+            "(1: off)",
+            "min": 0.1,
+            "max": 10,
+        },
+    )
+    vital_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "global layer indices to inject in (0..18 double, 19..56 single for FLUX.1; [] = no injection); "
+            "null: from vital_layers_file, else the release's [0, 1, 17, 18, 25, 28, 53, 54, 56] scaled to the "
+            "model",
+            "min": 0,
+        },
+    )
+    vital_layers_file: str | None = field(
+        default=AUTO,
+        metadata={
+            "help": "a vital_layers.json from demo_3_dino.py to take the layers from; 'auto': demo_3_dino/"
+            "vital_layers.json beside output_dir (outputs/demo_3_dino/vital_layers.json for the default folders) "
+            "when it exists and was made for this model, else the release's layers; null: the release's layers"
+        },
+    )
+    inject_steps: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "[start, end]: inject only in the denoising steps start..end-1 (0-based, 0 <= start < end <= steps; "
+            "the release's percentage_of_steps as a step range), plain denoising in the others; null: every step "
+            "(the release's default)",
+            "min": 0,
+        },
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "samples per forward pass, the reference included (null: all edits at once); more edits run in "
+            "chunks that each carry the reference",
+            "min": 2,
+            "max": 256,
+        },
+    )
+    scores: bool = field(
+        default=False, metadata={"help": "add CLIP_txt, CLIP_img and CLIP_dir of every edit to results.json"}
+    )
+    clip_model: str = field(
+        default=DEFAULT_CLIP,
+        metadata={
+            "help": f"CLIP for the scores: hub id or local folder ('{TINY_RANDOM}': random tiny model for tests)"
+        },
+    )
     output_dir: str = field(default="outputs/demo_4_edit", metadata={"help": "folder for the images and results.json"})
-
 
     @property
     def real(self) -> bool:
@@ -467,8 +597,9 @@ class EditConfig(BaseConfig):
         p = model_spec(self.model).params
         file, why_not = self.vital_layers_file, ""
         if file == AUTO:
-            file, why_not = (None, "") if self.vital_layers is not None else auto_vital_layers_file(self.output_dir,
-                                                                                                     self.model)
+            file, why_not = (
+                (None, "") if self.vital_layers is not None else auto_vital_layers_file(self.output_dir, self.model)
+            )
         layers, source = choose_vital_layers(self.vital_layers, file, p.depth, p.depth_single_blocks)
         return layers, source + why_not
 
@@ -481,10 +612,16 @@ class EditConfig(BaseConfig):
         problems = super().check()
         if not self.edits:
             problems.append("'edits' is empty: give at least one edit prompt")
-        problems += [f"'edits[{i}]' is an empty string: write the edited prompt" for i, e in enumerate(self.edits)
-                     if not e.strip()]
-        for check in (lambda: self.injection_layers, lambda: check_inject_steps(self.inject_steps, self.num_steps),
-                      lambda: self.input_image):
+        problems += [
+            f"'edits[{i}]' is an empty string: write the edited prompt"
+            for i, e in enumerate(self.edits)
+            if not e.strip()
+        ]
+        for check in (
+            lambda: self.injection_layers,
+            lambda: check_inject_steps(self.inject_steps, self.num_steps),
+            lambda: self.input_image,
+        ):
             try:
                 check()
             except UserError as e:
@@ -492,9 +629,15 @@ class EditConfig(BaseConfig):
         return problems
 
     def request(self) -> EditRequest:
-        return EditRequest(self.source_prompt, list(self.edits), self.num_steps, self.edit_guidance,
-                           self.injection_layers[0], check_inject_steps(self.inject_steps, self.num_steps),
-                           self.batch_size)
+        return EditRequest(
+            self.source_prompt,
+            list(self.edits),
+            self.num_steps,
+            self.edit_guidance,
+            self.injection_layers[0],
+            check_inject_steps(self.inject_steps, self.num_steps),
+            self.batch_size,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- resuming
@@ -511,14 +654,26 @@ def reference_files(cfg: EditConfig) -> list[str]:
 def edit_settings(cfg: EditConfig) -> dict:
     """Everything that decides the pictures (not how fast they come: device, batch size and speed options change
     them only by rounding). Every PNG records it, with its own prompt, under SETTINGS_KEY."""
-    s = {"mode": "real" if cfg.real else "generated", "model": cfg.model, "dtype": cfg.dtype,
-         "fp8": getattr(cfg, "fp8", False), "source_prompt": cfg.source_prompt, "steps": cfg.num_steps,
-         "guidance": cfg.edit_guidance, "vital_layers": cfg.injection_layers[0],
-         "inject_steps": list(check_inject_steps(cfg.inject_steps, cfg.num_steps))}
+    s = {
+        "mode": "real" if cfg.real else "generated",
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        "fp8": getattr(cfg, "fp8", False),
+        "source_prompt": cfg.source_prompt,
+        "steps": cfg.num_steps,
+        "guidance": cfg.edit_guidance,
+        "vital_layers": cfg.injection_layers[0],
+        "inject_steps": list(check_inject_steps(cfg.inject_steps, cfg.num_steps)),
+    }
     if cfg.real:
         image = cfg.input_image
-        s |= {"input_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "width": image.width,
-              "height": image.height, "nudge": cfg.nudge, "source_guidance": cfg.source_guidance}
+        s |= {
+            "input_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
+            "width": image.width,
+            "height": image.height,
+            "nudge": cfg.nudge,
+            "source_guidance": cfg.source_guidance,
+        }
     else:
         s |= {"seed": cfg.seed, "width": cfg.width, "height": cfg.height}
     return s
@@ -543,25 +698,36 @@ def finished_files(out: Path, prompts: dict[str, str], settings: dict) -> set[st
         if not isinstance(recorded, dict):
             diff = "no record of its settings"
         else:
-            diff = ", ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(v)}" for k, v in wanted.items()
-                             if recorded.get(k) != v)
+            diff = ", ".join(
+                f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(v)}"
+                for k, v in wanted.items()
+                if recorded.get(k) != v
+            )
         if diff:
             changed.setdefault(diff, []).append(name)
         else:
             done.add(name)
     if changed:
-        shown = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} "
-                          f"({diff})" for diff, names in changed.items())
-        raise UserError(f"output_dir {out} holds outputs made with other settings: {shown}. Choose another "
-                        f"output_dir, or delete those files to make them again with these settings")
+        shown = "; ".join(
+            f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({diff})"
+            for diff, names in changed.items()
+        )
+        raise UserError(
+            f"output_dir {out} holds outputs made with other settings: {shown}. Choose another "
+            f"output_dir, or delete those files to make them again with these settings"
+        )
     return done
 
 
 def png_metadata(cfg: EditConfig, settings: dict, name: str, edit_names: Sequence[str]) -> dict:
     """The text chunk of an output PNG: the readable keys, and `settings` with the file's own prompt for re-runs."""
     prompt = cfg.edits[edit_names.index(name)] if name in edit_names else cfg.source_prompt
-    meta = {"model": cfg.model, "steps": settings["steps"], "guidance": settings["guidance"],
-            "vital_layers": settings["vital_layers"]}
+    meta = {
+        "model": cfg.model,
+        "steps": settings["steps"],
+        "guidance": settings["guidance"],
+        "vital_layers": settings["vital_layers"],
+    }
     if name == "input.png":
         meta |= {"image": cfg.image, "size": cfg.size or 0}
     else:
@@ -577,10 +743,20 @@ def results_settings(cfg: EditConfig, settings: dict, chunks: int, reference_dri
     layers, layers_from = cfg.injection_layers
     depth = model_spec(cfg.model).params.depth
     out = {k: settings[k] for k in ("mode", "model", "width", "height", "steps", "guidance", "inject_steps")}
-    out |= {"vital_layers": layers, "vital_layers_from": layers_from,
-            "vital_layer_names": [layer_name(i, depth) for i in layers], "batch_size": cfg.batch_size,
-            "chunks": chunks, "reference_drift": reference_drift}
+    out |= {
+        "vital_layers": layers,
+        "vital_layers_from": layers_from,
+        "vital_layer_names": [layer_name(i, depth) for i in layers],
+        "batch_size": cfg.batch_size,
+        "chunks": chunks,
+        "reference_drift": reference_drift,
+    }
     if cfg.real:
-        return out | {"image": cfg.image, "size": cfg.size, "nudge": cfg.nudge, "source_guidance": cfg.source_guidance,
-                      "reference_overwrite": "inversion latent of the same noise level after every step"}
+        return out | {
+            "image": cfg.image,
+            "size": cfg.size,
+            "nudge": cfg.nudge,
+            "source_guidance": cfg.source_guidance,
+            "reference_overwrite": "inversion latent of the same noise level after every step",
+        }
     return out | {"seed": cfg.seed}

@@ -26,8 +26,17 @@ if TYPE_CHECKING:
     ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 __all__ = [
-    "atomic_open", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "caption_lines", "make_grid",
-    "read_png_metadata", "save_gif", "save_png", "tensor_to_pil", "to_pil",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "caption_lines",
+    "make_grid",
+    "read_png_metadata",
+    "save_gif",
+    "save_png",
+    "tensor_to_pil",
+    "to_pil",
 ]
 
 # The process umask, read once: temp files are created 0600, and the final file should get the usual permissions.
@@ -141,7 +150,9 @@ def load_image(path: str | os.PathLike, fix: str = "give a PNG, JPEG or WebP fil
             im.load()  # decode now: PIL is lazy, and a truncated file would otherwise fail far from its name
             return im.convert("RGB")
     except FileNotFoundError:
-        raise UserError(f"image {path} does not exist: fix the path (relative paths start from the working folder)") from None
+        raise UserError(
+            f"image {path} does not exist: fix the path (relative paths start from the working folder)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path} ({e}): {fix}") from None
 
@@ -159,8 +170,9 @@ def to_pil(image: ImageLike) -> Image.Image:
     raise TypeError(f"cannot make an image from a {type(image).__name__}")
 
 
-def save_png(path: str | os.PathLike, image: ImageLike,
-             metadata: Mapping[str, str | int | float] | None = None) -> None:
+def save_png(
+    path: str | os.PathLike, image: ImageLike, metadata: Mapping[str, str | int | float] | None = None
+) -> None:
     """Save `image` as a PNG atomically, with `metadata` in its text chunks.
 
     Strings are stored as they are; other values as JSON (3 -> "3", 3.5 -> "3.5", [0, 1] -> "[0, 1]").
@@ -240,8 +252,13 @@ def caption_lines(text: str, width: int, font_size: int, max_lines: int = 3) -> 
     return lines[: max_lines - 1] + [" ".join(words) + "…"]
 
 
-def make_grid(images: Sequence[ImageLike], labels: Sequence[str] | None = None, cols: int | None = None,
-              font_size: int | None = None, pad: int = 8) -> Image.Image:
+def make_grid(
+    images: Sequence[ImageLike],
+    labels: Sequence[str] | None = None,
+    cols: int | None = None,
+    font_size: int | None = None,
+    pad: int = 8,
+) -> Image.Image:
     """The images in a grid of `cols` columns (default: nearly square), each with its label underneath.
 
     Tiles keep their size (smaller images are centred on a tile as large as the largest); labels wrap between words

@@ -34,8 +34,10 @@ def ssim_pairs(pairs: Sequence[tuple[Path, Path]], batch_size: int = 64) -> list
         a, b = [_pixels(p) for p, _ in chunk], [_pixels(q) for _, q in chunk]
         for (p, q), x, y in zip(chunk, a, b):
             if x.shape != y.shape:
-                raise UserError(f"SSIM compares images of one size: {p} is {x.shape[2]}x{x.shape[1]}, {q} is "
-                                f"{y.shape[2]}x{y.shape[1]}; use metric=dinov2 for images of different sizes")
+                raise UserError(
+                    f"SSIM compares images of one size: {p} is {x.shape[2]}x{x.shape[1]}, {q} is "
+                    f"{y.shape[2]}x{y.shape[1]}; use metric=dinov2 for images of different sizes"
+                )
             if min(x.shape[1:]) < WINDOW:
                 raise UserError(f"{p} is smaller than SSIM's {WINDOW}-pixel window: use larger images or metric=dinov2")
         same = all(x.shape == a[0].shape for x in a)

@@ -129,17 +129,22 @@ def select_prompts(
         by_id = {p.id: p for p in prompts}
         unknown = [i for i in ids if i not in by_id]
         if unknown:
-            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, list(by_id), 1)) else
-                     repr(u) for u in unknown]
-            raise UserError(f"unknown prompt id(s) {', '.join(hints)}: 'prompt_ids' must name ids of the prompt file "
-                            f"({', '.join(list(by_id)[:4])}, ...)")
+            hints = [
+                f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, list(by_id), 1)) else repr(u)
+                for u in unknown
+            ]
+            raise UserError(
+                f"unknown prompt id(s) {', '.join(hints)}: 'prompt_ids' must name ids of the prompt file "
+                f"({', '.join(list(by_id)[:4])}, ...)"
+            )
         if len(set(ids)) != len(ids):
             raise UserError(f"'prompt_ids' lists an id twice: {sorted(i for i in set(ids) if list(ids).count(i) > 1)}")
         chosen = [by_id[i] for i in ids]
     if count is not None:
         if count > len(chosen):
-            raise UserError(f"'num_prompts' is {count} but only {len(chosen)} prompt(s) are selected: lower it "
-                            "or set it to null")
+            raise UserError(
+                f"'num_prompts' is {count} but only {len(chosen)} prompt(s) are selected: lower it or set it to null"
+            )
         chosen = chosen[:count]
     if not chosen:
         raise UserError("no prompt selected: 'prompt_ids' is empty or 'num_prompts' is 0")
@@ -215,8 +220,14 @@ class SweepPlan:
 
     def manifest(self) -> dict:
         return {
-            "model": self.model, "num_double": self.num_double, "num_single": self.num_single, "dtype": self.dtype,
-            "width": self.width, "height": self.height, "steps": self.steps, "guidance": self.guidance,
+            "model": self.model,
+            "num_double": self.num_double,
+            "num_single": self.num_single,
+            "dtype": self.dtype,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
             "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in self.prompts],
             "layers": list(self.layers),
         }
@@ -224,12 +235,19 @@ class SweepPlan:
     def metadata(self, item: Item) -> dict:
         """The PNG text chunk of one image: enough to regenerate it alone."""
         return {
-            "prompt": item.prompt.prompt, "prompt_id": item.prompt.id, "seed": item.prompt.seed,
+            "prompt": item.prompt.prompt,
+            "prompt_id": item.prompt.id,
+            "seed": item.prompt.seed,
             "layer": "ref" if item.layer is None else item.layer,
-            "layer_name": "reference (no layer bypassed)" if item.layer is None else layer_name(item.layer,
-                                                                                                self.num_double),
-            "model": self.model, "dtype": self.dtype, "width": self.width, "height": self.height,
-            "steps": self.steps, "guidance": self.guidance,
+            "layer_name": "reference (no layer bypassed)"
+            if item.layer is None
+            else layer_name(item.layer, self.num_double),
+            "model": self.model,
+            "dtype": self.dtype,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance": self.guidance,
         }
 
 
@@ -277,13 +295,16 @@ class Dist:
             try:
                 values[key] = default if raw is None or raw == "" else int(raw)
             except ValueError:
-                raise UserError(f"environment variable {key}={raw!r} is not an integer (set by torchrun; unset it "
-                                "for a plain run)") from None
+                raise UserError(
+                    f"environment variable {key}={raw!r} is not an integer (set by torchrun; unset it for a plain run)"
+                ) from None
         rank, world = values["RANK"], values["WORLD_SIZE"]
         local = values["LOCAL_RANK"] if values["LOCAL_RANK"] is not None else rank
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise UserError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} are inconsistent: need "
-                            "0 <= RANK < WORLD_SIZE (launch with torchrun, or unset them)")
+            raise UserError(
+                f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} are inconsistent: need "
+                "0 <= RANK < WORLD_SIZE (launch with torchrun, or unset them)"
+            )
         return cls(rank, world, local)
 
     @property
@@ -296,8 +317,10 @@ def sweep_device(requested: str, dist: Dist) -> str:
     """Under a multi-process launch, "auto"/"cuda" mean this process's own GPU, cuda:LOCAL_RANK."""
     if dist.world_size > 1 and requested in ("auto", "cuda") and torch.cuda.is_available():
         if dist.local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {dist.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
-                            "launch at most that many processes per node (torchrun --nproc_per_node)")
+            raise UserError(
+                f"LOCAL_RANK {dist.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                "launch at most that many processes per node (torchrun --nproc_per_node)"
+            )
         torch.cuda.set_device(dist.local_rank)  # so that kernels and caches of this process stay on its own GPU
         return f"cuda:{dist.local_rank}"
     return requested
@@ -320,8 +343,10 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
         old_prompts = {p["id"]: p for p in old["prompts"]}
         old_layers = [int(x) for x in old["layers"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable or not a sweep manifest ({e.__class__.__name__}: {e}); choose another "
-                        "output_dir, or delete the file if that folder holds no sweep") from None
+        raise UserError(
+            f"{path} is unreadable or not a sweep manifest ({e.__class__.__name__}: {e}); choose another "
+            "output_dir, or delete the file if that folder holds no sweep"
+        ) from None
     # Manifests written before the dtype was recorded lack it: that sweep's dtype is unknown, not different.
     settings = [k for k in _SETTINGS if not (k == "dtype" and k not in old)]
     diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in settings if old.get(k) != manifest[k]]
@@ -330,8 +355,10 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
         if o is not None and (o.get("prompt"), o.get("seed")) != (p["prompt"], p["seed"]):
             diffs.append(f"prompt {p['id']!r} has another text or seed there")
     if diffs:
-        raise UserError(f"{root} already holds a sweep made with other settings ({'; '.join(diffs[:5])}): its images "
-                        "would mix with this run's. Use another output_dir, or restore the settings to resume it")
+        raise UserError(
+            f"{root} already holds a sweep made with other settings ({'; '.join(diffs[:5])}): its images "
+            "would mix with this run's. Use another output_dir, or restore the settings to resume it"
+        )
     merged = dict(manifest)
     merged["prompts"] = list(old["prompts"]) + [p for p in manifest["prompts"] if p["id"] not in old_prompts]
     merged["layers"] = sorted(set(old_layers) | set(manifest["layers"]))
@@ -394,8 +421,11 @@ def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int
 
     parts = [models.encode([p.prompt for p in prompts[i : i + chunk]]) for i in range(0, len(prompts), chunk)]
     # Every chunk is padded to T5's max_length, so the rows concatenate.
-    text = parts[0] if len(parts) == 1 else Text(*(torch.cat([getattr(t, f) for t in parts])
-                                                   for f in ("txt", "txt_ids", "vec")))
+    text = (
+        parts[0]
+        if len(parts) == 1
+        else Text(*(torch.cat([getattr(t, f) for t in parts]) for f in ("txt", "txt_ids", "vec")))
+    )
     models.release_text_encoders()
     return text, {p: i for i, p in enumerate(prompts)}
 
@@ -453,8 +483,9 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 def load_sweep_image(path: str | Path) -> Image.Image:
     """Fully decode a sweep image as RGB; a corrupt or vanished file is a UserError naming it."""
-    return _read_image(path, fix="delete or regenerate it (demo_2_skip.py regenerates missing images when "
-                                 "restarted) and run again")
+    return _read_image(
+        path, fix="delete or regenerate it (demo_2_skip.py regenerates missing images when restarted) and run again"
+    )
 
 
 def _ranges(xs: Iterable[int]) -> str:
@@ -489,13 +520,18 @@ class Sweep:
 
     def pairs(self) -> list[tuple[str, int, Path, Path]]:
         """(prompt, layer, reference, ablated) for every ablated image whose reference exists."""
-        return [(pid, layer, self.refs[pid], path) for pid in sorted(self.ablations) if pid in self.refs
-                for layer, path in sorted(self.ablations[pid].items())]
+        return [
+            (pid, layer, self.refs[pid], path)
+            for pid in sorted(self.ablations)
+            if pid in self.refs
+            for layer, path in sorted(self.ablations[pid].items())
+        ]
 
     def require_pairs(self) -> None:
         if not self.pairs():
-            raise UserError(f"no (ref.png, layer_XX.png) pairs in {self.root}; run demo_2_skip.py into it first or "
-                            f"fix \"sweep_dir\"")
+            raise UserError(
+                f'no (ref.png, layer_XX.png) pairs in {self.root}; run demo_2_skip.py into it first or fix "sweep_dir"'
+            )
 
     def missing(self) -> dict[str, dict]:
         """prompt id -> {"ref": missing?, "layers": [missing layer indices]} for every incomplete prompt."""
@@ -523,8 +559,9 @@ def read_manifest(root: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or delete it (layers are then read from file names)"
-                        ) from e
+        raise UserError(
+            f"{path} is not valid JSON ({e}); fix or delete it (layers are then read from file names)"
+        ) from e
     if not isinstance(manifest, dict):
         raise UserError(f"{path} should hold a JSON object, not {type(manifest).__name__}")
     return manifest
@@ -538,15 +575,21 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"sweep folder {root} does not exist or is not a folder; run demo_2_skip.py first or fix "
-                        f"\"sweep_dir\"")
+        raise UserError(
+            f'sweep folder {root} does not exist or is not a folder; run demo_2_skip.py first or fix "sweep_dir"'
+        )
     manifest = read_manifest(root)
     m_double = manifest.get("num_double") if manifest else None
     if num_double is not None and m_double is not None and num_double != m_double:
-        raise UserError(f"num_double is {num_double} in the config but {m_double} in {root / MANIFEST}; "
-                        f"remove num_double from the config (the manifest knows the model)")
-    nd = num_double if num_double is not None else (m_double if isinstance(m_double, int)
-                                                          else model_spec(FALLBACK_MODEL).params.depth)
+        raise UserError(
+            f"num_double is {num_double} in the config but {m_double} in {root / MANIFEST}; "
+            f"remove num_double from the config (the manifest knows the model)"
+        )
+    nd = (
+        num_double
+        if num_double is not None
+        else (m_double if isinstance(m_double, int) else model_spec(FALLBACK_MODEL).params.depth)
+    )
     total = nd + manifest["num_single"] if manifest and isinstance(manifest.get("num_single"), int) else None
     sweep = Sweep(root=root, manifest=manifest, num_double=nd)
 
@@ -584,8 +627,10 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
     if ignored:
         sweep.notes.append(f"ignored {len(ignored)} image(s) not named ref.* or layer_XX.*: {_examples(ignored)}")
     if out_of_range:
-        sweep.notes.append(f"ignored {len(out_of_range)} image(s) with a layer index >= {total} (the model's "
-                           f"layer count per manifest.json): {_examples(out_of_range)}")
+        sweep.notes.append(
+            f"ignored {len(out_of_range)} image(s) with a layer index >= {total} (the model's "
+            f"layer count per manifest.json): {_examples(out_of_range)}"
+        )
 
     seen_prompts = sorted(set(sweep.refs) | set(sweep.ablations))
     seen_layers = sorted({l for ls in sweep.ablations.values() for l in ls})
@@ -603,8 +648,9 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
         sweep.expected_layers = seen_layers
     orphans = sorted(p for p in sweep.ablations if p not in sweep.refs)
     if orphans:
-        sweep.notes.append(f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: "
-                           f"{_examples(orphans)}")
+        sweep.notes.append(
+            f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: {_examples(orphans)}"
+        )
     sweep.notes += size_report(sweep)
     return sweep
 
@@ -612,6 +658,7 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
 def size_report(sweep: Sweep) -> list[str]:
     """Notes about ablated images whose size differs from their reference's (comparable after preprocessing, which
     resizes and crops every image, but a sign that the sweep mixes settings)."""
+
     def size(p: Path) -> tuple[int, int]:
         try:
             with Image.open(p) as im:
@@ -626,11 +673,14 @@ def size_report(sweep: Sweep) -> list[str]:
             odd.append(f"{pid}/{path.name} {s[0]}x{s[1]} vs ref {ref_sizes[pid][0]}x{ref_sizes[pid][1]}")
     notes = []
     if len(set(ref_sizes.values())) > 1:
-        notes.append(f"reference images come in {len(set(ref_sizes.values()))} sizes: "
-                     f"{sorted(set(ref_sizes.values()))}")
+        notes.append(
+            f"reference images come in {len(set(ref_sizes.values()))} sizes: {sorted(set(ref_sizes.values()))}"
+        )
     if odd:
-        notes.append(f"{len(odd)} ablated image(s) differ in size from their reference (scored anyway: preprocessing "
-                     f"resizes to 256 and crops 224, but check the sweep settings): {_examples(odd)}")
+        notes.append(
+            f"{len(odd)} ablated image(s) differ in size from their reference (scored anyway: preprocessing "
+            f"resizes to 256 and crops 224, but check the sweep settings): {_examples(odd)}"
+        )
     return notes
 
 
@@ -641,28 +691,46 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class SkipConfig(BaseConfig):
-    prompts_file: str = field(default="prompts/prompt.json", metadata={
-        "help": 'JSON list of {"id", "prompt", "seed"}; a relative path is looked up in the current folder, '
-                "then in the repository"})
-    prompt_ids: list[str] | None = field(default=None, metadata={
-        "help": "ids of the prompts to run, in this order (null: every prompt of the file)"})
-    num_prompts: int | None = field(default=None, metadata={
-        "help": "only the first N selected prompts (null: all)", "min": 1})
-    layers: list[int] | None = field(default=None, metadata={
-        "help": "global layer indices to bypass one at a time, double blocks first (null: every layer, "
-                "0..56 for dev/schnell)", "min": 0})
+    prompts_file: str = field(
+        default="prompts/prompt.json",
+        metadata={
+            "help": 'JSON list of {"id", "prompt", "seed"}; a relative path is looked up in the current folder, '
+            "then in the repository"
+        },
+    )
+    prompt_ids: list[str] | None = field(
+        default=None, metadata={"help": "ids of the prompts to run, in this order (null: every prompt of the file)"}
+    )
+    num_prompts: int | None = field(
+        default=None, metadata={"help": "only the first N selected prompts (null: all)", "min": 1}
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "global layer indices to bypass one at a time, double blocks first (null: every layer, "
+            "0..56 for dev/schnell)",
+            "min": 0,
+        },
+    )
     width: int = field(default=1024, metadata={"help": "image width", "min": 16, "max": 4096, "multiple_of": 16})
     height: int = field(default=1024, metadata={"help": "image height", "min": 16, "max": 4096, "multiple_of": 16})
     steps: int = field(default=15, metadata={"help": "denoising steps (Stable Flow: 15)", "min": 1, "max": 1000})
-    guidance: float = field(default=3.5, metadata={"help": "distilled guidance (ignored by schnell)", "min": 0,
-                                                   "max": 100})
-    batch_size: int = field(default=4, metadata={
-        "help": "images denoised together (one variant of batch_size prompts); more is faster until memory "
-                "runs out. Changing it between a run and its resumption changes results only at float precision",
-        "min": 1, "max": 256})
+    guidance: float = field(
+        default=3.5, metadata={"help": "distilled guidance (ignored by schnell)", "min": 0, "max": 100}
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "images denoised together (one variant of batch_size prompts); more is faster until memory "
+            "runs out. Changing it between a run and its resumption changes results only at float precision",
+            "min": 1,
+            "max": 256,
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "progress bar with ETA (first process of each node)"})
-    output_dir: str = field(default="outputs/demo_2_skip", metadata={
-        "help": "sweep folder; a rerun resumes it (with the same settings)"})
+    output_dir: str = field(
+        default="outputs/demo_2_skip", metadata={"help": "sweep folder; a rerun resumes it (with the same settings)"}
+    )
     # The plan, once `check` has built it: the prompt file is read once per run.
     _plan: SweepPlan | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -686,9 +754,20 @@ class SkipConfig(BaseConfig):
             problems.append(str(e))
         if problems:
             return None, problems
-        return SweepPlan(self.model, p.depth, p.depth_single_blocks, self.dtype, tuple(prompts), tuple(layers),
-                         self.width, self.height, self.steps, self.guidance, self.batch_size,
-                         Path(self.output_dir)), []
+        return SweepPlan(
+            self.model,
+            p.depth,
+            p.depth_single_blocks,
+            self.dtype,
+            tuple(prompts),
+            tuple(layers),
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.batch_size,
+            Path(self.output_dir),
+        ), []
 
     def plan(self) -> SweepPlan:
         """The validated sweep this config describes (UserError naming the fix)."""
@@ -702,7 +781,9 @@ class SkipConfig(BaseConfig):
     def check(self) -> list[str]:
         problems = super().check()
         if self.fp8:
-            problems.append("'fp8' is off limits for the ablation sweep: its rounding would confound the layer "
-                            "measurements (use compile or stream_blocks for speed or memory)")
+            problems.append(
+                "'fp8' is off limits for the ablation sweep: its rounding would confound the layer "
+                "measurements (use compile or stream_blocks for speed or memory)"
+            )
         self._plan, more = self._build_plan()
         return problems + more

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from flux.sampling import Step, unpack
 from flux.model import check_layers
+from flux.sampling import Step, unpack
 from flux.util import model_spec
 
 from .config import BaseConfig
@@ -35,25 +35,46 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrajectoryConfig(BaseConfig):
-    prompt: str | list[str] = field(default="a photo of a red fox sitting in fresh snow at sunrise, detailed fur",
-                                    metadata={"help": "one prompt, or a list of prompts"})
-    seed: int | list[int] = field(default=0, metadata={"help": "one seed or a list; every prompt runs with every seed",
-                                                       "min": 0})
+    prompt: str | list[str] = field(
+        default="a photo of a red fox sitting in fresh snow at sunrise, detailed fur",
+        metadata={"help": "one prompt, or a list of prompts"},
+    )
+    seed: int | list[int] = field(
+        default=0, metadata={"help": "one seed or a list; every prompt runs with every seed", "min": 0}
+    )
     width: int = field(default=1024, metadata={"help": "image width", "min": 16, "max": 4096, "multiple_of": 16})
     height: int = field(default=1024, metadata={"help": "image height", "min": 16, "max": 4096, "multiple_of": 16})
-    steps: int = field(default=15, metadata={"help": "denoising steps = frames of the trajectory", "min": 1,
-                                             "max": 1000})
-    guidance: float | None = field(default=None, metadata={
-        "help": "distilled guidance (null: the model's default, dev 3.5; ignored by schnell)", "min": 0, "max": 100})
-    skip_layers: list[int] = field(default_factory=list, metadata={
-        "help": "global layers to bypass at every step (double blocks first: 0..18, single 19..56 for dev); "
-                "[] for the plain model", "min": 0})
+    steps: int = field(
+        default=15, metadata={"help": "denoising steps = frames of the trajectory", "min": 1, "max": 1000}
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": "distilled guidance (null: the model's default, dev 3.5; ignored by schnell)",
+            "min": 0,
+            "max": 100,
+        },
+    )
+    skip_layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "global layers to bypass at every step (double blocks first: 0..18, single 19..56 for dev); "
+            "[] for the plain model",
+            "min": 0,
+        },
+    )
     batch_size: int = field(default=1, metadata={"help": "samples denoised together", "min": 1, "max": 64})
-    preview_size: int = field(default=256, metadata={
-        "help": "longest side of each tile in grid.png and trajectory.gif (the per-step PNGs keep full size)",
-        "min": 16, "max": 2048})
-    gif_frame_ms: int = field(default=300, metadata={"help": "display time of one GIF frame in milliseconds",
-                                                     "min": 10, "max": 10000})
+    preview_size: int = field(
+        default=256,
+        metadata={
+            "help": "longest side of each tile in grid.png and trajectory.gif (the per-step PNGs keep full size)",
+            "min": 16,
+            "max": 2048,
+        },
+    )
+    gif_frame_ms: int = field(
+        default=300, metadata={"help": "display time of one GIF frame in milliseconds", "min": 10, "max": 10000}
+    )
     output_dir: str = field(default="outputs/demo_1_layer", metadata={"help": "folder for the outputs"})
 
     def prompts(self) -> list[str]:
@@ -87,8 +108,13 @@ class Trajectory:
 
 
 def record_trajectories(
-    models: FluxModels, text: Text, noise: torch.Tensor, timesteps: list[float], guidance: float,
-    skip: list[frozenset[int]] | None = None, on_step: Callable[[Step], None] | None = None,
+    models: FluxModels,
+    text: Text,
+    noise: torch.Tensor,
+    timesteps: list[float],
+    guidance: float,
+    skip: list[frozenset[int]] | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> list[Trajectory]:
     """Denoise a batch and keep every step's x_t and predicted x0 (moved to the CPU as they come)."""
     height, width = noise.shape[2] * 8, noise.shape[3] * 8
@@ -114,8 +140,16 @@ def sample_folder(prompt_index: int, prompt: str, seed: int) -> str:
 
 def sample_metadata(cfg: TrajectoryConfig, prompt: str, seed: int, guidance: float) -> dict:
     """What every PNG of a sample records (plus its step, t and kind), and the sample's entry in run.json."""
-    return {"prompt": prompt, "seed": seed, "model": cfg.model, "width": cfg.width, "height": cfg.height,
-            "steps": cfg.steps, "guidance": guidance, "skip_layers": sorted(cfg.skip_layers)}
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "model": cfg.model,
+        "width": cfg.width,
+        "height": cfg.height,
+        "steps": cfg.steps,
+        "guidance": guidance,
+        "skip_layers": sorted(cfg.skip_layers),
+    }
 
 
 def _preview(image: Image.Image, size: int) -> Image.Image:
@@ -135,8 +169,9 @@ def _same_size(frames: list[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def write_trajectory(folder: Path, traj: Trajectory, models: FluxModels, meta: dict, preview_size: int,
-                     gif_frame_ms: int) -> None:
+def write_trajectory(
+    folder: Path, traj: Trajectory, models: FluxModels, meta: dict, preview_size: int, gif_frame_ms: int
+) -> None:
     """Decode and write one sample's frames, final image, grid and (last, marking it complete) GIF."""
     n = len(traj.timesteps)
     labels, tiles, frames = [], [], []

@@ -51,8 +51,13 @@ def similarities(pairs: Sequence[tuple[str, int, Path, Path]], similarity: Simil
     return out
 
 
-def layer_scores(sims: dict[int, dict[str, float]], num_double: int = FLUX1_DEPTH, n_bootstrap: int = 1000,
-                 seed: int = 0, confidence: float = 0.95) -> list[LayerScore]:
+def layer_scores(
+    sims: dict[int, dict[str, float]],
+    num_double: int = FLUX1_DEPTH,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[LayerScore]:
     """Per-layer mean, std and bootstrap interval of similarity over prompts, sorted by layer.
 
     Each layer's resampling uses its own generator seeded by (seed, layer), so a layer's interval does not change
@@ -67,20 +72,30 @@ def layer_scores(sims: dict[int, dict[str, float]], num_double: int = FLUX1_DEPT
         boot = x[rng.integers(0, n, size=(n_bootstrap, n))].mean(axis=1) if n_bootstrap > 0 else x[None]
         lo, hi = np.quantile(boot, [alpha, 1 - alpha])
         mean = float(x.mean())
-        scores.append(LayerScore(layer=layer, name=layer_name(layer, num_double), mean_similarity=mean,
-                                 std=float(x.std(ddof=1)) if n > 1 else 0.0, ci_low=float(lo), ci_high=float(hi),
-                                 vitality=1.0 - mean, num_prompts=n))
+        scores.append(
+            LayerScore(
+                layer=layer,
+                name=layer_name(layer, num_double),
+                mean_similarity=mean,
+                std=float(x.std(ddof=1)) if n > 1 else 0.0,
+                ci_low=float(lo),
+                ci_high=float(hi),
+                vitality=1.0 - mean,
+                num_prompts=n,
+            )
+        )
     return scores
 
 
 def select_vital(scores: Sequence[LayerScore], tau: float | None = None, top_k: int | None = None) -> list[int]:
     """Vital layers, sorted: vitality >= tau (the paper's rule), or the k most vital (ties -> lower index)."""
     if (tau is None) == (top_k is None):
-        raise UserError("choose exactly one vital-layer rule: \"tau\" (a vitality threshold) or \"top_k\"")
+        raise UserError('choose exactly one vital-layer rule: "tau" (a vitality threshold) or "top_k"')
     if top_k is not None:
         if top_k > len(scores):
-            raise UserError(f"top_k={top_k} but only {len(scores)} layer(s) were scored; lower top_k or complete the "
-                            f"sweep")
+            raise UserError(
+                f"top_k={top_k} but only {len(scores)} layer(s) were scored; lower top_k or complete the sweep"
+            )
         ranked = sorted(scores, key=lambda s: (-s.vitality, s.layer))
         return sorted(s.layer for s in ranked[:top_k])
     return sorted(s.layer for s in scores if s.vitality >= tau)
@@ -113,9 +128,17 @@ METRICS = {
 }
 
 
-def vital_layers_payload(scores: Sequence[LayerScore], vital: Sequence[int], selection: dict, *, model: str | None,
-                         dino_model: str | None, num_double: int, extra: dict | None = None,
-                         metric: str = "dinov2") -> dict:
+def vital_layers_payload(
+    scores: Sequence[LayerScore],
+    vital: Sequence[int],
+    selection: dict,
+    *,
+    model: str | None,
+    dino_model: str | None,
+    num_double: int,
+    extra: dict | None = None,
+    metric: str = "dinov2",
+) -> dict:
     """The vital_layers.json object (read by demo_4_edit.py); `dino_model` is None when the metric needs none."""
     return {
         "vital_layers": sorted(vital),
@@ -146,40 +169,76 @@ class Analysis:
 
 @dataclass
 class DinoConfig:
-    sweep_dir: str = field(default="outputs/demo_2_skip", metadata={
-        "help": "demo_2_skip.py output folder: <prompt_id>/ref.png, <prompt_id>/layer_XX.png, manifest.json"})
+    sweep_dir: str = field(
+        default="outputs/demo_2_skip",
+        metadata={"help": "demo_2_skip.py output folder: <prompt_id>/ref.png, <prompt_id>/layer_XX.png, manifest.json"},
+    )
     output_dir: str = field(default="outputs/demo_3_dino", metadata={"help": "folder for the outputs"})
-    metric: Literal["dinov2", "ssim"] = field(default="dinov2", metadata={
-        "help": "how an ablated image is compared with its reference: 'dinov2' (the paper's: cosine of DINOv2 "
-                "embeddings; for real models) or 'ssim' (structural similarity of the pixels: needs no weights; "
-                "meaningful on flux-mini's procedural images)"})
-    dino_model: str = field(default=DEFAULT_DINO, metadata={
-        "help": "DINOv2 hub id (facebook/dinov2-small|base|large|giant) or local folder; "
-                "'tiny-random': a seeded random tiny model for tests and CPU smoke runs (meaningless scores)"})
-    device: str = field(default="auto", metadata={
-        "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
+    metric: Literal["dinov2", "ssim"] = field(
+        default="dinov2",
+        metadata={
+            "help": "how an ablated image is compared with its reference: 'dinov2' (the paper's: cosine of DINOv2 "
+            "embeddings; for real models) or 'ssim' (structural similarity of the pixels: needs no weights; "
+            "meaningful on flux-mini's procedural images)"
+        },
+    )
+    dino_model: str = field(
+        default=DEFAULT_DINO,
+        metadata={
+            "help": "DINOv2 hub id (facebook/dinov2-small|base|large|giant) or local folder; "
+            "'tiny-random': a seeded random tiny model for tests and CPU smoke runs (meaningless scores)"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
+            "pattern": r"auto|cpu|mps|cuda(:\d+)?",
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "images per DINOv2 forward", "min": 1})
-    num_workers: int = field(default=8, metadata={
-        "help": "threads decoding and resizing images (on a GPU these bound the speed, not DINOv2)", "min": 1})
-    rule: Literal["threshold", "top_k"] = field(default="threshold", metadata={
-        "help": "vital set: 'threshold' (vitality >= tau, the paper's rule) or 'top_k' (the k most vital layers)"})
-    tau: float = field(default=DEFAULT_TAU, metadata={
-        "help": "vitality threshold (vitality = 1 - mean similarity); a default to tune with the plot",
-        "min": 0.0, "max": 2.0})
+    num_workers: int = field(
+        default=8,
+        metadata={
+            "help": "threads decoding and resizing images (on a GPU these bound the speed, not DINOv2)",
+            "min": 1,
+        },
+    )
+    rule: Literal["threshold", "top_k"] = field(
+        default="threshold",
+        metadata={
+            "help": "vital set: 'threshold' (vitality >= tau, the paper's rule) or 'top_k' (the k most vital layers)"
+        },
+    )
+    tau: float = field(
+        default=DEFAULT_TAU,
+        metadata={
+            "help": "vitality threshold (vitality = 1 - mean similarity); a default to tune with the plot",
+            "min": 0.0,
+            "max": 2.0,
+        },
+    )
     top_k: int = field(default=10, metadata={"help": "number of vital layers when rule is top_k", "min": 1})
-    num_double: int | None = field(default=None, metadata={
-        "help": "number of double-stream blocks (null: from manifest.json, else 19 as in FLUX.1)", "min": 0})
-    bootstrap_samples: int = field(default=1000, metadata={
-        "help": "bootstrap resamples for each layer's confidence interval (0: none)", "min": 0})
-    confidence: float = field(default=0.95, metadata={"help": "confidence of the bootstrap interval",
-                                                      "min": 0.5, "max": 0.999})
+    num_double: int | None = field(
+        default=None,
+        metadata={"help": "number of double-stream blocks (null: from manifest.json, else 19 as in FLUX.1)", "min": 0},
+    )
+    bootstrap_samples: int = field(
+        default=1000, metadata={"help": "bootstrap resamples for each layer's confidence interval (0: none)", "min": 0}
+    )
+    confidence: float = field(
+        default=0.95, metadata={"help": "confidence of the bootstrap interval", "min": 0.5, "max": 0.999}
+    )
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "folder for cached DINOv2 features (null: <sweep_dir>/dino_features)"})
-    contact_sheet_prompts: int = field(default=4, metadata={
-        "help": "prompts (rows) in contact_sheet.png; 0: no contact sheet", "min": 0})
-    contact_sheet_layers: int = field(default=8, metadata={
-        "help": "most vital layers (columns) in contact_sheet.png", "min": 1})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "folder for cached DINOv2 features (null: <sweep_dir>/dino_features)"}
+    )
+    contact_sheet_prompts: int = field(
+        default=4, metadata={"help": "prompts (rows) in contact_sheet.png; 0: no contact sheet", "min": 0}
+    )
+    contact_sheet_layers: int = field(
+        default=8, metadata={"help": "most vital layers (columns) in contact_sheet.png", "min": 1}
+    )
     image_a: str | None = field(default=None, metadata={"help": "plain mode: first image file"})
     image_b: str | None = field(default=None, metadata={"help": "plain mode: second image file"})
     folder_a: str | None = field(default=None, metadata={"help": "plain mode: first folder of images"})

@@ -33,12 +33,18 @@ def run_script() -> Callable[..., subprocess.CompletedProcess]:
     `env` is laid over this process's environment (a None value unsets that variable); with `inherit_env=False` it
     is the whole environment."""
 
-    def run(*args: str | Path, env: dict[str, str | None] | None = None, inherit_env: bool = True, cwd: Path = REPO,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        *args: str | Path,
+        env: dict[str, str | None] | None = None,
+        inherit_env: bool = True,
+        cwd: Path = REPO,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
         merged = {**(os.environ if inherit_env else {}), **(env or {})}
         full_env = {k: v for k, v in merged.items() if v is not None}
-        return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
 
     return run
 

@@ -25,7 +25,11 @@ def to_diffusers(sd: dict[str, Tensor], p: FluxParams) -> dict[str, Tensor]:
 
     lin("img_in", "x_embedder")
     lin("txt_in", "context_embedder")
-    for src, dst in [("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder")]:
+    for src, dst in [
+        ("time_in", "timestep_embedder"),
+        ("vector_in", "text_embedder"),
+        ("guidance_in", "guidance_embedder"),
+    ]:
         if f"{src}.in_layer.weight" in sd:
             lin(f"{src}.in_layer", f"time_text_embed.{dst}.linear_1")
             lin(f"{src}.out_layer", f"time_text_embed.{dst}.linear_2")
@@ -65,7 +69,9 @@ def to_diffusers(sd: dict[str, Tensor], p: FluxParams) -> dict[str, Tensor]:
     return out
 
 
-def diffusers_transformer(sd: dict[str, Tensor], p: FluxParams, dtype: torch.dtype | None = torch.float32, assign: bool = False):
+def diffusers_transformer(
+    sd: dict[str, Tensor], p: FluxParams, dtype: torch.dtype | None = torch.float32, assign: bool = False
+):
     """diffusers' model with our weights; `assign` makes it hold views of `sd` (no second copy, dtype kept)."""
     from contextlib import nullcontext
 

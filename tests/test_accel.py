@@ -19,7 +19,9 @@ from flux.util import configs, load_flow_model
 
 P = configs["flux-tiny"].params
 # FP8 tests run on the CPU (torch 2.13's CPU build, as in CI, has the kernel); some CUDA builds of torch lack it there.
-needs_cpu_fp8 = pytest.mark.skipif(accel.fp8_problem("cpu") is not None, reason="this torch has no FP8 matmul on the CPU")
+needs_cpu_fp8 = pytest.mark.skipif(
+    accel.fp8_problem("cpu") is not None, reason="this torch has no FP8 matmul on the CPU"
+)
 
 
 def tiny(dtype: torch.dtype = torch.float32):
@@ -151,7 +153,10 @@ def test_compile_blocks_asks_inductor_for_multi_kernel_reductions_without_its_gr
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
     model = tiny()
     accel.compile_blocks(model)
-    assert len(calls) == 6 and all(c["backend"] == "inductor" and c["options"] == {"triton.multi_kernel": 1, "fx_graph_cache": False} for c in calls)
+    assert len(calls) == 6 and all(
+        c["backend"] == "inductor" and c["options"] == {"triton.multi_kernel": 1, "fx_graph_cache": False}
+        for c in calls
+    )
     calls.clear()
     accel.compile_blocks(model, mode="max-autotune-no-cudagraphs")  # torch takes options or a mode, not both
     accel.compile_blocks(model, backend="aot_eager")  # inductor's options mean nothing to other backends
@@ -177,7 +182,9 @@ def test_fused_gelu_computes_the_plain_output_with_every_hook():
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
     accel.fuse_gelu(model)
     assert all(type(b) is accel.FusedSingleStreamBlock for b in model.single_blocks)
-    assert all(type(b.img_mlp[0]) is accel.LinearGELU and type(b.txt_mlp[1]) is nn.Identity for b in model.double_blocks)
+    assert all(
+        type(b.img_mlp[0]) is accel.LinearGELU and type(b.txt_mlp[1]) is nn.Identity for b in model.double_blocks
+    )
     # Same tensors under the same keys: a checkpoint loads into the fused model unchanged.
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
     for hooks, ref in zip(HOOKS, refs):
@@ -213,13 +220,18 @@ def test_fused_gelu_on_fp8_quantises_the_gelu_inside_the_next_linear():
     fp8 = [run(model, x, **hooks) for hooks in HOOKS]
     accel.accelerate(model, accel.AccelOptions(fuse_gelu=True), "cpu")
     assert type(model.single_blocks[0]) is accel.FP8FusedSingleStreamBlock
-    assert type(model.double_blocks[0].img_mlp[2]) is accel.FP8GELULinear and type(model.double_blocks[0].img_mlp[1]) is nn.Identity
+    assert (
+        type(model.double_blocks[0].img_mlp[2]) is accel.FP8GELULinear
+        and type(model.double_blocks[0].img_mlp[1]) is nn.Identity
+    )
     for hooks, out in zip(HOOKS, fp8):
         # The GELU now reaches the quantisation in float32 instead of bf16-rounded: a change far below FP8's own error.
         assert rel_err(run(model, x, **hooks), out) <= 2e-3
     assert rel_err(run(model, x), ref) <= 0.05
     accel.unfuse_gelu(model)
-    assert type(model.single_blocks[0]) is SingleStreamBlock and type(model.double_blocks[0].img_mlp[2]) is accel.FP8Linear
+    assert (
+        type(model.single_blocks[0]) is SingleStreamBlock and type(model.double_blocks[0].img_mlp[2]) is accel.FP8Linear
+    )
     assert torch.equal(run(model, x), fp8[0])
 
 
@@ -282,7 +294,9 @@ def test_fp8_linear_is_the_product_of_the_dequantised_operands():
     assert rel_err(out, lin(x)) <= 0.1  # and near the bf16 layer it replaces
 
 
-@pytest.mark.skipif(not accel.scaled_mm_takes_bias("cpu"), reason="this torch's FP8 matmul takes no bias with row-wise scales")
+@pytest.mark.skipif(
+    not accel.scaled_mm_takes_bias("cpu"), reason="this torch's FP8 matmul takes no bias with row-wise scales"
+)
 def test_fp8_bias_inside_the_kernel_matches_the_bias_added_apart():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
@@ -297,7 +311,9 @@ def test_fp8_model_stays_close_and_keeps_modulation_in_full_precision():
     refs = [run(model, x, **hooks) for hooks in HOOKS]
     accel.quantize_fp8(model)
     lins = [m for m in model.modules() if isinstance(m, (nn.Linear, accel.FP8Linear))]
-    assert sum(isinstance(m, accel.FP8Linear) for m in lins) == 2 * 2 * 4 + 4 * 2  # qkv, proj, mlp×2 per stream; linear1/2
+    assert (
+        sum(isinstance(m, accel.FP8Linear) for m in lins) == 2 * 2 * 4 + 4 * 2
+    )  # qkv, proj, mlp×2 per stream; linear1/2
     assert all(isinstance(b.img_mod.lin, nn.Linear) for b in model.double_blocks)
     for hooks, ref in zip(HOOKS, refs):
         err = ((run(model, x, **hooks) - ref).norm() / ref.norm()).item()

@@ -115,9 +115,9 @@ def test_bad_sources_raise_user_errors(tmp_path):
         HFEmbedder(str(tmp_path / "model.safetensors"), max_length=16)
     with pytest.raises(UserError, match="config.json"):
         HFEmbedder(str(tmp_path), max_length=16)  # a folder without a model
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(
-        tmp_path / "bert"
-    )
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(UserError, match="'bert' model, not a T5 or CLIP"):
         HFEmbedder(str(tmp_path / "bert"), max_length=16)
     with pytest.raises(UserError, match="1..77"):

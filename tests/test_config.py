@@ -61,14 +61,26 @@ def problems_of(path, overrides=(), cls=ExampleConfig) -> list[str]:
 
 # --- good input --------------------------------------------------------------------------------------------------
 
+
 def test_schema_key_is_accepted_and_ignored(tmp_path):
     cfg = load_config(ExampleConfig, write(tmp_path, {"$schema": "schema/demo_0_test.schema.json", "steps": 3}))
     assert cfg == ExampleConfig(steps=3)
 
 
 def test_file_values_are_typed_and_defaults_fill_the_rest(tmp_path):
-    cfg = load_config(ExampleConfig, write(tmp_path, {"width": 512, "guidance": 4, "prompt": ["a", "b"], "seed": None,
-                                                      "_comment": "keys starting with _ are ignored"}))
+    cfg = load_config(
+        ExampleConfig,
+        write(
+            tmp_path,
+            {
+                "width": 512,
+                "guidance": 4,
+                "prompt": ["a", "b"],
+                "seed": None,
+                "_comment": "keys starting with _ are ignored",
+            },
+        ),
+    )
     assert cfg.width == 512 and cfg.height == 1024 and cfg.prompt == ["a", "b"] and cfg.seed is None
     assert cfg.guidance == 4.0 and isinstance(cfg.guidance, float)  # an integer is accepted for a float
     assert cfg.model == "flux-dev" and cfg.dtype == "bf16" and cfg.device == "auto" and cfg.output_dir == "outputs"
@@ -81,8 +93,11 @@ def test_none_path_means_defaults_plus_overrides():
 
 def test_overrides_parse_json_then_fall_back_to_string(tmp_path):
     path = write(tmp_path, {"seed": 1, "prompt": "from file"})
-    cfg = load_config(ExampleConfig, path, ["seed=7", "prompt=a cat on a mat", "layers=[0, 1]", "save_steps=true",
-                                            "guidance=2", "device=cuda:1"])
+    cfg = load_config(
+        ExampleConfig,
+        path,
+        ["seed=7", "prompt=a cat on a mat", "layers=[0, 1]", "save_steps=true", "guidance=2", "device=cuda:1"],
+    )
     assert (cfg.seed, cfg.prompt, cfg.layers, cfg.save_steps, cfg.guidance) == (7, "a cat on a mat", [0, 1], True, 2.0)
     assert cfg.device == "cuda:1"
     # "123" is valid JSON (an integer) but the field wants a string: the plain string is used
@@ -94,14 +109,17 @@ def test_overrides_parse_json_then_fall_back_to_string(tmp_path):
 
 def test_check_hook_adds_cross_field_problems(tmp_path):
     assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": 20})) == [
-        "flux-schnell needs at most 10 steps, got 20: lower 'steps'"]
+        "flux-schnell needs at most 10 steps, got 20: lower 'steps'"
+    ]
     # a rule runs whenever the fields it needs are valid: a wrong width does not hide it ...
     assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": 20, "width": 100})) == [
         "'width' must be a multiple of 16, got 100 (nearest: 96 or 112)",
-        "flux-schnell needs at most 10 steps, got 20: lower 'steps'"]
+        "flux-schnell needs at most 10 steps, got 20: lower 'steps'",
+    ]
     # ... and never runs on a half-valid value: a wrong steps is reported once, by its own rule
     assert problems_of(write(tmp_path, {"model": "flux-schnell", "steps": "20"})) == [
-        """'steps' must be an integer, got "20" (a string)"""]
+        """'steps' must be an integer, got "20" (a string)"""
+    ]
 
 
 def test_rules_run_whenever_the_fields_they_need_are_valid(tmp_path):
@@ -113,7 +131,8 @@ def test_rules_run_whenever_the_fields_they_need_are_valid(tmp_path):
         def check(self) -> list[str]:  # the range depends on the model: a rule, not field metadata
             return super().check() + check_rules(
                 lambda: [f"'layers' {bad} out of range 0..5" for bad in [[i for i in self.layers if i > 5]] if bad],
-                lambda: ["flux-tiny takes at most 8 steps"] if self.steps > 8 else [])
+                lambda: ["flux-tiny takes at most 8 steps"] if self.steps > 8 else [],
+            )
 
     path = write(tmp_path, {"model": "flux-tiny", "layres": [0], "layers": [0, 99], "steps": "x", "offload": 1})
     assert problems_of(path, cls=Ranged) == [
@@ -136,12 +155,28 @@ def test_a_misspelt_key_and_an_out_of_range_layer_are_reported_together(tmp_path
 
 # --- bad input: every problem at once ---------------------------------------------------------------------------
 
+
 def test_every_problem_is_reported_at_once_naming_the_file(tmp_path):
-    path = write(tmp_path, {
-        "widht": 512, "steps": "15", "height": 1000, "guidance": -1, "layers": [0, "a"], "dtype": "bf61",
-        "model": "flux-deb", "seed": 1.5, "save_steps": 1, "prompt": 5, "style": "sketchy", "device": "gpu",
-        "sampler": "eulr", "width": 8, "offload": "yes",
-    })
+    path = write(
+        tmp_path,
+        {
+            "widht": 512,
+            "steps": "15",
+            "height": 1000,
+            "guidance": -1,
+            "layers": [0, "a"],
+            "dtype": "bf61",
+            "model": "flux-deb",
+            "seed": 1.5,
+            "save_steps": 1,
+            "prompt": 5,
+            "style": "sketchy",
+            "device": "gpu",
+            "sampler": "eulr",
+            "width": 8,
+            "offload": "yes",
+        },
+    )
     with pytest.raises(ConfigError) as info:
         load_config(ExampleConfig, path, ["seed=abc", "colour=red", "steps"])
     # the file's seed 1.5 is replaced by the override: only the override's problem is reported
@@ -195,13 +230,16 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("text, where, hint", [
-    ('{\n  "width": 512,\n  "steps": 4,\n}\n', "line 4, column 1", "a trailing comma before '}'"),
-    ('{\n  "width": 512\n  "steps": 4\n}\n', "line 3, column 3", "a missing comma"),
-    ("{\n  'width': 512\n}\n", "line 2, column 3", "double quotes"),
-    ('{"layers": [0, 1,]}', "line 1, column 18", "a trailing comma before ']'"),
-    ('{"width": 512', "line 1, column 14", ""),
-])
+@pytest.mark.parametrize(
+    "text, where, hint",
+    [
+        ('{\n  "width": 512,\n  "steps": 4,\n}\n', "line 4, column 1", "a trailing comma before '}'"),
+        ('{\n  "width": 512\n  "steps": 4\n}\n', "line 3, column 3", "a missing comma"),
+        ("{\n  'width': 512\n}\n", "line 2, column 3", "double quotes"),
+        ('{"layers": [0, 1,]}', "line 1, column 18", "a trailing comma before ']'"),
+        ('{"width": 512', "line 1, column 14", ""),
+    ],
+)
 def test_broken_json_names_line_and_column(tmp_path, text, where, hint):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
@@ -234,13 +272,18 @@ def test_file_problems(tmp_path):
     (tmp_path / "configs").mkdir()
     write(tmp_path / "configs", {}, "demo_0_test.json")
     assert problems_of(tmp_path / "configs") == [
-        "is a folder, not a file: pass the path of a .json config file (it holds: demo_0_test.json)"]
+        "is a folder, not a file: pass the path of a .json config file (it holds: demo_0_test.json)"
+    ]
     assert problems_of(tmp_path / "configs" / "demo_0_tset.json") == [
-        f"no such file — did you mean '{tmp_path / 'configs' / 'demo_0_test.json'}'?"]
+        f"no such file — did you mean '{tmp_path / 'configs' / 'demo_0_test.json'}'?"
+    ]
     assert problems_of(tmp_path / "nowhere" / "x.json") == ["no such file"]
     assert problems_of(write(tmp_path, " \n")) == [
-        'is empty: write a JSON object such as {"seed": 0}, or print a full one with --print-config']
-    assert problems_of(write(tmp_path, "[1, 2]")) == ['must hold one JSON object {"key": value, ...}, not [1, 2] (a list)']
+        'is empty: write a JSON object such as {"seed": 0}, or print a full one with --print-config'
+    ]
+    assert problems_of(write(tmp_path, "[1, 2]")) == [
+        'must hold one JSON object {"key": value, ...}, not [1, 2] (a list)'
+    ]
     (tmp_path / "bin.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     assert "is not a UTF-8 text file" in problems_of(tmp_path / "bin.json")[0]
     # a byte-order mark (some Windows editors) is fine
@@ -250,8 +293,16 @@ def test_file_problems(tmp_path):
 
 def test_base_config_checks_paths_and_output_dir(tmp_path):
     (tmp_path / "file").write_text("x")
-    problems = problems_of(write(tmp_path, {"flow_path": str(tmp_path / "missing.safetensors"),
-                                            "ae_path": str(tmp_path / "file"), "output_dir": str(tmp_path / "file")}))
+    problems = problems_of(
+        write(
+            tmp_path,
+            {
+                "flow_path": str(tmp_path / "missing.safetensors"),
+                "ae_path": str(tmp_path / "file"),
+                "output_dir": str(tmp_path / "file"),
+            },
+        )
+    )
     assert problems == [
         f"'flow_path' points to '{tmp_path / 'missing.safetensors'}', which does not exist "
         "(fix the path, or set it to null to download the weights)",
@@ -276,13 +327,18 @@ def test_class_mistakes_are_type_errors_not_user_errors():
     class BadType:
         x: dict = field(default_factory=dict)
 
-    for cls, words in [(NoDefault, "needs a default"), (BadMeta, "unknown metadata"),
-                       (BadDefault, "violates its own rules"), (BadType, "unsupported config field type")]:
+    for cls, words in [
+        (NoDefault, "needs a default"),
+        (BadMeta, "unknown metadata"),
+        (BadDefault, "violates its own rules"),
+        (BadType, "unsupported config field type"),
+    ]:
         with pytest.raises(TypeError, match=words):
             load_config(cls, None)
 
 
 # --- printing the config ----------------------------------------------------------------------------------------
+
 
 def test_default_config_json_loads_back_and_explains_every_key(tmp_path):
     text = default_config_json(ExampleConfig)
@@ -296,7 +352,7 @@ def test_default_config_json_loads_back_and_explains_every_key(tmp_path):
 
 
 def test_config_to_dict_round_trips(tmp_path):
-    cfg = load_config(ExampleConfig, None, ["prompt=[\"a\"]", "seed=3", "model=flux-tiny"])
+    cfg = load_config(ExampleConfig, None, ['prompt=["a"]', "seed=3", "model=flux-tiny"])
     data = config_to_dict(cfg)
     assert data["prompt"] == ["a"] and data["seed"] == 3 and data["model"] == "flux-tiny"
     data["prompt"].append("b")  # a copy: the config is untouched
@@ -306,8 +362,10 @@ def test_config_to_dict_round_trips(tmp_path):
 
 # --- devices and dtypes -----------------------------------------------------------------------------------------
 
+
 def test_resolve_dtype():
     import torch
+
     assert [resolve_dtype(n) for n in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, torch.float32]
     with pytest.raises(UserError, match="use bf16, fp16 or fp32"):
         resolve_dtype("float8")
@@ -315,6 +373,7 @@ def test_resolve_dtype():
 
 def test_resolve_device(monkeypatch):
     import torch
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
@@ -334,12 +393,15 @@ def test_resolve_device(monkeypatch):
 
 # --- the demos' entry point -------------------------------------------------------------------------------------
 
+
 def writing_main(calls):
     """A demo body that writes into its output folder, so tests can see that nothing was written on error."""
+
     def main(cfg: ExampleConfig) -> None:
         calls.append(cfg)
         Path(cfg.output_dir).mkdir(parents=True)
         (Path(cfg.output_dir) / "image.png").write_bytes(b"png")
+
     return main
 
 
@@ -352,8 +414,14 @@ def run(argv, main):
 def test_run_demo_runs_main_with_config_and_overrides(tmp_path):
     calls = []
     out = tmp_path / "out"
-    assert run_demo(ExampleConfig, writing_main(calls),
-                    [str(write(tmp_path, {"steps": 3, "output_dir": str(out)})), "seed=9", "prompt=a dog"]) is None
+    assert (
+        run_demo(
+            ExampleConfig,
+            writing_main(calls),
+            [str(write(tmp_path, {"steps": 3, "output_dir": str(out)})), "seed=9", "prompt=a dog"],
+        )
+        is None
+    )
     assert (calls[0].steps, calls[0].seed, calls[0].prompt) == (3, 9, "a dog")
     assert (out / "image.png").exists()
     # without a config file the first positional is already an override
@@ -377,6 +445,7 @@ def test_run_demo_bad_config_exits_2_with_message_and_writes_nothing(tmp_path, c
 def test_run_demo_user_error_inside_main_exits_2(tmp_path, capsys):
     def main(cfg):
         raise UserError("the checkpoint is truncated: download it again")
+
     assert run([f"output_dir={tmp_path}"], main) == 2
     assert capsys.readouterr().err == "error: the checkpoint is truncated: download it again\n"
 
@@ -384,6 +453,7 @@ def test_run_demo_user_error_inside_main_exits_2(tmp_path, capsys):
 def test_run_demo_ctrl_c_exits_130(capsys):
     def main(cfg):
         raise KeyboardInterrupt
+
     assert run(["seed=1"], main) == 130
     assert "interrupted" in capsys.readouterr().err
 
@@ -391,6 +461,7 @@ def test_run_demo_ctrl_c_exits_130(capsys):
 def test_run_demo_other_exceptions_are_bugs_and_propagate():
     def main(cfg):
         raise ZeroDivisionError
+
     with pytest.raises(ZeroDivisionError):
         run_demo(ExampleConfig, main, ["seed=1"])
 
@@ -422,7 +493,8 @@ def test_print_config_prints_loadable_json_and_runs_nothing(tmp_path, capsys):
 def test_demo_script_as_a_subprocess(tmp_path, repo_root, run_script):
     """The real thing: a script calling run_demo, its exit status, stderr and output folder."""
     script = tmp_path / "demo_example.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from dataclasses import dataclass, field
         from pathlib import Path
         from stableflow.config import BaseConfig, run_demo
@@ -437,13 +509,16 @@ def test_demo_script_as_a_subprocess(tmp_path, repo_root, run_script):
 
         if __name__ == "__main__":
             run_demo(Config, main, description="example demo")
-    """))
+    """)
+    )
     out = tmp_path / "out"
     bad = write(tmp_path, {"width": 100, "output_dir": str(out)})
     bare = dict(env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"}, inherit_env=False, timeout=60)
     result = run_script(script, bad, **bare)
     assert result.returncode == 2, result.stderr
-    assert result.stderr == f"error: config file '{bad}': 'width' must be a multiple of 16, got 100 (nearest: 96 or 112)\n"
+    assert (
+        result.stderr == f"error: config file '{bad}': 'width' must be a multiple of 16, got 100 (nearest: 96 or 112)\n"
+    )
     assert result.stdout == "" and not out.exists()
     result = run_script(script, bad, "width=32", **bare)
     assert result.returncode == 0, result.stderr
@@ -451,6 +526,7 @@ def test_demo_script_as_a_subprocess(tmp_path, repo_root, run_script):
 
 
 # --- "auto" speed and memory options ----------------------------------------------------------------------------
+
 
 def fake_gpu(monkeypatch, capability=(9, 0), free_gib=79.0):
     import torch
@@ -475,9 +551,13 @@ def test_auto_speed_options_follow_device_dtype_and_capability(monkeypatch):
     assert (got.compile, got.fuse_gelu, got.fp8, got.stream_blocks, got.resident_gb) == (True, True, False, False, 0.0)
     assert describe(got) == "speed options: compile on, fuse_gelu on (auto: CUDA bf16 sm_90)"
     assert got.check() == [] and auto.check() != []  # only resolved options reach accelerate
-    for device, dtype, cap in [("cpu", torch.bfloat16, (9, 0)), ("mps", torch.bfloat16, (9, 0)),
-                               ("cuda", torch.float32, (9, 0)), ("cuda", torch.float16, (9, 0)),
-                               ("cuda", torch.bfloat16, (7, 5))]:
+    for device, dtype, cap in [
+        ("cpu", torch.bfloat16, (9, 0)),
+        ("mps", torch.bfloat16, (9, 0)),
+        ("cuda", torch.float32, (9, 0)),
+        ("cuda", torch.float16, (9, 0)),
+        ("cuda", torch.bfloat16, (7, 5)),
+    ]:
         fake_gpu(monkeypatch, capability=cap)
         got = resolve_accel(auto, torch.device(device), dtype, dev, t5)
         assert (got.compile, got.fuse_gelu, got.stream_blocks) == (False, False, False), (device, dtype, cap)
@@ -507,10 +587,20 @@ def test_auto_memory_options_stream_on_small_gpus(monkeypatch):
     fake_gpu(monkeypatch, free_gib=40.0)  # fits: resident path
     assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).stream_blocks is False
     fake_gpu(monkeypatch, free_gib=23.5)  # explicit settings win; offload, fp8 and compile=true decide memory
-    assert resolve_accel(AccelOptions("auto", "auto", False, "auto", 12, "auto"), cuda, torch.bfloat16, dev, t5).resident_gb == 12
-    assert resolve_accel(AccelOptions("auto", "auto", False, False, "auto", "auto"), cuda, torch.bfloat16, dev, t5).compile
-    for options, offload in [(AccelOptions("auto", "auto", True, "auto", "auto", "auto"), False),
-                             (AccelOptions(True, "auto", False, "auto", "auto", "auto"), False), (auto, True)]:
+    assert (
+        resolve_accel(
+            AccelOptions("auto", "auto", False, "auto", 12, "auto"), cuda, torch.bfloat16, dev, t5
+        ).resident_gb
+        == 12
+    )
+    assert resolve_accel(
+        AccelOptions("auto", "auto", False, False, "auto", "auto"), cuda, torch.bfloat16, dev, t5
+    ).compile
+    for options, offload in [
+        (AccelOptions("auto", "auto", True, "auto", "auto", "auto"), False),
+        (AccelOptions(True, "auto", False, "auto", "auto", "auto"), False),
+        (auto, True),
+    ]:
         assert resolve_accel(options, cuda, torch.bfloat16, dev, t5, offload=offload).stream_blocks is False
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers_oracle import diffusers_transformer  # the tests' independent key mapping
 from safetensors.torch import save_file
 
 from flux.convert import vae_config
 from flux.errors import UserError
 from flux.util import configs, load_ae, load_flow_model
+
+from diffusers_oracle import diffusers_transformer  # the tests' independent key mapping
 
 TINY = configs["flux-tiny"]
 
@@ -83,7 +84,9 @@ def test_transformer_folder_loads_the_same_tensors(repo, official, where):
     assert not any(p.is_meta for p in loaded.parameters())
     assert same_weights(loaded, ref)
     bf16 = load_flow_model("flux-tiny", "cpu", torch.bfloat16, path=str(path))  # cast while reading
-    assert same_weights(bf16, load_flow_model("flux-tiny", "cpu", torch.bfloat16, path=str(official / "flow.safetensors")))
+    assert same_weights(
+        bf16, load_flow_model("flux-tiny", "cpu", torch.bfloat16, path=str(official / "flow.safetensors"))
+    )
 
 
 @pytest.mark.parametrize("where", ["vae", "root"])
@@ -100,8 +103,12 @@ def run_demo(run_script):
 
 @pytest.mark.slow
 def test_demo_gives_the_same_png_bytes(repo, official, tmp_path, run_demo):
-    a = run_demo("num_images=1", f"flow_path={official / 'flow.safetensors'}", f"ae_path={official / 'ae.safetensors'}",
-                 f"output_dir={tmp_path / 'a'}")
+    a = run_demo(
+        "num_images=1",
+        f"flow_path={official / 'flow.safetensors'}",
+        f"ae_path={official / 'ae.safetensors'}",
+        f"output_dir={tmp_path / 'a'}",
+    )
     b = run_demo("num_images=1", f"flow_path={repo}", f"ae_path={repo / 'vae'}", f"output_dir={tmp_path / 'b'}")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     pngs = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
@@ -131,10 +138,14 @@ def test_hf_cache_serves_the_diffusers_folders(repo, official, tmp_path, monkeyp
     monkeypatch.delenv("FLUX_MODEL", raising=False)
     monkeypatch.delenv("FLUX_AE", raising=False)
     monkeypatch.delenv("AE", raising=False)
-    spec = dataclasses.replace(TINY, repo_id="acme/flux-test", repo_flow="flux1-test.safetensors", repo_ae="ae.safetensors")
+    spec = dataclasses.replace(
+        TINY, repo_id="acme/flux-test", repo_flow="flux1-test.safetensors", repo_ae="ae.safetensors"
+    )
     monkeypatch.setitem(configs, "flux-test", spec)
     flow = load_flow_model("flux-test", "cpu", torch.float32)
-    assert same_weights(flow, load_flow_model("flux-tiny", "cpu", torch.float32, path=str(official / "flow.safetensors")))
+    assert same_weights(
+        flow, load_flow_model("flux-tiny", "cpu", torch.float32, path=str(official / "flow.safetensors"))
+    )
     assert same_weights(load_ae("flux-test", "cpu"), load_ae("flux-tiny", "cpu", path=str(official / "ae.safetensors")))
 
 
@@ -147,7 +158,9 @@ def test_hf_cache_prefers_the_single_file(official, tmp_path, monkeypatch, model
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("FLUX_MODEL", raising=False)
-    monkeypatch.setitem(configs, "flux-test", dataclasses.replace(TINY, repo_id="acme/flux-test", repo_flow="flow.safetensors"))
+    monkeypatch.setitem(
+        configs, "flux-test", dataclasses.replace(TINY, repo_id="acme/flux-test", repo_flow="flow.safetensors")
+    )
     assert same_weights(load_flow_model("flux-test", "cpu", torch.float32), models[0])
 
 
@@ -208,7 +221,9 @@ def test_missing_and_unexpected_tensors_are_named(broken_repo, models):
 def test_wrong_shape_and_wrong_folder(broken_repo, monkeypatch):
     wider = dataclasses.replace(TINY, params=dataclasses.replace(TINY.params, hidden_size=128, num_heads=4))
     monkeypatch.setitem(configs, "tiny-wide", wider)
-    with pytest.raises(UserError, match=r"config\.json does not describe tiny-wide: num_attention_heads=2 \(model tiny-wide: 4\)"):
+    with pytest.raises(
+        UserError, match=r"config\.json does not describe tiny-wide: num_attention_heads=2 \(model tiny-wide: 4\)"
+    ):
         load_flow_model("tiny-wide", "cpu", path=str(broken_repo))
     config = broken_repo / "transformer" / "config.json"
     data = json.loads(config.read_text())
@@ -242,7 +257,10 @@ def test_krea_is_a_dev_architecture_model():
     krea, dev = configs["flux-krea-dev"], configs["flux-dev"]
     assert krea.params == dev.params and krea.ae_params == dev.ae_params
     assert (krea.repo_id, krea.repo_flow, krea.repo_ae) == (
-        "black-forest-labs/FLUX.1-Krea-dev", "flux1-krea-dev.safetensors", "ae.safetensors")
+        "black-forest-labs/FLUX.1-Krea-dev",
+        "flux1-krea-dev.safetensors",
+        "ae.safetensors",
+    )
     assert krea.t5_version == krea.clip_version == krea.repo_id
 
 
@@ -263,7 +281,14 @@ def test_no_network_fails_fast_with_advice(tmp_path, monkeypatch):
         load_flow_model("flux-dev", "cpu")
     assert time.perf_counter() - t < 5
     msg = str(e.value)
-    for advice in ("cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "flow_path", "FLUX_MODEL"):
+    for advice in (
+        "cannot reach the Hugging Face Hub",
+        "HF_HUB_OFFLINE",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "flow_path",
+        "FLUX_MODEL",
+    ):
         assert advice in msg, advice
 
 

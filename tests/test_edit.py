@@ -95,8 +95,9 @@ def test_injection_changes_the_edits_and_only_them(tiny_models):
 def test_full_injection_with_the_reference_prompt_gives_the_reference(tiny_models, batch_size):
     # The edit equal to the reference sits between two different ones: K/V taken from any sample but the
     # reference (a wrong source index, or a chunk that forgets its reference) would change it.
-    result = edit(tiny_models, ["a blue fox in a desert", REF, "a fox made of glass"], layers=ALL_LAYERS,
-                  batch_size=batch_size)
+    result = edit(
+        tiny_models, ["a blue fox in a desert", REF, "a fox made of glass"], layers=ALL_LAYERS, batch_size=batch_size
+    )
     assert_same(result.latents[2], result.latents[0])
     assert (result.latents[1] - result.latents[0]).abs().max() > 1e-3
     assert (result.latents[3] - result.latents[0]).abs().max() > 1e-3
@@ -148,8 +149,10 @@ def test_vital_layer_defaults():
     assert scale_layers(RELEASE_VITAL_LAYERS, 19, 38) == list(RELEASE_VITAL_LAYERS)
     assert default_vital_layers(2, 4) == [0, 1, 2, 3, 5]  # flux-tiny: double {0,1}, single {0,1,3}
     assert choose_vital_layers(None, None, 19, 38)[0] == list(RELEASE_VITAL_LAYERS)
-    assert choose_vital_layers(None, None, 2, 4) == ([0, 1, 2, 3, 5],
-        "default (the release's layers scaled from 19+38 to 2+4 blocks)")
+    assert choose_vital_layers(None, None, 2, 4) == (
+        [0, 1, 2, 3, 5],
+        "default (the release's layers scaled from 19+38 to 2+4 blocks)",
+    )
     assert choose_vital_layers([5, 0, 0], None, 2, 4)[0] == [0, 5]
     assert choose_vital_layers([], None, 2, 4)[0] == []
     with pytest.raises(UserError, match=r"layer 57 out of range: this model has layers 0\.\.56"):
@@ -164,7 +167,7 @@ def test_vital_layers_file(tmp_path):
     assert read_vital_layers(good, 2, 4) == [0, 1, 3]
     assert choose_vital_layers(None, str(good), 2, 4) == ([0, 1, 3], f"file {good}")
     cases = {
-        "broken.json": ("{\"vital_layers\": [0,", "not readable JSON"),
+        "broken.json": ('{"vital_layers": [0,', "not readable JSON"),
         "nokey.json": (json.dumps({"layers": [0]}), "malformed"),
         "strings.json": (json.dumps({"vital_layers": ["0"]}), "malformed"),
         "list.json": (json.dumps([0, 1]), "malformed"),
@@ -180,8 +183,9 @@ def test_vital_layers_file(tmp_path):
     # The file demo_3_dino.py writes (stableflow.vitality's payload) is read as it is.
     from stableflow.vitality import selection_dict, vital_layers_payload
 
-    payload = vital_layers_payload([], [5, 0], selection_dict(0.2, None), model="flux-tiny", dino_model="tiny-random",
-                                   num_double=2)
+    payload = vital_layers_payload(
+        [], [5, 0], selection_dict(0.2, None), model="flux-tiny", dino_model="tiny-random", num_double=2
+    )
     (tmp_path / "demo3.json").write_text(json.dumps(payload))
     assert read_vital_layers(tmp_path / "demo3.json", 2, 4) == [0, 5]
     with pytest.raises(UserError, match="does not exist"):
@@ -247,8 +251,15 @@ def test_inversion_is_exact_where_the_velocity_does_not_depend_on_x(tiny_models)
     rev = ts[::-1]
     with torch.no_grad():
         for t_cur, t_next in zip(rev[:-1], rev[1:]):
-            v = xm.model(img=x, img_ids=image_ids(1, H // 16, W // 16), txt=text.txt, txt_ids=text.txt_ids,
-                         y=text.vec, timesteps=torch.tensor([t_cur]), guidance=torch.tensor([1.0]))
+            v = xm.model(
+                img=x,
+                img_ids=image_ids(1, H // 16, W // 16),
+                txt=text.txt,
+                txt_ids=text.txt_ids,
+                y=text.vec,
+                timesteps=torch.tensor([t_cur]),
+                guidance=torch.tensor([1.0]),
+            )
             x = x + (t_next - t_cur) * v
     naive = xm.denoise(text, unpack(x, H, W), ts, guidance=1.0)
     assert (naive - latent).abs().max() > 1e-3
@@ -278,9 +289,12 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(tiny_m
     seen = []  # (step index, latent of the reference that the model saw) during denoising
     hook = tiny_models.model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        result = edit_real(tiny_models, EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0,
-                                               layers=[0, 5]), RealImage(_house(), nudge=1.15),
-                           callback=lambda s: s.t_prev < s.t and seen.append((s.index, s.latent[0].clone())))
+        result = edit_real(
+            tiny_models,
+            EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0, layers=[0, 5]),
+            RealImage(_house(), nudge=1.15),
+            callback=lambda s: s.t_prev < s.t and seen.append((s.index, s.latent[0].clone())),
+        )
     finally:
         hook.remove()
     inv = result.inversion
@@ -304,8 +318,9 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(tiny_m
 def test_real_edit_chunks_share_one_reference_path(tiny_models):
     edits = ["a white house", "a red house in snow", "a blue house"]
     whole = edit_real(tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1]), RealImage(_house()))
-    chunked = edit_real(tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1], batch_size=2),
-                        RealImage(_house()))
+    chunked = edit_real(
+        tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1], batch_size=2), RealImage(_house())
+    )
     assert len(chunked.chunks) == 3 and chunked.reference_drift == 0.0
     assert torch.equal(chunked.latents[0], whole.latents[0])
     for i in range(1, 4):
@@ -373,8 +388,10 @@ def test_generated_run_outputs(tiny_models, tmp_path):
     out = tmp_path / "out"
     assert (out / "reference.png").is_file() and (out / "grid.png").is_file()
     assert [e["file"] for e in results["edits"]] == [
-        "edit_00_a-white-fox-in-the-snow.png", "edit_01_a-red-fox-on-the-grass.png",
-        "edit_02_a-red-fox-in-the-snow-at-night.png"]
+        "edit_00_a-white-fox-in-the-snow.png",
+        "edit_01_a-red-fox-on-the-grass.png",
+        "edit_02_a-red-fox-in-the-snow-at-night.png",
+    ]
     s = results["settings"]
     assert (s["steps"], s["guidance"], s["seed"], s["chunks"], s["reference_drift"]) == (4, 3.5, 0, 2, 0.0)
     assert s["vital_layers"] == [0, 1, 2, 3, 5] and "scaled" in s["vital_layers_from"]
@@ -394,8 +411,12 @@ BAD_INPUTS = [
     ("demo_4_edit.json", ["vital_layers_file=configs/tiny/demo_4_edit.json"], "malformed"),
     ("demo_4_edit.json", ["vital_layers=[0]", "vital_layers_file=x.json"], "both"),
     ("demo_4_edit.json", ["batch_size=1"], "at least 2"),
-    ("demo_4_edit.json", ["inject_steps=[2, 5]"], r"inject_steps \[2, 5\] must be \[start, end\] with 0 <= start < end "
-                                                  r"<= steps \(4\)"),
+    (
+        "demo_4_edit.json",
+        ["inject_steps=[2, 5]"],
+        r"inject_steps \[2, 5\] must be \[start, end\] with 0 <= start < end "
+        r"<= steps \(4\)",
+    ),
     ("demo_4_edit.json", ["inject_steps=[3, 3]"], "inject_steps"),
     ("demo_4_edit.json", ["inject_steps=[1]"], "inject_steps"),
     ("demo_4_edit_real.json", ["steps=null", "inject_steps=[0, 51]"], r"steps \(50\)"),
@@ -426,8 +447,9 @@ def test_tiny_configs_run_as_scripts(run_script, tmp_path, config):
 
 @pytest.mark.slow
 def test_script_bad_image_exits_2(run_script, tmp_path):
-    proc = run_script("demo_4_edit.py", "configs/tiny/demo_4_edit_real.json", f"output_dir={tmp_path / 'out'}",
-                      "image=no/such.png")
+    proc = run_script(
+        "demo_4_edit.py", "configs/tiny/demo_4_edit_real.json", f"output_dir={tmp_path / 'out'}", "image=no/such.png"
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no/such.png does not exist" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -477,13 +499,18 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
 
     found = tmp_path / "demo_3_dino" / "vital_layers.json"
     assert EditConfig().vital_layers_file == "auto"
-    assert layers() == ([0, 1, 2, 3, 5], "default (the release's layers scaled from 19+38 to 2+4 blocks); "
-                                         f"no {found} from demo_3_dino.py")
+    assert layers() == (
+        [0, 1, 2, 3, 5],
+        f"default (the release's layers scaled from 19+38 to 2+4 blocks); no {found} from demo_3_dino.py",
+    )
     found.parent.mkdir()
-    for model, expected in [("flux-tiny", ([0, 5], f"file {found}")),
-                            ("flux-dev", ([0, 1, 2, 3, 5], f"; {found} was made for flux-dev, not flux-tiny"))]:
-        payload = vital_layers_payload([], [5, 0], selection_dict(0.2, None), model=model, dino_model="tiny-random",
-                                       num_double=2)
+    for model, expected in [
+        ("flux-tiny", ([0, 5], f"file {found}")),
+        ("flux-dev", ([0, 1, 2, 3, 5], f"; {found} was made for flux-dev, not flux-tiny")),
+    ]:
+        payload = vital_layers_payload(
+            [], [5, 0], selection_dict(0.2, None), model=model, dino_model="tiny-random", num_double=2
+        )
         found.write_text(json.dumps(payload))
         got = layers()
         assert got[0] == expected[0] and got[1].endswith(expected[1])
@@ -522,8 +549,9 @@ def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(tiny_models, tmp
     assert all("scores" in e for e in again["edits"])
     # One more edit: only it is made (every forward pass is the reference + that edit), beside the same reference.
     batches = []
-    hook = tiny_models.model.register_forward_pre_hook(lambda m, a, kw: batches.append(kw["img"].shape[0]),
-                                                  with_kwargs=True)
+    hook = tiny_models.model.register_forward_pre_hook(
+        lambda m, a, kw: batches.append(kw["img"].shape[0]), with_kwargs=True
+    )
     try:
         third = run(_config("demo_4_edit.json", tmp_path, scores=False, edits=EDITS), tiny_models)
     finally:
@@ -536,9 +564,15 @@ def test_rerun_skips_finished_edits_and_makes_only_the_new_ones(tiny_models, tmp
     assert Image.open(out / new).tobytes() == tensor_to_pil(alone.edits[0]).tobytes()
 
 
-@pytest.mark.parametrize("override,change", [("steps=5", "steps 4 -> 5"), ("seed=1", "seed 0 -> 1"),
-                                             ("vital_layers=[0]", "vital_layers [0, 1, 2, 3, 5] -> [0]"),
-                                             ("inject_steps=[0, 2]", "inject_steps [0, 4] -> [0, 2]")])
+@pytest.mark.parametrize(
+    "override,change",
+    [
+        ("steps=5", "steps 4 -> 5"),
+        ("seed=1", "seed 0 -> 1"),
+        ("vital_layers=[0]", "vital_layers [0, 1, 2, 3, 5] -> [0]"),
+        ("inject_steps=[0, 2]", "inject_steps [0, 4] -> [0, 2]"),
+    ],
+)
 @pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_and_changes_nothing(tiny_models, tmp_path, capsys, override, change):
     out = tmp_path / "out"

@@ -205,8 +205,9 @@ def test_callback_steps_and_final_prediction(model):
     x = inputs(2, seed=6)
     timesteps = get_schedule(3, x["img"].shape[1])
     seen = []
-    final = denoise(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=3.5,
-                    callback=seen.append)
+    final = denoise(
+        model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=3.5, callback=seen.append
+    )
     assert [s.index for s in seen] == [0, 1, 2]
     assert [(s.t, s.t_prev) for s in seen] == list(zip(timesteps[:-1], timesteps[1:]))
     assert torch.equal(seen[0].latent, x["img"])
@@ -225,25 +226,45 @@ def test_invert_is_the_euler_loop_backwards_with_the_velocity_at_the_noisier_tim
     x = inputs(2, seed=7)
     timesteps = get_schedule(3, x["img"].shape[1])
     seen = []
-    noise = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
-                   callback=seen.append)
+    noise = invert(
+        model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0, callback=seen.append
+    )
     rev = timesteps[::-1]  # 0 -> 1
     img = x["img"]
     for t, t_next in zip(rev[:-1], rev[1:]):
-        v = plain_forward(model, img, x["img_ids"], x["txt"], x["txt_ids"], torch.full((2,), t_next), x["y"],
-                          torch.full((2,), 1.0))
+        v = plain_forward(
+            model, img, x["img_ids"], x["txt"], x["txt_ids"], torch.full((2,), t_next), x["y"], torch.full((2,), 1.0)
+        )
         img = img + (t_next - t) * v
     assert torch.equal(noise, img)
     assert [(s.index, s.t, s.t_prev) for s in seen] == [(i, a, b) for i, (a, b) in enumerate(zip(rev[:-1], rev[1:]))]
     assert torch.equal(seen[0].latent, x["img"]) and torch.equal(seen[-1].next_latent, noise)
     # The hooks reach the model as in denoise: a callback may replace the next latent, skip/inject are passed on.
-    zeroed = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
-                    callback=lambda s: torch.zeros_like(s.next_latent) if s.index == 1 else None)
-    v = plain_forward(model, torch.zeros_like(img), x["img_ids"], x["txt"], x["txt_ids"], torch.full((2,), rev[3]),
-                      x["y"], torch.full((2,), 1.0))
+    zeroed = invert(
+        model,
+        x["img"],
+        x["img_ids"],
+        x["txt"],
+        x["txt_ids"],
+        x["y"],
+        timesteps,
+        guidance=1.0,
+        callback=lambda s: torch.zeros_like(s.next_latent) if s.index == 1 else None,
+    )
+    v = plain_forward(
+        model,
+        torch.zeros_like(img),
+        x["img_ids"],
+        x["txt"],
+        x["txt_ids"],
+        torch.full((2,), rev[3]),
+        x["y"],
+        torch.full((2,), 1.0),
+    )
     assert torch.equal(zeroed, (rev[3] - rev[2]) * v)
-    skipped = invert(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0,
-                     skip=[{0}, set()])
+    skipped = invert(
+        model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["y"], timesteps, guidance=1.0, skip=[{0}, set()]
+    )
     assert torch.equal(skipped[1], noise[1]) and not torch.allclose(skipped[0], noise[0])
 
 

@@ -71,10 +71,25 @@ def test_json_serialiser_failing_midway_keeps_the_old_file(tmp_path):
 
 
 def test_json_converts_numpy_torch_paths_and_sets(tmp_path):
-    atomic_write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": np.arange(3), "c": torch.tensor([1.5, 2.0]),
-                                            "d": Path("x/y"), "e": {3, 1}, "f": torch.tensor(7)})
-    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": [1.5, 2.0], "d": "x/y",
-                                                              "e": [1, 3], "f": 7}
+    atomic_write_json(
+        tmp_path / "r.json",
+        {
+            "a": np.float32(0.5),
+            "b": np.arange(3),
+            "c": torch.tensor([1.5, 2.0]),
+            "d": Path("x/y"),
+            "e": {3, 1},
+            "f": torch.tensor(7),
+        },
+    )
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "a": 0.5,
+        "b": [0, 1, 2],
+        "c": [1.5, 2.0],
+        "d": "x/y",
+        "e": [1, 3],
+        "f": 7,
+    }
 
 
 def test_atomic_open_rejects_other_modes(tmp_path):
@@ -101,10 +116,21 @@ def test_tensor_to_pil_clamps_and_maps_like_the_official_sampler():
 def test_png_metadata_and_pixels_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    meta = {"prompt": "a fox in the snow, 日本語, é", "seed": 42, "guidance": 3.5, "model": "flux-dev", "layers": [0, 1]}
+    meta = {
+        "prompt": "a fox in the snow, 日本語, é",
+        "seed": 42,
+        "guidance": 3.5,
+        "model": "flux-dev",
+        "layers": [0, 1],
+    }
     save_png(tmp_path / "out" / "img.png", array, meta)
     assert read_png_metadata(tmp_path / "out" / "img.png") == {
-        "prompt": "a fox in the snow, 日本語, é", "seed": "42", "guidance": "3.5", "model": "flux-dev", "layers": "[0, 1]"}
+        "prompt": "a fox in the snow, 日本語, é",
+        "seed": "42",
+        "guidance": "3.5",
+        "model": "flux-dev",
+        "layers": "[0, 1]",
+    }
     with Image.open(tmp_path / "out" / "img.png") as im:
         assert im.format == "PNG" and (np.asarray(im) == array).all()
     assert names(tmp_path / "out") == ["img.png"]
@@ -155,7 +181,7 @@ def test_make_grid_places_tiles_and_captions():
     assert grid.width == plain.width and grid.height > plain.height
     pixels = np.asarray(grid)
     caption_h = (grid.height - 8) // 2 - 38
-    under_first = pixels[8 + 30: 8 + 30 + caption_h, 8: 48]
+    under_first = pixels[8 + 30 : 8 + 30 + caption_h, 8:48]
     assert (under_first < 128).any()  # text is drawn under the first tile
     assert grid.getpixel((8, 8)) == colors[0]
     with pytest.raises(ValueError, match="5 images but 2 labels"):
@@ -170,8 +196,10 @@ def test_make_grid_default_columns_and_mixed_inputs():
     assert grid.getpixel((8 + 48, 8)) == (255, 255, 255) and grid.getpixel((8, 8 + 38)) == (128, 128, 128)
 
 
-PROMPT = ('a photo of a forest with mist swirling around the tree trunks. The word "FLUX" is painted over it in big, '
-          'red brush strokes with visible texture')
+PROMPT = (
+    'a photo of a forest with mist swirling around the tree trunks. The word "FLUX" is painted over it in big, '
+    "red brush strokes with visible texture"
+)
 
 
 def pixel_width(text: str, font_size: int) -> float:

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from diffusers_oracle import diffusers_forward, diffusers_transformer
 
 from flux.model import Flux, FluxParams
 from flux.sampling import get_noise, get_schedule, image_ids, pack, time_shift, unpack
 from flux.util import configs
+
+from diffusers_oracle import diffusers_forward, diffusers_transformer
 
 
 def tiny_params(guidance_embed: bool = True) -> FluxParams:

@@ -34,19 +34,34 @@ def test_seed_0_at_16px_gives_the_known_values():
     # 0.6920, -0.3160, -2.1152 in float32; these are those values rounded to bfloat16.
     noise = get_noise(1, 16, 16, "cpu", torch.bfloat16, seed=0)
     assert noise.shape == (1, 16, 2, 2) and noise.dtype == torch.bfloat16
-    assert noise.flatten()[:8].tolist() == [-1.125, -1.15625, -0.25, -0.43359375, 0.84765625, 0.69140625,
-                                            -0.31640625, -2.109375]
+    assert noise.flatten()[:8].tolist() == [
+        -1.125,
+        -1.15625,
+        -0.25,
+        -0.43359375,
+        0.84765625,
+        0.69140625,
+        -0.31640625,
+        -2.109375,
+    ]
     fp32 = get_noise(1, 16, 16, "cpu", torch.float32, seed=0).flatten()[:4]
     assert torch.allclose(fp32, torch.tensor([-1.1258398, -1.1523602, -0.2505786, -0.4338788]))
 
 
-@pytest.mark.parametrize("num_samples,height,width,dtype,seed", [
-    (1, 1024, 1024, torch.bfloat16, 0), (2, 48, 80, torch.bfloat16, 3), (1, 768, 1360, torch.float32, 11),
-    (3, 32, 32, torch.float16, 2**31 - 1),
-])
+@pytest.mark.parametrize(
+    "num_samples,height,width,dtype,seed",
+    [
+        (1, 1024, 1024, torch.bfloat16, 0),
+        (2, 48, 80, torch.bfloat16, 3),
+        (1, 768, 1360, torch.float32, 11),
+        (3, 32, 32, torch.float16, 2**31 - 1),
+    ],
+)
 def test_get_noise_is_the_official_recipe(num_samples, height, width, dtype, seed):
-    assert torch.equal(get_noise(num_samples, height, width, "cpu", dtype, seed),
-                       official_noise(num_samples, height, width, dtype, seed))
+    assert torch.equal(
+        get_noise(num_samples, height, width, "cpu", dtype, seed),
+        official_noise(num_samples, height, width, dtype, seed),
+    )
 
 
 def test_noise_is_drawn_on_the_cpu_whatever_the_device():
@@ -64,15 +79,23 @@ def test_models_noise_draws_each_seed_alone_in_the_model_dtype():
             assert torch.equal(noise[b], official_noise(1, 48, 64, dtype, seed)[0])
 
 
-@pytest.mark.parametrize("width,height,message", [
-    (40, 32, "width 40 is not a positive multiple of 16 .*: use 32 or 48"),
-    (64, 50, "height 50 is not a positive multiple of 16 .*: use 48 or 64"),
-    (8, 32, "width 8 .*: use 16$"), (32, 0, "height 0 .*: use 16$"), (-16, 32, "width -16 .*: use 16$"),
-])
+@pytest.mark.parametrize(
+    "width,height,message",
+    [
+        (40, 32, "width 40 is not a positive multiple of 16 .*: use 32 or 48"),
+        (64, 50, "height 50 is not a positive multiple of 16 .*: use 48 or 64"),
+        (8, 32, "width 8 .*: use 16$"),
+        (32, 0, "height 0 .*: use 16$"),
+        (-16, 32, "width -16 .*: use 16$"),
+    ],
+)
 def test_sizes_that_are_not_multiples_of_16_are_refused_with_the_nearest_valid_ones(width, height, message):
     models = bare_models(torch.bfloat16)
-    for ask in (lambda: check_size(width, height), lambda: models.noise([0], width, height),
-                lambda: models.schedule(4, width, height)):
+    for ask in (
+        lambda: check_size(width, height),
+        lambda: models.noise([0], width, height),
+        lambda: models.schedule(4, width, height),
+    ):
         with pytest.raises(UserError, match=message):
             ask()
 

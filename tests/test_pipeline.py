@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from diffusers_oracle import diffusers_transformer
-from test_autoencoder import diffusers_vae, to_diffusers
 
 from flux.sampling import pack
+
+from diffusers_oracle import diffusers_transformer
+from test_autoencoder import diffusers_vae, to_diffusers
 
 
 def diffusers_pipeline(models):

@@ -4,13 +4,14 @@ token after the final LayerNorm."""
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_vitality import analyse, gradient, make_sweep, save, score
 
 from stableflow import dino as D
 from stableflow import io as sio
 from stableflow import report as R
 from stableflow.sweep import scan_sweep
 from stableflow.vitality import LayerScore
+
+from test_vitality import analyse, gradient, make_sweep, save, score
 
 
 @pytest.mark.parametrize("vitality", [{0: 1e-4, 1: 3e-5, 2: 2e-4}, {0: -0.05, 1: 0.3, 2: 0.1}, {0: 1.4, 1: 0.2}])
@@ -71,15 +72,15 @@ def test_the_dino_feature_is_the_cls_token_after_the_final_layernorm(tmp_path):
     before = torch.nn.functional.cosine_similarity(before_ln[:1], before_ln[1:]).item()
 
     embedder = D.DinoEmbedder(D.load_dino(D.TINY_RANDOM), "cpu", batch_size=2, num_workers=1)
-    torch.testing.assert_close(embedder.embed([Image.open(a), Image.open(b)]).double(), after_ln, rtol=0,
-                               atol=1e-6)
+    torch.testing.assert_close(embedder.embed([Image.open(a), Image.open(b)]).double(), after_ln, rtol=0, atol=1e-6)
     (got,) = D.dino_similarity(embedder)([(a, b)])
     assert got == pytest.approx(expected, abs=1e-6)
     assert abs(before - expected) > 1e-5  # 10x the tolerance: the other CLS token fails the line above
 
 
 def test_layer_score_fields_reach_the_plot():
-    s = LayerScore(layer=4, name="x", mean_similarity=0.9999, std=0.0, ci_low=0.9998, ci_high=1.0, vitality=1e-4,
-                   num_prompts=2)
+    s = LayerScore(
+        layer=4, name="x", mean_similarity=0.9999, std=0.0, ci_low=0.9998, ci_high=1.0, vitality=1e-4, num_prompts=2
+    )
     ax = R.vitality_figure([s], [4], 2).axes[0]
     assert ax.get_ylim()[1] >= 1 - s.ci_low  # the interval's top end is on the axis too

@@ -43,6 +43,7 @@ def test_every_shipped_config_names_and_passes_its_schema(config):
 
 def errors(schema: dict, data: dict) -> list[str]:
     """What the schema says about `data`, inside "anyOf" the reasons other than a mismatched alternative type."""
+
     def leaves(e) -> list[str]:
         if not e.context:
             return [e.message]
@@ -53,8 +54,21 @@ def errors(schema: dict, data: dict) -> list[str]:
 
 def test_schema_rejects_typos_and_out_of_range_values():
     _, schema = schema_of(CONFIGS / "demo_2_skip.json")
-    assert errors(schema, {"$schema": "x", "_comment": "ok", "width": 512, "layers": [0, 56], "compile": "auto",
-                           "resident_gb": 15, "stream_blocks": True}) == []
+    assert (
+        errors(
+            schema,
+            {
+                "$schema": "x",
+                "_comment": "ok",
+                "width": 512,
+                "layers": [0, 56],
+                "compile": "auto",
+                "resident_gb": 15,
+                "stream_blocks": True,
+            },
+        )
+        == []
+    )
     assert errors(schema, {"widht": 512}) == ["'widht' does not match any of the regexes: '^_'"]  # not a known key
     assert errors(schema, {"layers": [0, -1]}) == ["-1 is less than the minimum of 0"]
     assert errors(schema, {"width": 1000}) == ["1000 is not a multiple of 16"]

@@ -64,12 +64,19 @@ def test_ssim_refuses_images_it_cannot_compare(tmp_path):
 @pytest.mark.slow
 def test_demo3_scores_a_sweep_with_ssim_without_any_weights(tmp_path, run_script):
     sweep, out = tmp_path / "sweep", tmp_path / "scores"
-    r = run_script("demo_2_skip.py", "configs/tiny/demo_2_skip.json", f"output_dir={sweep}", "num_prompts=2",
-                   "progress=false")
+    r = run_script(
+        "demo_2_skip.py", "configs/tiny/demo_2_skip.json", f"output_dir={sweep}", "num_prompts=2", "progress=false"
+    )
     assert r.returncode == 0, r.stderr
-    r = run_script("demo_3_dino.py", "configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={out}",
-                   "metric=ssim", "dino_model=facebook/no-such-model",  # never loaded: SSIM needs no weights
-                   env={"HF_HUB_OFFLINE": "1"})
+    r = run_script(
+        "demo_3_dino.py",
+        "configs/tiny/demo_3_dino.json",
+        f"sweep_dir={sweep}",
+        f"output_dir={out}",
+        "metric=ssim",
+        "dino_model=facebook/no-such-model",  # never loaded: SSIM needs no weights
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "scored with ssim" in r.stdout
     payload = json.loads((out / "vital_layers.json").read_text())

@@ -88,8 +88,14 @@ def launch(args: list[str], rank: int | None = None, world: int | None = None, *
     environ = plain_env(**env)
     if rank is not None:
         environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    return subprocess.Popen([sys.executable, "-c", RUNNER, str(TINY), *args], cwd=REPO, env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(TINY), *args],
+        cwd=REPO,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def plain_env(**env: str) -> dict[str, str]:
@@ -148,8 +154,11 @@ class FakeModels:
     def encode(self, prompts):
         self.encoded += prompts
         n = len(prompts)
-        return Text(torch.zeros(n, 1, 1), torch.zeros(n, 1, 3), torch.arange(len(self.encoded) - n, len(self.encoded)
-                                                                             ).float()[:, None])
+        return Text(
+            torch.zeros(n, 1, 1),
+            torch.zeros(n, 1, 3),
+            torch.arange(len(self.encoded) - n, len(self.encoded)).float()[:, None],
+        )
 
     def release_text_encoders(self):
         self.released = True
@@ -212,7 +221,8 @@ def test_resumed_ranks_rerun_only_their_own_unfinished_batches_unchanged(tmp_pat
         assert len(set(models.encoded)) == len(models.encoded)  # each prompt encoded once
         # Only its own share's unfinished batches, each exactly as planned (so a resumed run computes the same).
         assert [tuple(b[1:]) for b in models.batches] == [
-            composition(b) for b in shard(plan, rank, 2) if any(it.path(root) not in done for it in b)]
+            composition(b) for b in shard(plan, rank, 2) if any(it.path(root) not in done for it in b)
+        ]
         written += result.written
     assert sorted(written) == sorted(expected_files(root, layers=layers) - done)
     assert all(p.read_bytes() == b"done" for p in done)  # finished files are never rewritten
@@ -223,16 +233,19 @@ def test_resumed_ranks_rerun_only_their_own_unfinished_batches_unchanged(tmp_pat
 # --------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1},", "broken JSON at line 1"),
-    ("{\"id\": \"a\"}", "JSON list"),
-    ("[]", "empty list"),
-    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1}, {\"id\": \"a\", \"prompt\": \"y\", \"seed\": 2}]", "appears twice"),
-    ("[{\"id\": \"../a\", \"prompt\": \"x\", \"seed\": 1}]", "folder-safe"),
-    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": -1}]", "'seed' must be an integer >= 0"),
-    ("[{\"id\": \"a\", \"prompt\": \"x\", \"seed\": 1, \"sed\": 2}]", "unknown key"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        ('[{"id": "a", "prompt": "x", "seed": 1},', "broken JSON at line 1"),
+        ('{"id": "a"}', "JSON list"),
+        ("[]", "empty list"),
+        ('[{"id": "a", "prompt": "x", "seed": 1}, {"id": "a", "prompt": "y", "seed": 2}]', "appears twice"),
+        ('[{"id": "../a", "prompt": "x", "seed": 1}]', "folder-safe"),
+        ('[{"id": "a", "prompt": "x", "seed": -1}]', "'seed' must be an integer >= 0"),
+        ('[{"id": "a", "prompt": "x", "seed": 1, "sed": 2}]', "unknown key"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, content, message):
     path = tmp_path / "prompts.json"
     if content is not None:
@@ -253,16 +266,20 @@ def test_bad_selection():
     assert resolve_layers(None, 19, 38) == list(range(57))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("layers=[1,6]", "out of range"),
-    ('prompt_ids=["fox","nope"]', "unknown prompt id"),
-    ("prompts_file=missing.json", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("layers=[1,6]", "out of range"),
+        ('prompt_ids=["fox","nope"]', "unknown prompt id"),
+        ("prompts_file=missing.json", "does not exist"),
+    ],
+)
 def test_demo_rejects_bad_input_and_writes_nothing(tmp_path, capsys, override, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        run_demo(SkipConfig, main, [str(TINY), f"output_dir={out}", f"prompts_file={write_prompts(tmp_path)}",
-                                   override])
+        run_demo(
+            SkipConfig, main, [str(TINY), f"output_dir={out}", f"prompts_file={write_prompts(tmp_path)}", override]
+        )
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -289,26 +306,40 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert merge_manifest(tmp_path, base.manifest())["dtype"] == "fp32"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model=flux-schnell", "model 'flux-tiny' there, 'flux-schnell' now"),
-    ("width=48", "width 32 there, 48 now"),
-    ("height=32", "height 48 there, 32 now"),
-    ("steps=3", "steps 2 there, 3 now"),
-    ("guidance=4", "guidance 3.5 there, 4.0 now"),
-    ("dtype=bf16", "dtype 'fp32' there, 'bf16' now"),
-    ("seed", "prompt 'lamp' has another text or seed there"),
-    ("prompt", "prompt 'fox' has another text or seed there"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model=flux-schnell", "model 'flux-tiny' there, 'flux-schnell' now"),
+        ("width=48", "width 32 there, 48 now"),
+        ("height=32", "height 48 there, 32 now"),
+        ("steps=3", "steps 2 there, 3 now"),
+        ("guidance=4", "guidance 3.5 there, 4.0 now"),
+        ("dtype=bf16", "dtype 'fp32' there, 'bf16' now"),
+        ("seed", "prompt 'lamp' has another text or seed there"),
+        ("prompt", "prompt 'fox' has another text or seed there"),
+    ],
+)
 def test_demo_refuses_to_resume_with_any_other_setting(tmp_path, capsys, override, message):
     claim(plan_of(tmp_path), Dist())  # a sweep started with SETTINGS: its manifest.json is written
     before = (tmp_path / "out" / "manifest.json").read_text()
-    prompts = {"seed": [PROMPTS[0], replace(PROMPTS[1], seed=23)],
-               "prompt": [replace(PROMPTS[0], prompt="a grey fox"), PROMPTS[1]]}.get(override)
+    prompts = {
+        "seed": [PROMPTS[0], replace(PROMPTS[1], seed=23)],
+        "prompt": [replace(PROMPTS[0], prompt="a grey fox"), PROMPTS[1]],
+    }.get(override)
     if prompts is not None:  # the same ids with another seed or text
         override = f"prompts_file={write_prompts(tmp_path / 'changed', prompts)}"
     with pytest.raises(SystemExit) as e:
-        run_demo(SkipConfig, main, [str(TINY), f"output_dir={tmp_path / 'out'}",
-                                    f"prompts_file={write_prompts(tmp_path)}", *SETTINGS, override])
+        run_demo(
+            SkipConfig,
+            main,
+            [
+                str(TINY),
+                f"output_dir={tmp_path / 'out'}",
+                f"prompts_file={write_prompts(tmp_path)}",
+                *SETTINGS,
+                override,
+            ],
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Use another output_dir" in err
@@ -326,8 +357,15 @@ def sweeps(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweeps")
     prompts = write_prompts(tmp)
     ranks_root, killed_root = tmp / "two_ranks", tmp / "killed"
-    procs = [launch([f"output_dir={ranks_root}", f"prompts_file={prompts}", *SETTINGS], rank=r, world=2,
-                    SWEEP_LOG=str(tmp / f"rank{r}.log")) for r in range(2)]
+    procs = [
+        launch(
+            [f"output_dir={ranks_root}", f"prompts_file={prompts}", *SETTINGS],
+            rank=r,
+            world=2,
+            SWEEP_LOG=str(tmp / f"rank{r}.log"),
+        )
+        for r in range(2)
+    ]
     slow = launch([f"output_dir={killed_root}", f"prompts_file={prompts}", *SETTINGS], SWEEP_DELAY="0.5")
     try:
         deadline = time.monotonic() + 120
@@ -345,8 +383,14 @@ def sweeps(tmp_path_factory):
                 p.kill()
                 p.communicate()
     written = [set(map(Path, (tmp / f"rank{r}.log").read_text().split())) for r in range(2)]
-    return {"ranks_root": ranks_root, "written": written, "logs": logs, "killed_root": killed_root,
-            "survivors": survivors, "prompts": prompts}
+    return {
+        "ranks_root": ranks_root,
+        "written": written,
+        "logs": logs,
+        "killed_root": killed_root,
+        "survivors": survivors,
+        "prompts": prompts,
+    }
 
 
 @pytest.mark.slow
@@ -359,8 +403,15 @@ def test_two_ranks_make_every_image_exactly_once(sweeps):
     assert not leftovers(root)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest == {
-        "model": "flux-tiny", "num_double": 2, "num_single": 4, "dtype": "fp32", "width": 32, "height": 48, "steps": 2,
-        "guidance": 3.5, "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in PROMPTS],
+        "model": "flux-tiny",
+        "num_double": 2,
+        "num_single": 4,
+        "dtype": "fp32",
+        "width": 32,
+        "height": 48,
+        "steps": 2,
+        "guidance": 3.5,
+        "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in PROMPTS],
         "layers": list(range(N_LAYERS)),
     }
     meta = read_png_metadata(root / "lamp" / "layer_03.png")
@@ -419,7 +470,9 @@ def test_a_sweep_image_is_the_plain_generation_with_that_layer_bypassed(sweeps, 
         expected = generated(prompt, set() if layer is None else {layer})
         got = pixels(Item(prompt, layer).path(root)).astype(int)
         assert np.abs(got - expected).max() <= 1, (prompt.id, layer)
-    wrong = [(pixels(Item(lamp, 3).path(root)), generated(lamp, {2})),  # another layer bypassed
-             (pixels(Item(lamp, 3).path(root)), generated(lamp, set())),  # none bypassed
-             (pixels(Item(lamp, 3).path(root)), generated(replace(lamp, seed=21), {3}))]  # another seed
+    wrong = [
+        (pixels(Item(lamp, 3).path(root)), generated(lamp, {2})),  # another layer bypassed
+        (pixels(Item(lamp, 3).path(root)), generated(lamp, set())),  # none bypassed
+        (pixels(Item(lamp, 3).path(root)), generated(replace(lamp, seed=21), {3})),
+    ]  # another seed
     assert all(np.abs(a.astype(int) - b).max() > 1 for a, b in wrong)

@@ -30,8 +30,9 @@ def pixels(path: Path) -> np.ndarray:
 @pytest.mark.slow
 def test_trajectory_outputs(tmp_path, repo_root, demo):
     steps, seeds = 4, [0, 5]
-    result = demo(f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]",
-                  "batch_size=3")
+    result = demo(
+        f"output_dir={tmp_path}", f"steps={steps}", f"seed={json.dumps(seeds)}", "skip_layers=[3]", "batch_size=3"
+    )
     assert result.returncode == 0, result.stderr
     config = json.loads((repo_root / TINY).read_text())
     run = json.loads((tmp_path / "run.json").read_text())

@@ -77,8 +77,9 @@ def save(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def make_sweep(root: Path, prompts=("p0", "p1", "p2"), layers=range(6), broken=(0, 3), num_double=2, num_single=4,
-               manifest=True) -> Path:
+def make_sweep(
+    root: Path, prompts=("p0", "p1", "p2"), layers=range(6), broken=(0, 3), num_double=2, num_single=4, manifest=True
+) -> Path:
     """A synthetic sweep: bypassing a `broken` layer yields an unrelated (noise) image, any other layer a lightly
     noised copy of the reference -- the shape of a real sweep, where a few layers matter."""
     for i, pid in enumerate(prompts):
@@ -89,10 +90,21 @@ def make_sweep(root: Path, prompts=("p0", "p1", "p2"), layers=range(6), broken=(
             img = noise(100 * i + layer) if layer in broken else ref + rng.normal(0, 3, ref.shape)
             save(root / pid / f"layer_{layer:02d}.png", img)
     if manifest:
-        (root / "manifest.json").write_text(json.dumps({
-            "model": "flux-tiny", "num_double": num_double, "num_single": num_single, "width": 64, "height": 64,
-            "steps": 2, "guidance": 3.5, "prompts": [{"id": p, "prompt": f"prompt {p}", "seed": i}
-                                                      for i, p in enumerate(prompts)], "layers": list(layers)}))
+        (root / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "model": "flux-tiny",
+                    "num_double": num_double,
+                    "num_single": num_single,
+                    "width": 64,
+                    "height": 64,
+                    "steps": 2,
+                    "guidance": 3.5,
+                    "prompts": [{"id": p, "prompt": f"prompt {p}", "seed": i} for i, p in enumerate(prompts)],
+                    "layers": list(layers),
+                }
+            )
+        )
     return root
 
 
@@ -102,14 +114,31 @@ def analyse(sweep, embedder, cache, tau=V.DEFAULT_TAU, top_k=None, n_bootstrap=1
     sims = V.similarities(sweep.pairs(), D.dino_similarity(embedder, cache))
     scores = V.layer_scores(sims, sweep.num_double, n_bootstrap=n_bootstrap, seed=seed)
     vital = V.select_vital(scores, tau=tau, top_k=top_k)
-    return V.Analysis(sweep, sims, scores, vital, V.selection_dict(tau, top_k),
-                      {"samples": n_bootstrap, "seed": seed, "confidence": 0.95},
-                      sweep.notes + (cache.notes() if cache is not None else []))
+    return V.Analysis(
+        sweep,
+        sims,
+        scores,
+        vital,
+        V.selection_dict(tau, top_k),
+        {"samples": n_bootstrap, "seed": seed, "confidence": 0.95},
+        sweep.notes + (cache.notes() if cache is not None else []),
+    )
 
 
 def score(lv: dict[int, float]) -> list[V.LayerScore]:
-    return [V.LayerScore(layer=l, name=layer_name(l, 19), mean_similarity=1 - v, std=0.0, ci_low=1 - v,
-                         ci_high=1 - v, vitality=v, num_prompts=1) for l, v in sorted(lv.items())]
+    return [
+        V.LayerScore(
+            layer=l,
+            name=layer_name(l, 19),
+            mean_similarity=1 - v,
+            std=0.0,
+            ci_low=1 - v,
+            ci_high=1 - v,
+            vitality=v,
+            num_prompts=1,
+        )
+        for l, v in sorted(lv.items())
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
@@ -162,7 +191,10 @@ def test_similarity_ordering_on_synthetic_pairs(embedder):
     outside[:, :40] = 255 - outside[:, :40]
     inside[60:140, 110:190] = 255 - inside[60:140, 110:190]
     slight = ref + np.random.default_rng(0).normal(0, 3, ref.shape)
-    images = [Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)) for x in (ref, outside, inside, slight, noise(1, (300, 200)))]
+    images = [
+        Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+        for x in (ref, outside, inside, slight, noise(1, (300, 200)))
+    ]
     f = embedder.embed(images)
     sim = D.cosine(f[:1].expand_as(f), f).tolist()
     assert sim[1] == pytest.approx(1.0, abs=1e-9)  # change outside the crop: invisible
@@ -227,6 +259,7 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
     assert file == root / "dino_features" / "tiny-random-seed0.safetensors"
     counter = CallCounter(embedder.model)
     try:
+
         def run():
             counter.images = 0
             sweep = scan_sweep(root)
@@ -268,12 +301,18 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
 def test_outputs_written_and_agree(tmp_path, embedder):
     root = make_sweep(tmp_path / "sweep", num_double=2, num_single=4)
     a = analyse(scan_sweep(root), embedder, None, tau=0.2, n_bootstrap=50)
-    paths = R.write_sweep_outputs(a, tmp_path / "out", dino_model=TINY_RANDOM, contact_sheet_prompts=2,
-                                  contact_sheet_columns=3)
+    paths = R.write_sweep_outputs(
+        a, tmp_path / "out", dino_model=TINY_RANDOM, contact_sheet_prompts=2, contact_sheet_columns=3
+    )
     data = json.loads(paths["json"].read_text())
     assert data["vital_layers"] == [0, 3]  # the two layers whose bypass gives noise
     assert data["selection"] == {"rule": "threshold", "tau": 0.2}
-    assert (data["model"], data["dino_model"], data["num_double"], data["num_prompts"]) == ("flux-tiny", "tiny-random", 2, 3)
+    assert (data["model"], data["dino_model"], data["num_double"], data["num_prompts"]) == (
+        "flux-tiny",
+        "tiny-random",
+        2,
+        3,
+    )
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
     from stableflow.edit import (
@@ -407,15 +446,19 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, repo_root):
     from stableflow.config import ConfigError, load_config
 
     a, b = save(tmp_path / "a.png", gradient(0)), save(tmp_path / "b.png", gradient(1))
-    cfg = load_config(V.DinoConfig, repo_root / "configs" / "tiny" / "demo_3_dino.json",
-                      [f"image_a={a}", f"image_b={b}", f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        V.DinoConfig,
+        repo_root / "configs" / "tiny" / "demo_3_dino.json",
+        [f"image_a={a}", f"image_b={b}", f"output_dir={tmp_path / 'out'}"],
+    )
     demo_3_dino.main(cfg)
     data = json.loads((tmp_path / "out" / "similarity.json").read_text())
     assert data["pairs"][0]["similarity"] == pytest.approx(float(capsys.readouterr().out.split()[0]), abs=1e-4)
     assert (tmp_path / "out" / "similarity.csv").read_text().startswith("name,a,b,similarity\n")
     with pytest.raises(ConfigError, match="either image_a/image_b or folder_a/folder_b"):
-        load_config(V.DinoConfig, None, [f"image_a={a}", f"image_b={b}", f"folder_a={tmp_path}",
-                                                   f"folder_b={tmp_path}"])
+        load_config(
+            V.DinoConfig, None, [f"image_a={a}", f"image_b={b}", f"folder_a={tmp_path}", f"folder_b={tmp_path}"]
+        )
     with pytest.raises(ConfigError, match="needs both image_a and image_b"):
         load_config(V.DinoConfig, None, [f"image_a={a}"])
     load_config(V.DinoConfig, repo_root / "configs" / "demo_3_dino.json")  # the real config is valid
@@ -425,9 +468,15 @@ def test_demo_config_and_plain_mode_in_process(tmp_path, capsys, repo_root):
     )
 
     with pytest.raises(SystemExit) as exit_:
-        run_demo(V.DinoConfig, demo_3_dino.main,
-                 [str(repo_root / "configs" / "tiny" / "demo_3_dino.json"), f"sweep_dir={tmp_path / 'nowhere'}",
-                  f"output_dir={tmp_path / 'out2'}"])
+        run_demo(
+            V.DinoConfig,
+            demo_3_dino.main,
+            [
+                str(repo_root / "configs" / "tiny" / "demo_3_dino.json"),
+                f"sweep_dir={tmp_path / 'nowhere'}",
+                f"output_dir={tmp_path / 'out2'}",
+            ],
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nowhere" in err and not (tmp_path / "out2").exists()
@@ -470,7 +519,9 @@ def test_load_dino_from_a_local_folder(tmp_path):
     assert D.model_slug(str(tmp_path / "dino")) != D.model_slug(TINY_RANDOM)
     assert D.model_slug("facebook/dinov2-base") == "facebook--dinov2-base"
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path / "vit")
     with pytest.raises(UserError, match="is a 'vit' model, not DINOv2"):
         D.load_dino(str(tmp_path / "vit"))
     (tmp_path / "weights_only").mkdir()

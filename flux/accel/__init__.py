@@ -62,8 +62,10 @@ class AccelOptions:
 
     def as_dict(self) -> dict:
         """The resolved values, as a run's metadata records them."""
-        return {k: getattr(self, k) for k in ("compile", "fuse_gelu", "attention", "fp8", "stream_blocks",
-                                               "resident_gb", "reason")}
+        return {
+            k: getattr(self, k)
+            for k in ("compile", "fuse_gelu", "attention", "fp8", "stream_blocks", "resident_gb", "reason")
+        }
 
 
 def accelerate(model: Flux, options: AccelOptions, device: torch.device | str) -> Flux:
@@ -96,9 +98,33 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 
 
 __all__ = [
-    "AUTO", "describe", "resolve_accel", "transformer_bytes", "use_expandable_segments",
-    "ATTENTION_BACKENDS", "AccelOptions", "BlockStreamer", "FP8Linear", "accelerate", "attention_backend", "compile_decoder",
-    "FP8FusedSingleStreamBlock", "FP8GELULinear", "FusedSingleStreamBlock", "LinearGELU", "blocks", "compile_blocks", "flops_per_forward", "fp8_problem", "fuse_gelu",
-    "is_compiled", "linear_gelu", "quantize_fp8", "quantize_rows", "scaled_mm_takes_bias", "stream_blocks", "streamer_of",
+    "AUTO",
+    "describe",
+    "resolve_accel",
+    "transformer_bytes",
+    "use_expandable_segments",
+    "ATTENTION_BACKENDS",
+    "AccelOptions",
+    "BlockStreamer",
+    "FP8Linear",
+    "accelerate",
+    "attention_backend",
+    "compile_decoder",
+    "FP8FusedSingleStreamBlock",
+    "FP8GELULinear",
+    "FusedSingleStreamBlock",
+    "LinearGELU",
+    "blocks",
+    "compile_blocks",
+    "flops_per_forward",
+    "fp8_problem",
+    "fuse_gelu",
+    "is_compiled",
+    "linear_gelu",
+    "quantize_fp8",
+    "quantize_rows",
+    "scaled_mm_takes_bias",
+    "stream_blocks",
+    "streamer_of",
     "unfuse_gelu",
 ]

@@ -23,7 +23,9 @@ def _sdp_backends() -> dict[str, object]:
     }
 
 
-def attention_backend(name: str = "auto", device: torch.device | str | None = None, strict: bool = False) -> AbstractContextManager:
+def attention_backend(
+    name: str = "auto", device: torch.device | str | None = None, strict: bool = False
+) -> AbstractContextManager:
     """Context in which every `scaled_dot_product_attention` prefers backend `name`.
 
     "auto": cuDNN first on Hopper (and newer) GPUs, torch's own order elsewhere. A named backend goes
@@ -52,5 +54,3 @@ def attention_backend(name: str = "auto", device: torch.device | str | None = No
     if "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6: no priority order
         return sdpa_kernel([backends[name], backends["math"]])
     return sdpa_kernel(order, set_priority=True)
-
-

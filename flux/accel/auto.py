@@ -62,8 +62,10 @@ def resolve_accel(
         model = transformer_bytes(params, dtype)
         stream = free < model + text_bytes + RESIDENT_MARGIN
         if stream:
-            why.append(f"stream_blocks on: {free / GiB:.1f} GiB free < {(model + text_bytes) / GiB:.1f} GiB of "
-                       f"weights + {RESIDENT_MARGIN // GiB} GiB")
+            why.append(
+                f"stream_blocks on: {free / GiB:.1f} GiB free < {(model + text_bytes) / GiB:.1f} GiB of "
+                f"weights + {RESIDENT_MARGIN // GiB} GiB"
+            )
             if resident == AUTO:
                 resident = max(0.0, (free - STREAM_OVERHEAD) // (GiB // 2) / 2)  # down to half a GiB
                 why.append(f"resident_gb {resident:g} (free - {STREAM_OVERHEAD / GiB:g} GiB)")
@@ -77,8 +79,9 @@ def resolve_accel(
     fuse = speed_ok if options.fuse_gelu == AUTO else options.fuse_gelu
     if AUTO in (options.compile, options.fuse_gelu):
         why.insert(0, speed_why)
-    return replace(options, compile=compile_, fuse_gelu=fuse, stream_blocks=stream, resident_gb=resident,
-                   reason="; ".join(why))
+    return replace(
+        options, compile=compile_, fuse_gelu=fuse, stream_blocks=stream, resident_gb=resident, reason="; ".join(why)
+    )
 
 
 def _speed_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

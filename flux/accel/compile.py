@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import UserError
 from ..model import Flux
 
+
 def blocks(model: Flux) -> list[nn.Module]:
     """The transformer blocks in execution order (global layer index = position in this list)."""
     return [*model.double_blocks, *model.single_blocks]
@@ -18,7 +19,9 @@ def is_compiled(block: nn.Module) -> bool:
     return getattr(block, "_compiled_call_impl", None) is not None
 
 
-def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable = "inductor", fullgraph: bool = True) -> Flux:
+def compile_blocks(
+    model: Flux, mode: str | None = None, backend: str | Callable = "inductor", fullgraph: bool = True
+) -> Flux:
     """Compile each block in place (regional compilation); state-dict keys stay unchanged.
 
     Blocks of one class share their compiled graph, so the first call compiles two graphs (double and
@@ -31,7 +34,9 @@ def compile_blocks(model: Flux, mode: str | None = None, backend: str | Callable
     from .stream import streamer_of  # stream.py builds on this module
 
     if streamer_of(model) is not None:
-        raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
+        raise UserError(
+            "compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)"
+        )
     # Inductor's FX graph cache stays off for these graphs: with torch 2.11 / Triton 3.6 a multi-kernel graph
     # loaded from it in a later process fails (TypeError in triton's JITFunction.cache_key), so every process
     # compiles afresh (Triton's own kernel cache still serves).
@@ -49,5 +54,3 @@ def compile_decoder(ae: nn.Module, backend: str | Callable = "inductor") -> nn.M
     (docs/performance.md). Outputs within bf16 rounding of eager."""
     ae.decoder.compile(backend=backend, dynamic=False, fullgraph=True)
     return ae
-
-

@@ -13,6 +13,7 @@ from ..modules.layers import SingleStreamBlock
 from .compile import blocks, is_compiled
 from .kernels import FP8_DTYPE, gelu_quantize_rows, quantize_rows
 
+
 class FP8Linear(nn.Module):
     """y = x Wᵀ + b with W stored in float8 e4m3 (one fp32 scale per output row) and x quantised
     per token on the fly; the product runs on the FP8 tensor cores (fast accumulation, see below)."""
@@ -21,7 +22,9 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
-        self.bias_in_kernel = bias_in_kernel  # else added apart: not every torch build takes a bias with row-wise scales
+        self.bias_in_kernel = (
+            bias_in_kernel  # else added apart: not every torch build takes a bias with row-wise scales
+        )
         # Hopper's fast FP8 accumulation (fewer promotions to fp32): faster steps for a barely larger error
         # against bf16 (docs/performance.md, "Options tried").
         self.fast_accum = True
@@ -30,7 +33,9 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None, bias_in_kernel: bool = False) -> "FP8Linear":
+    def from_linear(
+        cls, linear: nn.Linear, device: torch.device | str | None = None, bias_in_kernel: bool = False
+    ) -> "FP8Linear":
         w = linear.weight.detach().to(device)
         w_fp8, w_scale = quantize_rows(w)
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
@@ -43,8 +48,15 @@ class FP8Linear(nn.Module):
     def matmul(self, x_fp8: Tensor, x_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
         """(M, out_features) from an input already quantised per row."""
         fused = self.bias if self.bias_in_kernel else None
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=fused,
-                             out_dtype=out_dtype, use_fast_accum=self.fast_accum)
+        y = torch._scaled_mm(
+            x_fp8,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=fused,
+            out_dtype=out_dtype,
+            use_fast_accum=self.fast_accum,
+        )
         if self.bias is not None and fused is None:
             y = y + self.bias
         return y
@@ -149,5 +161,3 @@ def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     if device is not None:
         model.to(target)  # the rest (embedders, modulation, norms): small next to the FP8 weights
     return model
-
-

@@ -12,6 +12,7 @@ from ..modules.layers import SingleStreamBlock
 from .compile import blocks, is_compiled
 from .fp8 import FP8FusedSingleStreamBlock, FP8GELULinear, FP8Linear
 
+
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """tanh-GELU(x Wᵀ + b). On CUDA the GELU runs in the cuBLASLt matmul's epilogue, on the fp32
     accumulator, so the hidden layer is written once instead of written, read and written again."""
@@ -89,5 +90,3 @@ def unfuse_gelu(model: Flux) -> Flux:
         if type(block) in (FusedSingleStreamBlock, FP8FusedSingleStreamBlock):
             model.single_blocks[i] = _recast(block, SingleStreamBlock)
     return model
-
-

@@ -34,7 +34,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 def gelu_quantize_rows_reference(parts: Sequence[Tensor], gelu: Sequence[bool]) -> tuple[Tensor, Tensor]:
     """The rows of cat(part or tanh-GELU(part)) quantised per row: (fp8 (M, K), scale (M, 1)).
     Each part is (..., K_i) with the same leading shape; the GELU is taken in float32."""
-    rows = [(F.gelu(p.float(), approximate="tanh") if g else p.float()).reshape(-1, p.shape[-1]) for p, g in zip(parts, gelu)]
+    rows = [
+        (F.gelu(p.float(), approximate="tanh") if g else p.float()).reshape(-1, p.shape[-1])
+        for p, g in zip(parts, gelu)
+    ]
     return quantize_rows(torch.cat(rows, dim=-1))
 
 
@@ -50,7 +53,6 @@ def gelu_quantize_rows(parts: Sequence[Tensor], gelu: Sequence[bool]) -> tuple[T
 
 
 if triton is not None:
-
     # A custom op, so that torch.compile treats the kernel as one opaque call with known output shapes.
     @torch.library.custom_op("flux::gelu_quantize_rows", mutates_args=())
     def _gelu_quantize_op(a: Tensor, b: Tensor, gelu_a: bool, gelu_b: bool) -> tuple[Tensor, Tensor]:
@@ -60,8 +62,18 @@ if triton is not None:
         scale = torch.empty(rows, 1, device=b.device, dtype=torch.float32)
         block_b = triton.next_power_of_2(width_b)
         _gelu_quantize_kernel[(rows,)](
-            a, b, out, scale, a.stride(0), b.stride(0), width_a, width_b,
-            BLOCK_A=max(triton.next_power_of_2(width_a), 16), BLOCK_B=block_b, GELU_A=gelu_a, GELU_B=gelu_b,
+            a,
+            b,
+            out,
+            scale,
+            a.stride(0),
+            b.stride(0),
+            width_a,
+            width_b,
+            BLOCK_A=max(triton.next_power_of_2(width_a), 16),
+            BLOCK_B=block_b,
+            GELU_A=gelu_a,
+            GELU_B=gelu_b,
             num_warps=16 if block_b >= 8192 else 8,
         )
         return out, scale
@@ -78,8 +90,20 @@ if triton is not None:
         return x * tl.sigmoid(2.0 * u)
 
     @triton.jit
-    def _gelu_quantize_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, a_row_stride, b_row_stride, width_a, width_b,
-                              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, GELU_A: tl.constexpr, GELU_B: tl.constexpr):
+    def _gelu_quantize_kernel(
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        scale_ptr,
+        a_row_stride,
+        b_row_stride,
+        width_a,
+        width_b,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        GELU_A: tl.constexpr,
+        GELU_B: tl.constexpr,
+    ):
         # One program per row: the whole row stays in registers between the amax and the quantisation.
         row = tl.program_id(0).to(tl.int64)
         ia = tl.arange(0, BLOCK_A)

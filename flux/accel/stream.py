@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..model import Flux
 from .compile import blocks, is_compiled
 
+
 def _align(n: int, multiple: int = 128) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -98,13 +99,17 @@ class BlockStreamer:
 
     def __init__(self, model: Flux, device: torch.device | str, keep_bytes: int = 0):
         if any(is_compiled(b) for b in blocks(model)):
-            raise UserError("compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)")
+            raise UserError(
+                "compile_blocks and stream_blocks do not combine: choose one (compile for speed, streaming for memory)"
+            )
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.blocks = blocks(model)
         layouts = [_Layout(b) for b in self.blocks]
-        self.streamed = _spread([sum(t.numel() * t.element_size() for _, t in _tensors(b)) for b in self.blocks], keep_bytes)
+        self.streamed = _spread(
+            [sum(t.numel() * t.element_size() for _, t in _tensors(b)) for b in self.blocks], keep_bytes
+        )
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._clock = 0
 
@@ -237,5 +242,3 @@ def streamer_of(model: Flux) -> BlockStreamer | None:
             if isinstance(getattr(hook, "streamer", None), BlockStreamer):
                 return hook.streamer
     return None
-
-

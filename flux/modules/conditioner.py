@@ -196,7 +196,9 @@ def _check_source(version: str) -> str:
     looks_like_path = os.path.isabs(version) or version.startswith(("~", "."))
     path = Path(version).expanduser()
     if looks_like_path and not path.exists():
-        raise UserError(f"text encoder folder {version} does not exist: give an existing folder or a Hugging Face repo id")
+        raise UserError(
+            f"text encoder folder {version} does not exist: give an existing folder or a Hugging Face repo id"
+        )
     if path.is_file():
         raise UserError(
             f"text encoder {version} is a file: give the folder that holds config.json and the tokenizer files"
