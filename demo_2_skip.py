@@ -82,11 +82,7 @@ def run_sweep(
                 # Decoded one at a time: the AE at 1024² needs several GB per image.
                 writer.submit(item.path(root), models.decode(latent[i : i + 1])[0].cpu(), plan.metadata(item))
     seconds = time.perf_counter() - start
-    log(
-        f"{tag}done: wrote {len(writer.written)} images on {models.device} in {seconds:.1f} s "
-        f"({seconds / max(1, len(writer.written)):.2f} s/image)"
-    )
-    return SweepResult(writer.written, work.done, plan.total)
+    return SweepResult(writer.written, work.done, plan.total, seconds)
 
 
 def main(cfg: SkipConfig) -> None:
@@ -95,7 +91,8 @@ def main(cfg: SkipConfig) -> None:
     result = run_sweep(
         plan, lambda device: load_models_for(replace(cfg, device=device)), cfg.device, dist, cfg.progress
     )
-    print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir} ({result.skipped} already there)")
+    rate = f" in {result.seconds:.1f} s ({result.seconds / len(result.written):.2f} s/image)" if result.written else ""
+    print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir}{rate} ({result.skipped} already there)")
 
 
 if __name__ == "__main__":

@@ -712,7 +712,7 @@ def run_demo(cls: type[C], main: Callable[[C], None], argv: list[str] | None = N
 def _shipped_configs(script: str) -> list[str]:
     """The configs of the repository's configs/ that belong to the demo `script` (e.g. "demo_0_test")."""
     root = Path(__file__).resolve().parents[1]
-    found = sorted((root / "configs").glob(f"**/{script or 'demo_'}*.json"))
+    found = sorted(p for p in (root / "configs").glob(f"**/{script or 'demo_'}*.json") if p.parent.name != "schema")
     try:
         return [str(p.relative_to(Path.cwd())) for p in found]
     except ValueError:  # run from elsewhere: absolute paths

@@ -469,6 +469,7 @@ class SweepResult:
     written: list[Path]  # files this process wrote
     skipped: int  # items of this rank that already existed
     total: int  # items in the whole sweep (all ranks)
+    seconds: float = 0.0  # denoising and writing, after the models were loaded
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
