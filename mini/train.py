@@ -170,7 +170,11 @@ def load_checkpoint(folder: Path) -> dict | None:
 def lr_at(step: int, hp: dict) -> float:
     """Linear warm-up, then constant: runs end on a time budget, so there is no fixed horizon to decay to; the EMA
     does the averaging."""
-    return hp["lr"] * min(1.0, (step + 1) / hp["warmup"])
+    lr = hp["lr"] * min(1.0, (step + 1) / hp["warmup"])
+    if hp.get("anneal"):  # --anneal: linear decay to 0 over this run's --steps (a final cool-down)
+        start, end = hp["anneal"]
+        lr *= min(1.0, max(0.0, (end - step) / (end - start)))
+    return lr
 
 
 @torch.no_grad()
@@ -272,6 +276,10 @@ def train(stage: str, args: argparse.Namespace) -> None:
             "rng_cpu": g_cpu.get_state(), "rng_dev": g_dev.get_state(), "history": history, "hparams": hp,
         })  # fmt: skip
 
+    if args.anneal:
+        if not args.steps:
+            raise SystemExit("--anneal needs --steps")
+        hp["anneal"] = (step, step + args.steps)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{stage}] {n_params:,} parameters on {device}, batch {hp['batch']}, lr {hp['lr']}", flush=True)
     target = step + args.steps if args.steps else None
@@ -382,7 +390,10 @@ def export(args: argparse.Namespace) -> None:
     manifest_path = dest / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name != "manifest.json")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git
+        commit = None
 
     def last(history: list[dict], key: str) -> float | None:
         return next((h[key] for h in reversed(history) if key in h), None)
@@ -429,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
+    p.add_argument("--anneal", action="store_true", help="decay the lr linearly to 0 over this run's --steps")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
