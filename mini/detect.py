@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .world import BACKGROUNDS, COLOURS, PLACES, SHAPES, SIZE, RADIUS, shape_sdf
+from .world import BACKGROUNDS, COLOURS, PLACES, RADIUS, SHAPES, SIZE, shape_sdf
 
 _FG = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
 _BG = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 255

@@ -7,8 +7,20 @@ from PIL import Image
 
 from mini.detect import detect, image_iou
 from mini.world import (
-    BACKGROUNDS, COLOURS, HELDOUT_COLOUR_SHAPE, HELDOUT_SHAPE_PLACE, PLACES, SHAPES, SIZES, Scene, caption,
-    is_heldout, parse_caption, render, sample_batch, sample_scenes,
+    BACKGROUNDS,
+    COLOURS,
+    HELDOUT_COLOUR_SHAPE,
+    HELDOUT_SHAPE_PLACE,
+    PLACES,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    is_heldout,
+    parse_caption,
+    render,
+    sample_batch,
+    sample_scenes,
 )  # fmt: skip
 
 
