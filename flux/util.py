@@ -167,7 +167,7 @@ configs: dict[str, ModelSpec] = {
         guidance=3.5,
         shift=True,
     ),
-    # FLUX's architecture at ~2.7M parameters, trained from scratch on the procedural world of mini/ (`mini.train`);
+    # FLUX's architecture at 2.8M parameters (AE 1.3M), trained from scratch on the world of mini/ (`mini.train`);
     # its weights and text encoders ship in flux/assets/mini, so generation, ablation and editing run on a CPU.
     "flux-mini": ModelSpec(
         params=FluxParams(
@@ -190,11 +190,11 @@ configs: dict[str, ModelSpec] = {
             in_channels=3,
             ch=32,
             out_ch=3,
-            ch_mult=[1, 2, 2, 4],
+            ch_mult=[1, 2, 2, 2],
             num_res_blocks=1,
             z_channels=16,
-            scale_factor=1.0,  # measured on world images after training (mini.train ae)
-            shift_factor=0.0,
+            scale_factor=2.605794646082754,  # measured on world images after training (mini.train ae writes them)
+            shift_factor=0.0021191411651670933,
         ),
         repo_id=None,
         repo_flow=None,
