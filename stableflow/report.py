@@ -66,6 +66,7 @@ def vitality_figure(
     num_double: int,
     tau: float | None = None,
     title: str = "Layer vitality",
+    metric: str = "dinov2",
 ):
     """Bar per layer (double blocks blue, single orange; non-vital faded, vital outlined and labelled), bootstrap
     interval as error bars, the threshold as a dashed line."""
@@ -122,7 +123,7 @@ def vitality_figure(
         )
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     ax.set_xlabel(f"layer (global index; single block j = layer j + {num_double})")
-    ax.set_ylabel("vitality = 1 − mean DINOv2 similarity")
+    ax.set_ylabel(f"vitality = 1 − mean {'DINOv2' if metric == 'dinov2' else metric.upper()} similarity")
     ax.set_title(title)
     ax.set_xlim(min(layers) - 1, max(layers) + 1)
     ax.set_ylim(low, high)
@@ -249,7 +250,9 @@ def write_sweep_outputs(
     atomic_write_text(paths["csv"], scores_csv(a.scores, a.vital, a.sweep.num_double))
     tau = a.selection.get("tau")
     title = f"Layer vitality of {model or 'the model'} ({payload['num_prompts']} prompts, {dino_model or metric})"
-    save_figure(vitality_figure(a.scores, a.vital, a.sweep.num_double, tau=tau, title=title), paths["plot"])
+    save_figure(
+        vitality_figure(a.scores, a.vital, a.sweep.num_double, tau=tau, title=title, metric=metric), paths["plot"]
+    )
     if contact_sheet_prompts > 0:
         save_png(
             paths["contact_sheet"],
