@@ -9,7 +9,7 @@ import pytest
 from stableflow.config import DEMO_CONFIGS, SCHEMA_DIR, demo_schemas, load_config
 
 CONFIGS = SCHEMA_DIR.parent
-SHIPPED = sorted(CONFIGS.glob("*.json")) + sorted((CONFIGS / "tiny").glob("*.json"))
+SHIPPED = sorted(CONFIGS.glob("*.json")) + sorted(p for sub in ("tiny", "mini") for p in (CONFIGS / sub).glob("*.json"))
 
 
 def schema_of(config: Path) -> tuple[str, dict]:
