@@ -9,6 +9,7 @@ from PIL import Image
 from torch import Tensor
 
 from flux.errors import UserError
+from flux.util import hub_pretrained
 
 from . import TINY_RANDOM
 
@@ -39,9 +40,15 @@ class ClipScorer:
             raise UserError(
                 f"clip_model folder {name} does not exist: fix the path, or give a hub id like {DEFAULT_CLIP}"
             )
-        try:
-            model = CLIPModel.from_pretrained(str(path) if path.exists() else name)
-            processor = CLIPProcessor.from_pretrained(str(path) if path.exists() else name)
+
+        def load(**hub) -> tuple:
+            source = str(path) if path.exists() else name
+            return CLIPModel.from_pretrained(source, **hub), CLIPProcessor.from_pretrained(source, **hub)
+
+        try:  # a hub id: the HF cache first, then one quick Hub check (no retry storm when the network is down)
+            model, processor = (
+                load() if path.exists() else hub_pretrained(load, name, hint="set clip_model to a folder")
+            )
         except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot load CLIP model {name} for the scores ({str(e).splitlines()[0]}): give a hub id "

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from flux.errors import UserError
+from flux.util import hub_pretrained
 
 from . import TINY_RANDOM
 from .io import IMAGE_SUFFIXES, atomic_write_bytes
@@ -96,22 +97,23 @@ def load_dino(name: str = DEFAULT_DINO, device: str | torch.device = "cpu"):
             f"dino_model {name!r} is a local path without a config.json; point it at a saved DINOv2 "
             f"model folder (save_pretrained) or use a hub id such as {DEFAULT_DINO!r}"
         )
-    try:
-        config = AutoConfig.from_pretrained(name)
+
+    def load(**hub) -> Dinov2Model:
+        config = AutoConfig.from_pretrained(name, **hub)
+        if config.model_type != "dinov2":
+            raise UserError(
+                f"dino_model {name!r} is a {config.model_type!r} model, not DINOv2; use one of "
+                f"facebook/dinov2-small|base|large|giant or a local copy"
+            )
+        return Dinov2Model.from_pretrained(name, config=config, **hub)
+
+    try:  # a hub id: the HF cache first, then one quick Hub check (no retry storm when the network is down)
+        model = load() if Path(name).exists() else hub_pretrained(load, name, hint="give a local DINOv2 folder")
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load the DINOv2 config of {name!r}: {e}\nUse a hub id such as {DEFAULT_DINO!r} "
+            f"cannot load DINOv2 {name!r}: {e}\nUse a hub id such as {DEFAULT_DINO!r} "
             f"(downloaded once, needs internet) or a local folder with config.json and weights."
         ) from e
-    if config.model_type != "dinov2":
-        raise UserError(
-            f"dino_model {name!r} is a {config.model_type!r} model, not DINOv2; use one of "
-            f"facebook/dinov2-small|base|large|giant or a local copy"
-        )
-    try:
-        model = Dinov2Model.from_pretrained(name, config=config)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the DINOv2 weights of {name!r}: {e}") from e
     return model.float().eval().to(device)  # fp32 whatever the checkpoint: similarities near 1 need the digits
 
 

@@ -88,3 +88,23 @@ def test_demo3_scores_a_sweep_with_ssim_without_any_weights(tmp_path, run_script
     pairs = [(sweep / pid / "ref.png", sweep / pid / f"layer_{layer['layer']:02d}.png") for pid in prompt_ids]
     assert math.isclose(layer["vitality"], 1 - np.mean(ssim_pairs(pairs)), abs_tol=1e-6)
     assert not (sweep / "dino_features").exists()
+
+
+@pytest.mark.parametrize("which", ["dino", "clip"])
+def test_scoring_models_fail_fast_without_network(tmp_path, monkeypatch, which):
+    """No network and an empty cache: one clear error within seconds, not half a minute of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from stableflow.clip_score import ClipScorer
+    from stableflow.dino import load_dino
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as e:
+        load_dino("facebook/dinov2-base") if which == "dino" else ClipScorer.load("openai/clip-vit-large-patch14")
+    assert time.perf_counter() - start < 5
+    assert "HF_HUB_OFFLINE" in str(e.value)
