@@ -355,7 +355,9 @@ def resolve_checkpoint(
     return hub_file(repo_id, filename)
 
 
-def read_safetensors(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, casting each tensor as it is read (one tensor in flight, never two copies).
 
     Falls back to reading the bytes when the filesystem refuses mmap (OSError errno 19, ENODEV:
@@ -485,7 +487,9 @@ def _diffusers_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
         out = {}
         for key, shard in weight_map.items():
             if key not in headers[shard]:
-                raise UserError(f"{index} says {key} is in {shard}, which lacks it: the folder is inconsistent: {redo}.")
+                raise UserError(
+                    f"{index} says {key} is in {shard}, which lacks it: the folder is inconsistent: {redo}."
+                )
             out[key] = (folder / shard, headers[shard][key])
         return out
     single = folder / DIFFUSERS_WEIGHTS
@@ -566,7 +570,10 @@ def read_diffusers(
     if isinstance(model, Flux):
         rules, expected_config = convert.transformer_rules(model.params), convert.transformer_config(model.params)
     else:
-        rules, expected_config = convert.vae_rules(list(model.state_dict()), model.params), convert.vae_config(model.params)
+        rules, expected_config = (
+            convert.vae_rules(list(model.state_dict()), model.params),
+            convert.vae_config(model.params),
+        )
     _check_config(config_path, config, class_name, expected_config, name)
     tensors = _diffusers_tensors(folder)
     expected = {k: tuple(v.shape) for k, v in convert.to_diffusers(model.state_dict(), rules).items()}
@@ -577,7 +584,9 @@ def read_diffusers(
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} ({len(missing)})")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+        problems.append(
+            f"unexpected tensors: {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+        )
     if wrong:
         k = wrong[0]
         problems.append(f"{len(wrong)} of the wrong shape, e.g. {k}: file {tensors[k][1]}, expected {expected[k]}")
@@ -652,7 +661,9 @@ def load_ae(
     spec = model_spec(name)
     path = path or (str(ASSETS / spec.local_ae) if spec.local_ae else None)
     if spec.repo_id is None and not path:
-        return _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval().requires_grad_(False)
+        return (
+            _seeded_init(lambda: AutoEncoder(spec.ae_params), spec.seed + 1, device, dtype).eval().requires_grad_(False)
+        )
     ckpt = resolve_checkpoint(path, ("FLUX_AE", "AE"), spec.repo_id, spec.repo_ae, "vae")
     if verbose:
         print(f"loading {name} autoencoder from {ckpt}")

@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     models = load_models("flux-mini", device=args.device, dtype=torch.float32)
-    result = {"device": args.device, "steps": args.steps, "ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch)}
+    result = {
+        "device": args.device,
+        "steps": args.steps,
+        "ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch),
+    }
     result["heldout"], images = grade(models, "heldout", args.n, args.seed, args.batch, args.steps)
     result["train"], _ = grade(models, "train", args.n, args.seed, args.batch, args.steps)
     result["seconds"] = time.time() - t0

@@ -214,8 +214,12 @@ def flow_loss(stack: FlowStack, ae: AutoEncoder, ids: tuple[Tensor, Tensor], g_c
     xt = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * x0
     txt, vec = stack.encode(ids[0][cap], ids[1][cap])
     pred = stack.flow(
-        img=pack(xt), img_ids=image_ids(batch, 8, 8, dev), txt=txt, txt_ids=torch.zeros(batch, txt.shape[1], 3, device=dev),
-        timesteps=t, y=vec,
+        img=pack(xt),
+        img_ids=image_ids(batch, 8, 8, dev),
+        txt=txt,
+        txt_ids=torch.zeros(batch, txt.shape[1], 3, device=dev),
+        timesteps=t,
+        y=vec,
     )
     per = ((pred.float() - pack(eps - x0)) ** 2).mean(dim=(1, 2))
     return per.mean(), per.detach(), t
@@ -327,8 +331,15 @@ def train(stage: str, args: argparse.Namespace) -> None:
     if stage == "ae":  # the shipped AE: EMA weights plus the latent normalisation measured with them
         scale, shift = measure_latents(ema, device, args.measure_n)
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ae.safetensors"))
-        meta = {"scale_factor": scale, "shift_factor": shift, "step": step, "hparams": hp, "parameters": n_params,
-                "final_loss": history[-1]["loss"] if history else None, "final_train_psnr": history[-1]["psnr"] if history else None}
+        meta = {
+            "scale_factor": scale,
+            "shift_factor": shift,
+            "step": step,
+            "hparams": hp,
+            "parameters": n_params,
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_train_psnr": history[-1]["psnr"] if history else None,
+        }
         (out / "ae.json").write_text(json.dumps(meta, indent=1))
         print(f"[ae] scale_factor {scale:.4f} shift_factor {shift:.4f}", flush=True)
     elif args.sample_eval:
@@ -402,7 +413,11 @@ def export(args: argparse.Namespace) -> None:
     manifest = {
         "model": "flux-mini",
         "flow_params": asdict(SPEC.params),
-        "ae_params": {**asdict(SPEC.ae_params), "scale_factor": ae_meta["scale_factor"], "shift_factor": ae_meta["shift_factor"]},
+        "ae_params": {
+            **asdict(SPEC.ae_params),
+            "scale_factor": ae_meta["scale_factor"],
+            "shift_factor": ae_meta["shift_factor"],
+        },
         "t5_max_length": SPEC.max_length,
         "text_encoders": "small T5 and CLIP trained jointly with the transformer (random init, seed+1)",
         "parameters": {
@@ -414,10 +429,20 @@ def export(args: argparse.Namespace) -> None:
         "training": {
             "commands": args.commands or old.get("training", {}).get("commands", []),
             "seed": args.seed,
-            "ae": {"steps": ae_meta["step"], "hparams": ae_meta["hparams"], "final_loss": ae_meta["final_loss"],
-                   "final_train_psnr": ae_meta["final_train_psnr"], "minutes": args.ae_minutes},
-            "flow": {"steps": flow_state["step"], "hparams": flow_state["hparams"], "final_loss": last(flow_state["history"], "loss"),
-                     "final_loss_by_t": last(flow_state["history"], "loss_by_t"), "minutes": args.flow_minutes},
+            "ae": {
+                "steps": ae_meta["step"],
+                "hparams": ae_meta["hparams"],
+                "final_loss": ae_meta["final_loss"],
+                "final_train_psnr": ae_meta["final_train_psnr"],
+                "minutes": args.ae_minutes,
+            },
+            "flow": {
+                "steps": flow_state["step"],
+                "hparams": flow_state["hparams"],
+                "final_loss": last(flow_state["history"], "loss"),
+                "final_loss_by_t": last(flow_state["history"], "loss_by_t"),
+                "minutes": args.flow_minutes,
+            },
             "device": args.device_name,
         },  # fmt: skip
         "git_commit": commit,
@@ -426,8 +451,10 @@ def export(args: argparse.Namespace) -> None:
     }
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in files)
-    print(f"exported to {dest}: {len(files)} files, {total / 2**20:.1f} MiB; update flux/util.py's flux-mini "
-          f"ae_params to scale_factor={ae_meta['scale_factor']:.6g}, shift_factor={ae_meta['shift_factor']:.6g}")
+    print(
+        f"exported to {dest}: {len(files)} files, {total / 2**20:.1f} MiB; update flux/util.py's flux-mini "
+        f"ae_params to scale_factor={ae_meta['scale_factor']:.6g}, shift_factor={ae_meta['shift_factor']:.6g}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 200),
     "orange": (250, 135, 20),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
 # 3x3 grid, row-major; the caption phrase of each place.
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 PLACE_PHRASE = {
@@ -41,7 +45,13 @@ SIZES = ("small", "large")
 RADIUS = {"small": 10.0, "large": 17.0}  # circumradius in pixels; a large shape still fits its 42.7 px cell
 
 # Never in the train split (see module docstring).
-HELDOUT_COLOUR_SHAPE = {("red", "star"), ("blue", "ring"), ("green", "triangle"), ("yellow", "square"), ("purple", "circle")}
+HELDOUT_COLOUR_SHAPE = {
+    ("red", "star"),
+    ("blue", "ring"),
+    ("green", "triangle"),
+    ("yellow", "square"),
+    ("purple", "circle"),
+}
 HELDOUT_SHAPE_PLACE = {("circle", "top right"), ("square", "bottom left"), ("star", "center"), ("triangle", "left")}
 
 
@@ -61,7 +71,9 @@ class Scene:
 def caption(scene: Scene) -> str:
     size = f"{scene.size} " if scene.say_size else ""
     article = "an" if (size or scene.colour)[0] in "aeiou" else "a"
-    return f"{article} {size}{scene.colour} {scene.shape} {PLACE_PHRASE[scene.place]} on a {scene.background} background"
+    return (
+        f"{article} {size}{scene.colour} {scene.shape} {PLACE_PHRASE[scene.place]} on a {scene.background} background"
+    )
 
 
 _CAPTION_RE = re.compile(
@@ -73,7 +85,13 @@ _CAPTION_RE = re.compile(
 def parse_caption(text: str) -> Scene:
     """The scene a caption describes (jitter zero; size 'large' when the caption does not say)."""
     m = _CAPTION_RE.match(text.strip())
-    if not m or m["colour"] not in COLOURS or m["shape"] not in SHAPES or m["place"] not in PLACES or m["bg"] not in BACKGROUNDS:
+    if (
+        not m
+        or m["colour"] not in COLOURS
+        or m["shape"] not in SHAPES
+        or m["place"] not in PLACES
+        or m["bg"] not in BACKGROUNDS
+    ):
         raise ValueError(f"not a caption of this world: {text!r}")
     return Scene(m["shape"], m["colour"], m["place"], m["size"] or "large", m["bg"], say_size=m["size"] is not None)
 
@@ -124,7 +142,12 @@ class SceneBatch:
         """Index of each caption in `all_captions()` (jitter does not change a caption)."""
         size_word = torch.where(self.say_size, self.size + 1, torch.zeros_like(self.size))  # 0 none, 1 small, 2 large
         idx = self.shape
-        for t, n in ((self.colour, len(COLOURS)), (self.place, len(PLACES)), (size_word, 3), (self.background, len(BACKGROUNDS))):
+        for t, n in (
+            (self.colour, len(COLOURS)),
+            (self.place, len(PLACES)),
+            (size_word, 3),
+            (self.background, len(BACKGROUNDS)),
+        ):
             idx = idx * n + t
         return idx
 
@@ -137,7 +160,9 @@ def all_captions() -> list[str]:
             for place in PLACES:
                 for size_word in (None, "small", "large"):
                     for bg in BACKGROUNDS:
-                        out.append(caption(Scene(shape, colour, place, size_word or "large", bg, size_word is not None)))
+                        out.append(
+                            caption(Scene(shape, colour, place, size_word or "large", bg, size_word is not None))
+                        )
     return out
 
 
@@ -247,7 +272,10 @@ def render_batch(b: SceneBatch, device: torch.device | str = "cpu") -> Tensor:
     """Images (B, 3, 128, 128) in [-1, 1]. Coverage = clamp(0.5 - sdf) gives a 1 px anti-aliased edge."""
     cx, cy, r = (t.to(device, torch.float32) for t in centres(b))
     coords = torch.arange(SIZE, device=device, dtype=torch.float32) + 0.5  # pixel centres
-    p = torch.stack(torch.broadcast_tensors(coords[None, None, :] - cx[:, None, None], coords[None, :, None] - cy[:, None, None]), -1)
+    p = torch.stack(
+        torch.broadcast_tensors(coords[None, None, :] - cx[:, None, None], coords[None, :, None] - cy[:, None, None]),
+        -1,
+    )
     cover = torch.zeros(len(b), SIZE, SIZE, device=device)
     shape = b.shape.to(device)
     for k, kind in enumerate(SHAPES):  # each kind computed only for its own images

@@ -34,4 +34,6 @@ def test_stages_checkpoint_and_resume(tmp_path):
     assert state["step"] == 2 and [h["step"] for h in state["history"]] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
     assert all(int(s["step"]) == 2 for s in state["opt"]["state"].values())
-    assert len(list((tmp_path / "a" / "flow").glob("ckpt-*.part*"))) == len(json.loads((tmp_path / "a" / "flow" / "ckpt.json").read_text())["parts"])
+    assert len(list((tmp_path / "a" / "flow").glob("ckpt-*.part*"))) == len(
+        json.loads((tmp_path / "a" / "flow" / "ckpt.json").read_text())["parts"]
+    )

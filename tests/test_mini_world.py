@@ -34,7 +34,9 @@ def test_deterministic_from_seed():
 
 def test_splits():
     train = sample_scenes(2000, seed=0, split="train")
-    assert not any((s.colour, s.shape) in HELDOUT_COLOUR_SHAPE or (s.shape, s.place) in HELDOUT_SHAPE_PLACE for s in train)
+    assert not any(
+        (s.colour, s.shape) in HELDOUT_COLOUR_SHAPE or (s.shape, s.place) in HELDOUT_SHAPE_PLACE for s in train
+    )
     held = sample_scenes(300, seed=0, split="heldout")
     assert all((s.colour, s.shape) in HELDOUT_COLOUR_SHAPE or (s.shape, s.place) in HELDOUT_SHAPE_PLACE for s in held)
     # Every held-out pair shows up in the heldout split, and the train split still covers every single attribute.
@@ -59,7 +61,13 @@ def test_detector_on_every_kind_colour_place():
     right = 0
     for s, img in zip(scenes, render(scenes)):
         d = detect(img)
-        right += (d.shape, d.colour, d.place, d.size, d.background) == (s.shape, s.colour, s.place, s.size, s.background)
+        right += (d.shape, d.colour, d.place, d.size, d.background) == (
+            s.shape,
+            s.colour,
+            s.place,
+            s.size,
+            s.background,
+        )
     assert right / len(scenes) >= 0.99
 
 
@@ -83,7 +91,19 @@ def test_captions_parse_back():
         text = caption(s)
         assert text.startswith(("a ", "an ")) and text.endswith(f"on a {s.background} background")
         p = parse_caption(text)
-        assert (p.shape, p.colour, p.place, p.background, p.say_size) == (s.shape, s.colour, s.place, s.background, s.say_size)
+        assert (p.shape, p.colour, p.place, p.background, p.say_size) == (
+            s.shape,
+            s.colour,
+            s.place,
+            s.background,
+            s.say_size,
+        )
         assert p.size == s.size or not s.say_size
-    assert caption(Scene("circle", "red", "top left", "small", "white")) == "a small red circle at the top left on a white background"
-    assert caption(Scene("ring", "orange", "center", "large", "black", say_size=False)) == "an orange ring in the center on a black background"
+    assert (
+        caption(Scene("circle", "red", "top left", "small", "white"))
+        == "a small red circle at the top left on a white background"
+    )
+    assert (
+        caption(Scene("ring", "orange", "center", "large", "black", say_size=False))
+        == "an orange ring in the center on a black background"
+    )
