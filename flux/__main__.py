@@ -2,6 +2,7 @@
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -38,18 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     if (width, height) != (args.width, args.height):
         print(f"size {args.width}x{args.height} floored to {width}x{height}: FLUX needs multiples of 16")
     try:
-        import torch
-
         from .pipeline import load_models, resolve_device, resolve_dtype, tensor_to_pil
 
         if min(width, height) < 16:
             raise UserError(f"width and height must be at least 16, got {args.width}x{args.height}")
+        if args.num_steps is not None and args.num_steps < 1:
+            raise UserError(f"--num_steps must be at least 1, got {args.num_steps}")
         models = load_models(args.name, resolve_device(args.device), resolve_dtype(args.dtype), offload=args.offload)
-        steps = args.num_steps or models.spec.num_steps
+        steps = models.spec.num_steps if args.num_steps is None else args.num_steps
         image = models.generate([args.prompt], [seed], width, height, steps, args.guidance)[0]
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"img_{len(list(out.glob('img_*.png')))}.png"
+        # As the official CLI: the next index after the highest one there, so no earlier image is overwritten.
+        taken = [int(m[1]) for p in out.glob("img_*.png") if (m := re.fullmatch(r"img_(\d+)\.png", p.name))]
+        path = out / f"img_{max(taken, default=-1) + 1}.png"
         info = PngImagePlugin.PngInfo()
         for key, value in {
             "prompt": args.prompt,
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             "guidance": args.guidance,
         }.items():
             info.add_text(key, str(value))
-        tensor_to_pil(image.to(torch.float32)).save(path, pnginfo=info)
+        tensor_to_pil(image).save(path, pnginfo=info)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

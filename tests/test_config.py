@@ -584,6 +584,10 @@ def test_auto_memory_options_stream_on_small_gpus(monkeypatch):
     assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).resident_gb == 22.5
     fake_gpu(monkeypatch, free_gib=6.0)
     assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).resident_gb == 0.0
+    fake_gpu(monkeypatch, free_gib=23.5)
+    explicit = AccelOptions("auto", "auto", False, True, "auto", "auto")  # stream_blocks=true, resident_gb auto
+    assert resolve_accel(explicit, cuda, torch.bfloat16, dev, t5).resident_gb == 15.0  # as many as fit, not 0
+    assert AccelOptions(resident_gb="lots").check() == ["resident_gb must be a number of GiB or 'auto', got 'lots'"]
     fake_gpu(monkeypatch, free_gib=40.0)  # fits: resident path
     assert resolve_accel(auto, cuda, torch.bfloat16, dev, t5).stream_blocks is False
     fake_gpu(monkeypatch, free_gib=23.5)  # explicit settings win; offload, fp8 and compile=true decide memory

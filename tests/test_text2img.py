@@ -124,3 +124,13 @@ def test_speed_options_from_the_config(tmp_path, run_script):
     assert Image.open(tmp_path / "fp8" / "img_000_seed0.png").size == plain.size
     r = run_script("demo_2_skip.py", "configs/tiny/demo_2_skip.json", "fp8=true", f"output_dir={tmp_path / 'sweep'}")
     assert r.returncode == 2 and "confound" in r.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_official_cli_numbers_images_after_the_highest_and_refuses_zero_steps(tmp_path, run_script):
+    base = ["-m", "flux", "--name", "flux-tiny", "--width", "32", "--height", "32", "--device", "cpu"]
+    base += ["--dtype", "fp32", "--output_dir", str(tmp_path)]
+    (tmp_path / "img_1.png").write_bytes(b"an earlier image")  # img_0 deleted by the user, say
+    assert run_script(*base, "--num_steps", "1").returncode == 0
+    assert (tmp_path / "img_1.png").read_bytes() == b"an earlier image" and (tmp_path / "img_2.png").is_file()
+    r = run_script(*base, "--num_steps", "0")
+    assert r.returncode == 2 and "--num_steps must be at least 1" in r.stderr and "Traceback" not in r.stderr

@@ -56,7 +56,9 @@ class AccelOptions:
             problems.append(f"{', '.join(autos)} still 'auto': resolve_accel decides them for a device first")
         if self.compile is True and self.stream_blocks is True:
             problems.append("compile and stream_blocks do not combine: choose one")
-        if not isinstance(self.resident_gb, str) and self.resident_gb < 0:
+        if isinstance(self.resident_gb, str) and self.resident_gb != AUTO:
+            problems.append(f"resident_gb must be a number of GiB or 'auto', got {self.resident_gb!r}")
+        elif not isinstance(self.resident_gb, str) and self.resident_gb < 0:
             problems.append("resident_gb must be >= 0")
         return problems
 

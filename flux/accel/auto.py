@@ -56,6 +56,7 @@ def resolve_accel(
     why = []
     speed_ok, speed_why = _speed_support(device, dtype)
     stream, resident = options.stream_blocks, options.resident_gb
+    free = None
     # Streaming is the lossless way to fit a small card, unless something explicit already decides memory.
     if cuda and stream == AUTO and not (offload or options.fp8 or options.compile is True):
         free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
@@ -66,10 +67,11 @@ def resolve_accel(
                 f"stream_blocks on: {free / GiB:.1f} GiB free < {(model + text_bytes) / GiB:.1f} GiB of "
                 f"weights + {RESIDENT_MARGIN // GiB} GiB"
             )
-            if resident == AUTO:
-                resident = max(0.0, (free - STREAM_OVERHEAD) // (GiB // 2) / 2)  # down to half a GiB
-                why.append(f"resident_gb {resident:g} (free - {STREAM_OVERHEAD / GiB:g} GiB)")
     stream = stream is True
+    if cuda and stream and resident == AUTO:  # also when stream_blocks=true was explicit: as much resident as fits
+        free = free if free is not None else (torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes)
+        resident = max(0.0, (free - STREAM_OVERHEAD) // (GiB // 2) / 2)  # down to half a GiB
+        why.append(f"resident_gb {resident:g} (free - {STREAM_OVERHEAD / GiB:g} GiB)")
     resident = 0.0 if resident == AUTO else float(resident)
     compile_ = options.compile
     if compile_ == AUTO:
