@@ -125,7 +125,7 @@ class FluxModels:
         return text, row
 
     def release_text_encoders(self) -> None:
-        """Move T5 and CLIP off the GPU once every prompt is encoded (frees ~10 GB for dev). Nothing moves
+        """Move T5 and CLIP off the GPU once every prompt is encoded (T5-XXL is most of the text encoders' memory). Nothing moves
         where they already live in host memory (a CPU run, offload, stream_blocks)."""
         self.t5.cpu()
         self.clip.cpu()
@@ -263,7 +263,7 @@ def resolve_dtype(name: str) -> "torch.dtype":
 
 
 def text_encoder_home(accel: AccelOptions, home: torch.device) -> torch.device:
-    """Where T5 and CLIP live. Streaming is for cards that cannot also hold T5-XXL (9.5 GB) beside the
+    """Where T5 and CLIP live. Streaming is for cards that cannot also hold T5-XXL beside the
     resident blocks: they encode on the CPU."""
     return torch.device("cpu") if accel.stream_blocks else home
 

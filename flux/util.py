@@ -316,7 +316,8 @@ def hub_file(repo_id: str, filename: str, hint: str = FLUX_LOCAL_HINT) -> str:
 def hub_pretrained(load: Callable[..., T], repo_id: str, probe: str = "config.json", hint: str = "") -> T:
     """`load(local_files_only=...)` (a from_pretrained) from the HF cache first, else after one quick Hub check.
 
-    Without this, transformers (through huggingface_hub) spends ~25 s retrying before it says the network is down.
+    Without this, transformers (through huggingface_hub) keeps retrying for a long while before it says the network
+    is down.
     `probe` is a file the repo must hold (e.g. "text_encoder_2/config.json"); `hint` says where else to point.
     """
     try:
@@ -350,7 +351,9 @@ def resolve_checkpoint(
         raise UserError("no checkpoint path given and this model has no Hub repository")
     if not hub_cached_file(repo_id, filename) and subfolder:
         config = hub_cached_file(repo_id, f"{subfolder}/config.json")
-        if config:
+        # Only a folder whose weights are cached too: an interrupted diffusers download falls through to the Hub.
+        weights = (f"{subfolder}/{DIFFUSERS_WEIGHTS}", f"{subfolder}/{DIFFUSERS_WEIGHTS}.index.json")
+        if config and any(hub_cached_file(repo_id, w) for w in weights):
             return str(Path(config).parent)
     return hub_file(repo_id, filename)
 
@@ -461,11 +464,15 @@ def safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
             if not 2 <= n <= min(size - 8, 100_000_000):
                 raise UserError(f"{bad} ({size:,} bytes on disk): {fix}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise TypeError("the header is not a JSON object")
         header.pop("__metadata__", None)
         shapes = {k: tuple(v["shape"]) for k, v in header.items()}
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
         raise UserError(f"{bad} (its header does not parse): {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): check the path and its permissions") from None
     if 8 + n + end > size:
         raise UserError(f"{bad} ({size:,} bytes on disk, {8 + n + end:,} expected): {fix}")
     return shapes

@@ -164,6 +164,22 @@ def test_hf_cache_prefers_the_single_file(official, tmp_path, monkeypatch, model
     assert same_weights(load_flow_model("flux-test", "cpu", torch.float32), models[0])
 
 
+def test_hf_cache_skips_a_diffusers_folder_whose_weights_are_not_cached(tmp_path, monkeypatch):
+    """An interrupted diffusers download (config.json cached, weights not) is no source: the single file is fetched."""
+    from huggingface_hub import constants
+
+    from flux import util
+
+    folder = tmp_path / "partial"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text("{}")
+    fake_hub_cache(tmp_path / "hub", "acme/flux-test", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(util, "hub_file", lambda repo, name, *a, **k: f"hub:{repo}/{name}")
+    got = util.resolve_checkpoint(None, (), "acme/flux-test", "flux1-test.safetensors", subfolder="transformer")
+    assert got == "hub:acme/flux-test/flux1-test.safetensors"
+
+
 # ---------------------------------------------------------------------------------------------- broken folders
 
 
@@ -313,3 +329,12 @@ def test_mmap_failure_reads_shards_as_bytes(repo, monkeypatch, models):
 
     monkeypatch.setattr(safetensors, "safe_open", no_mmap)
     assert same_weights(load_flow_model("flux-tiny", "cpu", torch.float32, path=str(repo)), models[0])
+
+
+def test_a_header_that_is_not_an_object_is_a_clear_error(tmp_path):
+    from flux.util import safetensors_header
+
+    body = b'"not an object"'
+    (tmp_path / "x.safetensors").write_bytes(len(body).to_bytes(8, "little") + body)
+    with pytest.raises(UserError, match="is not a valid safetensors file"):
+        safetensors_header(tmp_path / "x.safetensors")
