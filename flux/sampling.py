@@ -152,23 +152,8 @@ def denoise(
     `skip` and `inject` apply to every model call, `inject` only in the steps of `inject_steps` if given;
     `callback` sees every step and may replace the next latent.
     """
-    guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
-    for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
-        pred = model(
-            img=img,
-            img_ids=img_ids,
-            txt=txt,
-            txt_ids=txt_ids,
-            y=vec,
-            timesteps=t_vec,
-            guidance=guidance_vec,
-            skip=skip,
-            inject=inject if inject_steps is None or inject_steps[0] <= i < inject_steps[1] else None,
-        )
-        next_img = img + (t_prev - t_curr) * pred
-        img = _after_step(callback, Step(i, t_curr, t_prev, img, pred, img - t_curr * pred, next_img))
-    return img
+    steps = list(itertools.pairwise(timesteps))
+    return _euler(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps)
 
 
 def invert(
@@ -183,6 +168,7 @@ def invert(
     skip: SkipSets | None = None,
     inject: Injection | None = None,
     callback: StepCallback | None = None,
+    inject_steps: StepRange | None = None,
 ) -> Tensor:
     """The Euler loop run backwards, image -> noise: from timesteps[-1] (clean) to timesteps[0] (noise).
 
@@ -190,9 +176,30 @@ def invert(
     inverse Euler; the velocity at t itself would leave the error of one step behind at every level). Hooks as in
     `denoise`; the callback's Step runs from t to t_prev = t_next, upwards.
     """
+    steps = list(itertools.pairwise(timesteps[::-1]))
+    return _euler(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, True)
+
+
+def _euler(
+    model: Flux,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    vec: Tensor,
+    steps: list[tuple[float, float]],
+    guidance: float | Sequence[float] | Tensor,
+    skip: SkipSets | None,
+    inject: Injection | None,
+    callback: StepCallback | None,
+    inject_steps: StepRange | None,
+    velocity_at_target: bool = False,
+) -> Tensor:
+    """x <- x + (t_to - t_from) * v over `steps` (t_from, t_to); v is taken at t_from (sampling) or, for the
+    inversion, at t_to."""
     guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
-    for i, (t_curr, t_next) in enumerate(itertools.pairwise(timesteps[::-1])):
-        t_vec = torch.full((img.shape[0],), t_next, dtype=img.dtype, device=img.device)
+    for i, (t_from, t_to) in enumerate(steps):
+        t_vec = torch.full((img.shape[0],), t_to if velocity_at_target else t_from, dtype=img.dtype, device=img.device)
         pred = model(
             img=img,
             img_ids=img_ids,
@@ -202,10 +209,10 @@ def invert(
             timesteps=t_vec,
             guidance=guidance_vec,
             skip=skip,
-            inject=inject,
+            inject=inject if inject_steps is None or inject_steps[0] <= i < inject_steps[1] else None,
         )
-        next_img = img + (t_next - t_curr) * pred
-        img = _after_step(callback, Step(i, t_curr, t_next, img, pred, img - t_curr * pred, next_img))
+        next_img = img + (t_to - t_from) * pred
+        img = _after_step(callback, Step(i, t_from, t_to, img, pred, img - t_from * pred, next_img))
     return img
 
 
