@@ -15,7 +15,7 @@ from tqdm import tqdm
 from flux.sampling import Step
 from flux.util import model_spec
 from stableflow.config import config_to_dict, load_models_for, run_demo
-from stableflow.io import atomic_write_json, save_png
+from stableflow.io import atomic_write_json, refuse_other_settings, save_png
 from stableflow.text2img import Text2ImgConfig, image_metadata, image_name
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ def main(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
     # The work: one image per (prompt, seed); a PNG on disk is a finished image (they are written atomically).
     jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
     todo = [(p, prompt, seed) for p, prompt, seed in jobs if not (out / image_name(p, seed)).exists()]
+    # A PNG there counts as done only if it was made with these settings; anything else is refused, not kept.
+    done = [job for job in jobs if job not in todo]
+    refuse_other_settings(out, {image_name(p, s): image_metadata(cfg, pr, s, steps, guidance) for p, pr, s in done})
 
     if todo:  # a finished run loads no weights
         models = models or load_models_for(cfg)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from flux.sampling import Step
 from flux.util import model_spec
 from stableflow.config import config_to_dict, load_models_for, run_demo
-from stableflow.io import atomic_write_json
+from stableflow.io import atomic_write_json, refuse_other_settings
 from stableflow.trajectory import (
     TrajectoryConfig,
     record_trajectories,
@@ -43,6 +43,11 @@ def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     # sample is complete and is skipped.
     jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
     todo = [job for job in jobs if not (out / sample_folder(*job) / "trajectory.gif").exists()]
+    # A finished sample counts only if made with these settings (skip_layers, steps, ...); anything else is refused.
+    done = [job for job in jobs if job not in todo]
+    refuse_other_settings(
+        out, {f"{sample_folder(*job)}/final.png": sample_metadata(cfg, job[1], job[2], guidance) for job in done}
+    )
 
     models = models or load_models_for(cfg)  # also on a finished run: run.json records the model's schedule
     start = time.perf_counter()  # run.json's "seconds" counts the work, not the loading

@@ -79,7 +79,7 @@ def run_sweep(
             for i, item in enumerate(batch):
                 if item.path(root).exists():  # made before a kill mid-batch: identical by construction
                     continue
-                # Decoded one at a time: the AE at 1024² needs several GB per image.
+                # Decoded one at a time: the AE's activations at 1024² are large (docs/performance.md).
                 writer.submit(item.path(root), models.decode(latent[i : i + 1])[0].cpu(), plan.metadata(item))
     seconds = time.perf_counter() - start
     return SweepResult(writer.written, work.done, plan.total, seconds)

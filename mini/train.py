@@ -9,7 +9,7 @@ are kept so the toolkit's sampler, inversion and hooks apply unchanged: x_t = t*
 v = eps - x0 (MSE), t ~ logit-normal(0, 1) pushed through the sampler's own time shift for 64 image tokens.
 
 Every stage is seeded and resumable: a checkpoint holds the model, its EMA, the optimizer, the step and both RNG
-states, written atomically in byte shards of < 16 MiB (the device returns files up to that size), so a stage
+states, written atomically in byte shards of < 16 MiB (small enough for the GPU machine to return), so a stage
 continues exactly where it stopped, also in a later device call.
 """
 
@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -151,6 +152,13 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     for old in folder.glob("ckpt-*.part*"):
         if old.name not in parts:
             old.unlink()
+
+
+def atomic(path: Path, write: Callable[[str], object]) -> None:
+    """`write(temp_path)`, then rename onto `path`: a kill never leaves a truncated file under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
 
 
 def load_checkpoint(folder: Path) -> dict | None:
@@ -330,7 +338,8 @@ def train(stage: str, args: argparse.Namespace) -> None:
 
     if stage == "ae":  # the shipped AE: EMA weights plus the latent normalisation measured with them
         scale, shift = measure_latents(ema, device, args.measure_n)
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ae.safetensors"))
+        weights = {k: v.contiguous() for k, v in ema.state_dict().items()}
+        atomic(out / "ae.safetensors", lambda tmp: save_file(weights, tmp))
         meta = {
             "scale_factor": scale,
             "shift_factor": shift,
@@ -340,7 +349,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_psnr": history[-1]["psnr"] if history else None,
         }
-        (out / "ae.json").write_text(json.dumps(meta, indent=1))
+        atomic(out / "ae.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         print(f"[ae] scale_factor {scale:.4f} shift_factor {shift:.4f}", flush=True)
     elif args.sample_eval:
         print(json.dumps(quick_eval(ema.flow, ema, ae, device, args.sample_eval)), flush=True)
@@ -390,10 +399,11 @@ def export(args: argparse.Namespace) -> None:
     flow_state = load_checkpoint(run / "flow")
     stack = FlowStack(0)
     stack.load_state_dict(flow_state["ema"])
-    # fp32: the exact EMA weights (bf16 measured the same accuracy, but fp32 fits the size budget anyway).
-    save_file({k: v.contiguous() for k, v in stack.flow.state_dict().items()}, str(dest / "flow.safetensors"))
+    # fp32: the exact EMA weights (they fit the repository's size budget as they are).
+    flow = {k: v.contiguous() for k, v in stack.flow.state_dict().items()}
+    atomic(dest / "flow.safetensors", lambda tmp: save_file(flow, tmp))
     ae_file = run / "ae" / "ae.safetensors"
-    (dest / "ae.safetensors").write_bytes(ae_file.read_bytes())
+    atomic(dest / "ae.safetensors", lambda tmp: Path(tmp).write_bytes(ae_file.read_bytes()))
     _, _, t5_tok, clip_tok = build_text_encoders(0)
     for name, model, tok in (("t5", stack.t5, t5_tok), ("clip", stack.clip, clip_tok)):
         model.save_pretrained(str(dest / name))
@@ -449,7 +459,7 @@ def export(args: argparse.Namespace) -> None:
         "sha256": {str(p.relative_to(dest)): sha256(p) for p in files},
         "evaluation": old.get("evaluation"),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     total = sum(p.stat().st_size for p in files)
     print(
         f"exported to {dest}: {len(files)} files, {total / 2**20:.1f} MiB; update flux/util.py's flux-mini "

@@ -512,8 +512,9 @@ class BaseConfig:
     model: Literal["flux-dev", "flux-schnell", "flux-krea-dev", "flux-tiny", "flux-mini"] = field(
         default="flux-dev",
         metadata={
-            "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0) or "
-            "flux-tiny (tiny random weights: runs on a CPU in seconds, for tests)"
+            "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0), flux-krea-dev "
+            "(FLUX.1 Krea [dev], gated), flux-mini (small, trained on a world of coloured shapes, shipped: real "
+            "pictures on a CPU) or flux-tiny (tiny random weights, for tests)"
         },
     )
     flow_path: str | None = field(

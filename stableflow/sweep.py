@@ -256,7 +256,7 @@ def plan_batches(prompts: Sequence[PromptSpec], layers: Sequence[int], batch_siz
     reference first, then the layers in order).
 
     So a batch bypasses the same layer in every sample and the model skips that block outright, instead of
-    computing it for the whole batch and discarding it for one sample (1/57 of the work at batch_size 4), and a
+    computing it for the whole batch and discarding it for one sample (one block of one sample per batch), and a
     group of prompts is complete before the next starts. The last group may hold fewer prompts than batch_size;
     its batches then mix variants (samples carry their own text, noise and skip set).
     """
@@ -431,8 +431,8 @@ def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int
 
 
 class ImageWriter:
-    """Encodes and writes PNGs on a few threads while the GPU denoises the next batch (PNG encoding of a 1024²
-    image costs about as much as a denoising step). `wait()` collects what was submitted; the progress bar
+    """Encodes and writes PNGs on a few threads while the GPU denoises the next batch (encoding a 1024² PNG is
+    not negligible next to a denoising step). `wait()` collects what was submitted; the progress bar
     advances as each file lands."""
 
     def __init__(self, bar, threads: int = 4):

@@ -58,6 +58,8 @@ class Text2ImgConfig(BaseConfig):
             problems.append("'prompt' is an empty list: give at least one prompt")
         if isinstance(self.seed, list) and not self.seed:
             problems.append("'seed' is an empty list: give at least one seed, or a single number")
+        if len(set(self.seeds())) != len(self.seeds()):
+            problems.append(f"'seed' repeats a seed ({self.seeds()}): the same seed would make the same image twice")
         return problems
 
 

@@ -89,6 +89,8 @@ class TrajectoryConfig(BaseConfig):
             problems.append("'prompt' is an empty list: give at least one prompt")
         if not self.seeds():
             problems.append("'seed' is an empty list: give at least one seed")
+        if len(set(self.seeds())) != len(self.seeds()):
+            problems.append(f"'seed' repeats a seed ({self.seeds()}): the same seed would make the same sample twice")
         p = model_spec(self.model).params
         try:
             check_layers(self.skip_layers, p.depth + p.depth_single_blocks, "'skip_layers'")

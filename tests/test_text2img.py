@@ -134,3 +134,16 @@ def test_official_cli_numbers_images_after_the_highest_and_refuses_zero_steps(tm
     assert (tmp_path / "img_1.png").read_bytes() == b"an earlier image" and (tmp_path / "img_2.png").is_file()
     r = run_script(*base, "--num_steps", "0")
     assert r.returncode == 2 and "--num_steps must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_settings_is_refused_not_kept(tmp_path, run_script):
+    """An image already in output_dir counts as done only when it was made with the same settings."""
+    base = ["demo_0_test.py", "configs/tiny/demo_0_test.json", "prompt=a fox", "num_images=1", f"output_dir={tmp_path}"]
+    assert run_script(*base, "steps=2").returncode == 0
+    before = (tmp_path / "img_000_seed0.png").read_bytes()
+    r = run_script(*base, "steps=3")
+    assert r.returncode == 2 and "made with other settings (steps 2 -> 3)" in r.stderr
+    assert (tmp_path / "img_000_seed0.png").read_bytes() == before
+    r = run_script(*base, "seed=[1, 1]")
+    assert r.returncode == 2 and "'seed' repeats a seed" in r.stderr

@@ -85,3 +85,13 @@ def test_bad_layer_is_refused_before_anything_is_written(tmp_path, capsys, repo_
     assert e.value.code == 2
     assert "'skip_layers': layer 6 out of range: this model has layers 0..5" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_skip_layers_is_refused(tmp_path, demo):
+    """The sample folder is named by prompt and seed: a re-run bypassing a layer must not pass the plain
+    trajectory off as the ablated one."""
+    args = [f"output_dir={tmp_path}", "prompt=a fox", "steps=2"]
+    assert demo(*args).returncode == 0
+    r = demo(*args, "skip_layers=[5]")
+    assert r.returncode == 2 and "made with other settings (skip_layers [] -> [5])" in r.stderr
