@@ -23,7 +23,7 @@ from flux.errors import UserError
 from flux.util import hub_pretrained
 
 from . import TINY_RANDOM
-from .io import IMAGE_SUFFIXES, atomic_write_bytes
+from .io import IMAGE_SUFFIXES, atomic_write_bytes, examples
 from .sweep import FEATURES_DIR
 from .sweep import load_sweep_image as load_image
 
@@ -354,12 +354,8 @@ def match_folders(folder_a: Path, folder_b: Path) -> tuple[list[tuple[str, Path,
     for folder, mine, theirs in ((folder_a, a, b), (folder_b, b, a)):
         only = sorted(set(mine) - set(theirs))
         if only:
-            notes.append(f"{len(only)} image(s) only in {folder}: {_examples(only)}")
+            notes.append(f"{len(only)} image(s) only in {folder}: {examples(only)}")
     for folder, other in ((folder_a, a_other), (folder_b, b_other)):
         if other:
-            notes.append(f"skipped {len(other)} non-image file(s) in {folder}: {_examples(other)}")
+            notes.append(f"skipped {len(other)} non-image file(s) in {folder}: {examples(other)}")
     return [(n, a[n], b[n]) for n in names], notes
-
-
-def _examples(items: Sequence[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

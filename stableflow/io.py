@@ -193,6 +193,11 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(getattr(im, "text", {}))
 
 
+def examples(items: Sequence[str], n: int = 5) -> str:
+    """The first `n` of `items` for a message, and how many more there are."""
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def settings_changes(path: str | os.PathLike, expected: Mapping[str, Any]) -> list[str]:
     """How the settings `save_png` recorded in an existing PNG differ from `expected` ("steps 4 -> 3"; empty:
     none), so a re-run can tell a finished image from one made with other settings."""

@@ -38,7 +38,7 @@ from flux.model import check_layers, layer_name
 from flux.util import model_spec
 
 from .config import BaseConfig
-from .io import IMAGE_SUFFIXES, atomic_write_json, save_png
+from .io import IMAGE_SUFFIXES, atomic_write_json, examples, save_png
 from .io import load_image as _read_image
 
 if TYPE_CHECKING:
@@ -502,10 +502,6 @@ def _ranges(xs: Iterable[int]) -> str:
     return ", ".join(out)
 
 
-def _examples(items: Sequence[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 @dataclass
 class Sweep:
     """What a demo_2_skip.py output folder holds, and what it should hold."""
@@ -624,13 +620,13 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
             sweep.ablations[d.name] = layers
 
     if skipped:
-        sweep.notes.append(f"skipped {len(skipped)} non-image file(s): {_examples(skipped)}")
+        sweep.notes.append(f"skipped {len(skipped)} non-image file(s): {examples(skipped)}")
     if ignored:
-        sweep.notes.append(f"ignored {len(ignored)} image(s) not named ref.* or layer_XX.*: {_examples(ignored)}")
+        sweep.notes.append(f"ignored {len(ignored)} image(s) not named ref.* or layer_XX.*: {examples(ignored)}")
     if out_of_range:
         sweep.notes.append(
             f"ignored {len(out_of_range)} image(s) with a layer index >= {total} (the model's "
-            f"layer count per manifest.json): {_examples(out_of_range)}"
+            f"layer count per manifest.json): {examples(out_of_range)}"
         )
 
     seen_prompts = sorted(set(sweep.refs) | set(sweep.ablations))
@@ -639,7 +635,7 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
         sweep.expected_prompts = [str(p["id"]) for p in manifest["prompts"] if isinstance(p, dict) and "id" in p]
         extra = [p for p in seen_prompts if p not in sweep.expected_prompts]
         if extra:
-            sweep.notes.append(f"{len(extra)} prompt folder(s) not in manifest.json are scored too: {_examples(extra)}")
+            sweep.notes.append(f"{len(extra)} prompt folder(s) not in manifest.json are scored too: {examples(extra)}")
             sweep.expected_prompts += extra
     else:
         sweep.expected_prompts = seen_prompts
@@ -650,7 +646,7 @@ def scan_sweep(root: str | Path, num_double: int | None = None, exclude: Iterabl
     orphans = sorted(p for p in sweep.ablations if p not in sweep.refs)
     if orphans:
         sweep.notes.append(
-            f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: {_examples(orphans)}"
+            f"{len(orphans)} prompt(s) have ablated images but no ref.png and are not scored: {examples(orphans)}"
         )
     sweep.notes += size_report(sweep)
     return sweep
@@ -680,7 +676,7 @@ def size_report(sweep: Sweep) -> list[str]:
     if odd:
         notes.append(
             f"{len(odd)} ablated image(s) differ in size from their reference (scored anyway: preprocessing "
-            f"resizes to 256 and crops 224, but check the sweep settings): {_examples(odd)}"
+            f"resizes to 256 and crops 224, but check the sweep settings): {examples(odd)}"
         )
     return notes
 
