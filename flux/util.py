@@ -167,19 +167,20 @@ configs: dict[str, ModelSpec] = {
         guidance=3.5,
         shift=True,
     ),
-    # FLUX's architecture at 2.8M parameters (AE 1.3M), trained from scratch on the world of mini/ (`mini.train`);
-    # its weights and text encoders ship in flux/assets/mini, so generation, ablation and editing run on a CPU.
+    # FLUX's architecture at toy size (4 double + 8 single blocks), trained from scratch on the world of mini/
+    # (`mini.train`); its weights and text encoders ship in flux/assets/mini, so generation, ablation and editing run
+    # on a CPU.
     "flux-mini": ModelSpec(
         params=FluxParams(
             in_channels=64,
             out_channels=64,
-            vec_in_dim=64,
-            context_in_dim=64,
+            vec_in_dim=128,
+            context_in_dim=128,
             hidden_size=128,
             mlp_ratio=4.0,
             num_heads=4,
-            depth=2,
-            depth_single_blocks=6,
+            depth=4,
+            depth_single_blocks=8,
             axes_dim=[4, 14, 14],
             theta=10_000,
             qkv_bias=True,
@@ -202,7 +203,7 @@ configs: dict[str, ModelSpec] = {
         ckpt_env=(),
         t5_version=str(ASSETS / "mini" / "t5"),
         clip_version=str(ASSETS / "mini" / "clip"),
-        max_length=48,
+        max_length=32,
         num_steps=20,
         guidance=0.0,
         shift=True,

@@ -2,6 +2,7 @@
 
     python -m mini.train ae   --out runs/mini [--steps N] [--minutes M] [--resume]
     python -m mini.train flow --out runs/mini [--steps N] [--minutes M] [--resume]
+    python -m mini.train compact --out runs/mini --dest D  # the flow checkpoint, small enough to travel
     python -m mini.train export --out runs/mini          # EMA weights -> flux/assets/mini + manifest.json
 
 The architecture is `configs["flux-mini"]` of flux/util.py (the repo's own Flux and AutoEncoder). FLUX's conventions
@@ -10,14 +11,15 @@ v = eps - x0 (MSE), t ~ logit-normal(0, 1) pushed through the sampler's own time
 
 Every stage is seeded and resumable: a checkpoint holds the model, its EMA, the optimizer, the step and both RNG
 states, written atomically in byte shards of < 16 MiB (small enough for the GPU machine to return), so a stage
-continues exactly where it stopped, also in a later device call.
+continues exactly where it stopped, also in a later device call; `compact` makes one that fits the device's upload
+for a later session (the optimizer's moments restart from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
-import functools
 import hashlib
 import io
 import json
@@ -31,21 +33,30 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    T5TokenizerFast,
+)
 
+from flux.assets.make_tiny_tokenizers import bytes_to_unicode, learn_bpe
 from flux.model import Flux
 from flux.modules.autoencoder import AutoEncoder
 from flux.sampling import get_lin_function, image_ids, pack, time_shift
 from flux.util import ASSETS, configs
 
-from .world import all_captions, render_batch, sample_batch
+from .world import VOCABULARY, SceneBatch, caption_words, render_batch, sample_batch
 
 SPEC = configs["flux-mini"]
-TINY_TOKENIZERS = ASSETS / "tiny"
 PART_BYTES = 15 * 2**20  # checkpoint shard size, under the device's 16 MiB per returned file
 TEXT_DIM = SPEC.params.context_in_dim
 assert SPEC.params.vec_in_dim == TEXT_DIM
@@ -59,16 +70,46 @@ HPARAMS = {  # per stage; the command line can override batch, lr and warmup
 # ------------------------------------------------------------------------------------------------ models
 
 
-def build_text_encoders(seed: int) -> tuple[T5EncoderModel, CLIPTextModel, T5TokenizerFast, CLIPTokenizer]:
-    """Small random T5 and CLIP with the repo's tiny tokenizers. They are trained jointly with the transformer:
-    the tiny tokenizers split most world words into characters, which frozen random encoders mix too weakly."""
-    t5_tok = T5TokenizerFast.from_pretrained(str(TINY_TOKENIZERS / "t5"))
-    clip_tok = CLIPTokenizer.from_pretrained(str(TINY_TOKENIZERS / "clip"))
+def make_tokenizers(out: Path) -> Path:
+    """Word-level T5 and CLIP tokenizers of the world's vocabulary in out/{t5,clip}: every caption word is one token
+    (character-level pieces left binding colour to shape to place to the small encoders). Real tokenizers of FLUX's
+    kinds, so the toolkit's HFEmbedder tokenizes flux-mini's prompts exactly as training does."""
+    if (out / "t5" / "tokenizer.json").is_file() and (out / "clip" / "tokenizer.json").is_file():
+        return out
+    (out / "t5").mkdir(parents=True, exist_ok=True)
+    (out / "clip").mkdir(parents=True, exist_ok=True)
+    spiece = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # model_type=word: one piece per whitespace-separated word
+        sentence_iterator=iter([" ".join(VOCABULARY)] * 4), model_writer=spiece, model_type="word",
+        vocab_size=len(VOCABULARY) + 3, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2,
+        character_coverage=1.0,
+    )  # fmt: skip
+    (out / "t5" / "spiece.model").write_bytes(spiece.getvalue())
+    T5Tokenizer.from_pretrained(str(out / "t5"), model_max_length=SPEC.max_length, legacy=True, extra_ids=0
+                                ).save_pretrained(str(out / "t5"))  # fmt: skip
+    # CLIP: byte-level BPE whose merges build every vocabulary word into one token.
+    merges = learn_bpe(collections.Counter(VOCABULARY), 10_000)
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "clip" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out / "clip" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    CLIPTokenizer.from_pretrained(str(out / "clip"), model_max_length=77).save_pretrained(str(out / "clip"))
+    return out
+
+
+def load_tokenizers(folder: Path) -> tuple[T5TokenizerFast, CLIPTokenizer]:
+    return T5TokenizerFast.from_pretrained(str(folder / "t5")), CLIPTokenizer.from_pretrained(str(folder / "clip"))
+
+
+def build_text_encoders(seed: int, tokenizers: Path) -> tuple[T5EncoderModel, CLIPTextModel]:
+    """Small random T5 and CLIP for the world's word-level tokenizers, trained jointly with the transformer."""
+    t5_tok, clip_tok = load_tokenizers(tokenizers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t5 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=16, d_ff=2 * TEXT_DIM, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=16, relative_attention_max_distance=SPEC.max_length,
+            vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=TEXT_DIM // 4, d_ff=2 * TEXT_DIM, num_layers=2,
+            num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=SPEC.max_length,
             feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
             pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
         ))  # fmt: skip
@@ -77,13 +118,13 @@ def build_text_encoders(seed: int) -> tuple[T5EncoderModel, CLIPTextModel, T5Tok
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
             bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
         ))  # fmt: skip
-    return t5, clip, t5_tok, clip_tok
+    return t5, clip
 
 
 class FlowStack(nn.Module):
     """What the flow stage trains: the transformer and both text encoders (one state dict, one EMA)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, tokenizers: Path):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -93,7 +134,7 @@ class FlowStack(nn.Module):
             if name.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) or name == "final_layer.linear":
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.t5, self.clip, _, _ = build_text_encoders(seed + 1)
+        self.t5, self.clip = build_text_encoders(seed + 1, tokenizers)
 
     def encode(self, t5_ids: Tensor, clip_ids: Tensor) -> tuple[Tensor, Tensor]:
         """As HFEmbedder: no attention mask (padding attended), T5 last_hidden_state and CLIP pooler_output."""
@@ -102,22 +143,37 @@ class FlowStack(nn.Module):
         return txt, vec
 
 
-def tokenize_world(device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token ids of every caption of the world (2430), tokenized exactly as HFEmbedder does."""
-    t5_ids, clip_ids = _tokenize_world()
-    return t5_ids.to(device), clip_ids.to(device)
+class WorldTokens:
+    """Token ids of a SceneBatch's captions without strings: `caption_words` mapped through each tokenizer's id of
+    every vocabulary word, plus its special tokens and padding, exactly as HFEmbedder tokenizes (a test pins it)."""
 
+    def __init__(self, tokenizers: Path, device: torch.device):
+        t5_tok, clip_tok = load_tokenizers(tokenizers)
+        self.device = device
 
-@functools.cache
-def _tokenize_world() -> tuple[Tensor, Tensor]:
-    _, _, t5_tok, clip_tok = build_text_encoders(0)
-    caps = all_captions()
-    kw = dict(truncation=True, padding="max_length", return_attention_mask=False, return_tensors="pt")
-    t5_ids = t5_tok(caps, max_length=SPEC.max_length, **kw)["input_ids"]
-    clip_ids = clip_tok(caps, max_length=77, **kw)["input_ids"]
-    longest = max(len(x) for x in t5_tok(caps)["input_ids"])
-    assert longest <= SPEC.max_length, f"captions need {longest} T5 tokens, max_length is {SPEC.max_length}"
-    return t5_ids, clip_ids
+        def table(tok) -> Tensor:
+            ids = [tok(w, add_special_tokens=False)["input_ids"] for w in VOCABULARY]
+            assert all(len(i) == 1 for i in ids), "a vocabulary word is not one token"
+            return torch.tensor([i[0] for i in ids], device=device)
+
+        self.t5 = (table(t5_tok), t5_tok.eos_token_id, t5_tok.pad_token_id, SPEC.max_length)
+        self.clip = (table(clip_tok), clip_tok.eos_token_id, clip_tok.pad_token_id, 77, clip_tok.bos_token_id)
+
+    def __call__(self, b: SceneBatch) -> tuple[Tensor, Tensor]:
+        words = caption_words(b).to(self.device)
+        n_words = (words >= 0).sum(1, keepdim=True)
+        ar = torch.arange(words.shape[1], device=self.device)
+
+        def ids(table: Tensor, eos: int, pad: int, length: int, bos: int | None = None) -> Tensor:
+            body = torch.where(words >= 0, table[words.clamp(min=0)], pad)
+            body = torch.where(ar == n_words, eos, body)  # eos right after the last word (words always has a slot free)
+            if bos is not None:
+                body = torch.cat([torch.full_like(body[:, :1], bos), body], 1)
+            out = torch.full((len(b), length), pad, device=self.device, dtype=torch.long)
+            out[:, : body.shape[1]] = body[:, :length]
+            return out
+
+        return ids(*self.t5), ids(*self.clip)
 
 
 def load_trained_ae(out: Path, device: torch.device) -> AutoEncoder:
@@ -175,13 +231,15 @@ def load_checkpoint(folder: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def lr_at(step: int, hp: dict) -> float:
+def lr_at(step: int, hp: dict, left: float | None = None) -> float:
     """Linear warm-up, then constant: runs end on a time budget, so there is no fixed horizon to decay to; the EMA
-    does the averaging."""
-    lr = hp["lr"] * min(1.0, (step + 1) / hp["warmup"])
+    does the averaging. `left`: the fraction of this run's time budget still to go."""
+    lr = hp["lr"] * min(1.0, (step - hp.get("warmup_from", 0) + 1) / hp["warmup"])
     if hp.get("anneal"):  # --anneal: linear decay to 0 over this run's --steps (a final cool-down)
         start, end = hp["anneal"]
         lr *= min(1.0, max(0.0, (end - step) / (end - start)))
+    if left is not None and hp.get("anneal_frac"):  # --anneal-frac: the same over the last part of --minutes
+        lr *= min(1.0, max(0.0, left / hp["anneal_frac"]))
     return lr
 
 
@@ -210,17 +268,16 @@ def ae_loss(ae: AutoEncoder, x: Tensor, g: torch.Generator, kl_weight: float) ->
     return F.l1_loss(rec, x) + mse + kl_weight * kl, mse
 
 
-def flow_loss(stack: FlowStack, ae: AutoEncoder, ids: tuple[Tensor, Tensor], g_cpu, g_dev, batch: int):
+def flow_loss(stack: FlowStack, ae: AutoEncoder, tokens: WorldTokens, g_cpu, g_dev, batch: int):
     """FLUX's rectified-flow loss on a fresh batch of world images; returns (loss, per-sample loss, t)."""
-    dev = ids[0].device
+    dev = tokens.device
     scenes = sample_batch(batch, g_cpu, "train")
-    cap = scenes.caption_index().to(dev)
     with torch.no_grad():
         x0 = ae.encode(render_batch(scenes, dev)).float()  # normalised latents (B, 16, 16, 16)
     eps = torch.randn(x0.shape, generator=g_dev, device=dev)
     t = sample_t(batch, g_dev, dev)
     xt = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * x0
-    txt, vec = stack.encode(ids[0][cap], ids[1][cap])
+    txt, vec = stack.encode(*tokens(scenes))
     pred = stack.flow(
         img=pack(xt),
         img_ids=image_ids(batch, 8, 8, dev),
@@ -256,10 +313,13 @@ def train(stage: str, args: argparse.Namespace) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             model: nn.Module = AutoEncoder(SPEC.ae_params)
+        if args.init:  # fine-tune from an earlier AE of the same architecture
+            model.load_state_dict(load_file(args.init))
     else:
-        model = FlowStack(args.seed)
+        tokenizers = make_tokenizers(Path(args.out) / "tokenizers")
+        model = FlowStack(args.seed, tokenizers)
         ae = load_trained_ae(Path(args.out), device)
-        ids = tokenize_world(device)
+        tokens = WorldTokens(tokenizers, device)
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     decay, no_decay = [], []
@@ -274,7 +334,10 @@ def train(stage: str, args: argparse.Namespace) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+        else:  # a compact checkpoint (see `compact`): the moments restart, so warm up again
+            hp["warmup_from"] = state["step"]
         g_cpu.set_state(state["rng_cpu"])
         g_dev.set_state(state["rng_dev"])
         step, history = state["step"], state["history"]
@@ -288,6 +351,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
             "rng_cpu": g_cpu.get_state(), "rng_dev": g_dev.get_state(), "history": history, "hparams": hp,
         })  # fmt: skip
 
+    hp["anneal_frac"] = args.anneal_frac
     if args.anneal:
         if not args.steps:
             raise SystemExit("--anneal needs --steps")
@@ -299,13 +363,13 @@ def train(stage: str, args: argparse.Namespace) -> None:
     run_steps, acc = 0, {"loss": 0.0, "mse": 0.0, "n": 0, "bucket": torch.zeros(4), "bucket_n": torch.zeros(4)}
     while (target is None or step < target) and (args.minutes is None or time.time() - t0 < 60 * args.minutes):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, hp)
+            group["lr"] = lr_at(step, hp, 1 - (time.time() - t0) / (60 * args.minutes) if args.minutes else None)
         with autocast:
             if stage == "ae":
                 x = render_batch(sample_batch(hp["batch"], g_cpu, "train"), device)
                 loss, mse = ae_loss(model, x, g_dev, hp["kl"])
             else:
-                loss, per, t = flow_loss(model, ae, ids, g_cpu, g_dev, hp["batch"])
+                loss, per, t = flow_loss(model, ae, tokens, g_cpu, g_dev, hp["batch"])
                 mse = loss.detach()
                 b = (t * 4).long().clamp(max=3).cpu()
                 acc["bucket"].index_add_(0, b, per.float().cpu())
@@ -351,35 +415,20 @@ def train(stage: str, args: argparse.Namespace) -> None:
         }
         atomic(out / "ae.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
         print(f"[ae] scale_factor {scale:.4f} shift_factor {shift:.4f}", flush=True)
-    elif args.sample_eval:
-        print(json.dumps(quick_eval(ema.flow, ema, ae, device, args.sample_eval)), flush=True)
-
-
-@torch.no_grad()
-def quick_eval(flow: Flux, stack: FlowStack, ae: AutoEncoder, device: torch.device, n: int) -> dict:
-    """Detector accuracy of EMA samples for n heldout prompts (20 Euler steps), a progress signal while training;
-    mini.evaluate measures the exported model through the toolkit's own pipeline."""
-    from flux.sampling import denoise, get_noise, get_schedule, unpack
-
-    from .detect import detect
-
-    scenes = sample_batch(n, torch.Generator().manual_seed(0), "heldout")
-    t5_ids, clip_ids = tokenize_world(device)
-    cap = scenes.caption_index().to(device)
-    txt, vec = stack.encode(t5_ids[cap], clip_ids[cap])
-    noise = torch.cat([get_noise(1, 128, 128, device, torch.float32, s) for s in range(n)])
-    x = denoise(flow, pack(noise), image_ids(n, 8, 8, device), txt, torch.zeros(n, txt.shape[1], 3, device=device), vec,
-                get_schedule(20, 64, shift=SPEC.shift), guidance=0.0)  # fmt: skip
-    imgs = ae.decode(unpack(x, 128, 128)).clamp(-1, 1).cpu()
-    right = {"shape": 0, "colour": 0, "place": 0, "background": 0}
-    for s, img in zip(scenes.scenes(), imgs):
-        d = detect(img)
-        for k in right:
-            right[k] += getattr(d, k) == getattr(s, k)
-    return {"quick_eval_heldout": {k: v / n for k, v in right.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ export
+
+
+def compact(src: Path, dest: Path) -> None:
+    """The flow checkpoint small enough to travel between device sessions (the tree that travels is <= 64 MiB):
+    the model in fp32, its EMA in bf16 (one rounding, then averaged on in fp32), no optimizer moments (AdamW
+    restarts them, with a fresh warm-up, when `flow --resume` reads this)."""
+    state = load_checkpoint(src)
+    state.pop("opt")
+    state["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    save_checkpoint(dest, state)
+    print(f"compact checkpoint of step {state['step']} in {dest}", flush=True)
 
 
 def sha256(path: Path) -> str:
@@ -391,20 +440,21 @@ def sha256(path: Path) -> str:
 
 
 def export(args: argparse.Namespace) -> None:
-    """EMA weights -> flux/assets/mini: flow.safetensors (fp32, Flux.state_dict() keys), ae.safetensors (fp32,
+    """EMA weights -> flux/assets/mini: flow.safetensors (bf16, Flux.state_dict() keys), ae.safetensors (fp32,
     AutoEncoder.state_dict() keys), t5/ and clip/ (transformers folders with their tokenizers), manifest.json."""
     run = Path(args.out)
     dest = Path(args.assets)
     dest.mkdir(parents=True, exist_ok=True)
     flow_state = load_checkpoint(run / "flow")
-    stack = FlowStack(0)
+    tokenizers = run / "tokenizers"
+    stack = FlowStack(0, tokenizers)
     stack.load_state_dict(flow_state["ema"])
-    # fp32: the exact EMA weights (they fit the repository's size budget as they are).
-    flow = {k: v.contiguous() for k, v in stack.flow.state_dict().items()}
+    # bf16: the repository's size budget (the loader casts to the dtype the user asks for).
+    flow = {k: v.to(torch.bfloat16).contiguous() for k, v in stack.flow.state_dict().items()}
     atomic(dest / "flow.safetensors", lambda tmp: save_file(flow, tmp))
     ae_file = run / "ae" / "ae.safetensors"
     atomic(dest / "ae.safetensors", lambda tmp: Path(tmp).write_bytes(ae_file.read_bytes()))
-    _, _, t5_tok, clip_tok = build_text_encoders(0)
+    t5_tok, clip_tok = load_tokenizers(tokenizers)
     for name, model, tok in (("t5", stack.t5, t5_tok), ("clip", stack.clip, clip_tok)):
         model.save_pretrained(str(dest / name))
         tok.save_pretrained(str(dest / name))
@@ -429,7 +479,7 @@ def export(args: argparse.Namespace) -> None:
             "shift_factor": ae_meta["shift_factor"],
         },
         "t5_max_length": SPEC.max_length,
-        "text_encoders": "small T5 and CLIP trained jointly with the transformer (random init, seed+1)",
+        "text_encoders": "small T5 and CLIP with word-level tokenizers, trained jointly with the transformer",
         "parameters": {
             "flow": sum(v.numel() for v in stack.flow.state_dict().values()),
             "ae": ae_meta["parameters"],
@@ -469,7 +519,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["ae", "flow", "export"])
+    p.add_argument("stage", choices=["ae", "flow", "compact", "export"])
     p.add_argument("--out", required=True, help="run folder: <out>/ae and <out>/flow hold checkpoints")
     p.add_argument("--steps", type=int, help="train this many more steps")
     p.add_argument("--minutes", type=float, help="stop (and save) after this many minutes")
@@ -479,11 +529,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int)
     p.add_argument("--anneal", action="store_true", help="decay the lr linearly to 0 over this run's --steps")
+    p.add_argument("--anneal-frac", type=float, default=0.0, help="... or over this last fraction of --minutes")
+    p.add_argument("--dest", help="compact: folder for the compact flow checkpoint")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--init", help="ae: start from these AE weights (same architecture) instead of random")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")
-    p.add_argument("--sample-eval", type=int, default=0, help="flow: detector accuracy of n heldout samples at the end")
     # export only: what the manifest records
     p.add_argument("--assets", default=str(ASSETS / "mini"))
     p.add_argument("--commands", nargs="*", help="the training commands, for the manifest")
@@ -493,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.stage == "export":
         export(args)
+    elif args.stage == "compact":
+        compact(Path(args.out) / "flow", Path(args.dest))
     else:
         if not args.steps and not args.minutes:
             p.error("give --steps and/or --minutes")

@@ -142,7 +142,9 @@ def parse_caption(text: str) -> Scene:
         o = _OBJECT_RE.match(phrase)
         if not o or o["colour"] not in COLOURS or o["shape"] not in SHAPES or (o["place"] or "top") not in PLACES:
             raise ValueError(f"not a caption of this world: {text!r} (at {phrase!r})")
-        objects.append(Obj(o["shape"], o["colour"], o["place"], o["size"], o["place"] is not None, o["size"] is not None))
+        objects.append(
+            Obj(o["shape"], o["colour"], o["place"], o["size"], o["place"] is not None, o["size"] is not None)
+        )
     try:
         return Scene(tuple(objects), m["bg"])
     except ValueError as e:
@@ -371,3 +373,33 @@ def render_batch(b: SceneBatch, device: torch.device | str = "cpu") -> Tensor:
 
 def render(scenes: list[Scene], device: torch.device | str = "cpu") -> Tensor:
     return render_batch(SceneBatch.of(scenes), device)
+
+
+# ------------------------------------------------------------------------------------------------ words
+
+_WORD = {w: i for i, w in enumerate(VOCABULARY)}
+_PLACE_WORDS = torch.tensor([[_WORD[w] for w in PLACE_PHRASE[p].split()] + [-1] * (4 - len(PLACE_PHRASE[p].split()))
+                             for p in PLACES])  # fmt: skip
+_SEGMENT = 9  # "and", article, size, colour, shape, up to four place words
+
+
+def caption_words(b: SceneBatch) -> Tensor:
+    """(B, L) indices into VOCABULARY of each caption's words, left-aligned, -1 after the end: exactly the words of
+    `caption` (a test pins the two against each other), built with tensor ops so training needs no strings."""
+    n, k = len(b), MAX_OBJECTS
+    cols, sizes = torch.tensor([_WORD[c] for c in COLOURS]), torch.tensor([_WORD[s] for s in SIZES])
+    shapes, bgs = torch.tensor([_WORD[s] for s in SHAPES]), torch.tensor([_WORD[g] for g in BACKGROUNDS])
+    an = ~b.say_size & (b.colour == list(COLOURS).index("orange"))  # the only word of the world that starts a vowel
+    seg = torch.full((n, k, _SEGMENT), -1)
+    seg[:, 1:, 0] = _WORD["and"]
+    seg[..., 1] = torch.where(an, _WORD["an"], _WORD["a"])
+    seg[..., 2] = torch.where(b.say_size, sizes[b.size], -1)
+    seg[..., 3] = cols[b.colour]
+    seg[..., 4] = shapes[b.shape]
+    seg[..., 5:] = torch.where(b.say_place[..., None], _PLACE_WORDS[b.place], -1)
+    seg[~b.present] = -1
+    tail = torch.stack([torch.full((n,), _WORD["on"]), torch.full((n,), _WORD["a"]), bgs[b.background],
+                        torch.full((n,), _WORD["background"])], 1)  # fmt: skip
+    words = torch.cat([seg.flatten(1), tail], 1)
+    order = torch.sort((words < 0).int(), dim=1, stable=True).indices  # valid words first, in their order
+    return words.gather(1, order)
