@@ -1,30 +1,39 @@
-"""Measure the shipped flux-mini through the toolkit's own loading and sampling path.
+"""Measure the shipped flux-mini through the toolkit's own loading, sampling and editing path, graded by mini.detect.
 
-    python -m mini.evaluate [--n 100] [--device cpu|cuda] [--json outputs/mini_eval.json] [--update-manifest]
+    python -m mini.evaluate [--n 100] [--device cpu]                 # AE and text to image
+    python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_dino/vital_layers.json]
 
-(a) autoencoder reconstruction PSNR on held-out world images (unseen seeds, held-out pairs);
-(b) text to image with `flux.pipeline.load_models("flux-mini")` + `.generate(...)` (20 steps, guidance 0) for n heldout
-    prompts (each holds a colour x shape or shape x place pair never trained on) and n train-split prompts of unseen
-    seeds, graded by the analytic detector of mini.detect: shape, colour, place, background and (where the caption
-    names it) size accuracy.
+Text to image: `load_models("flux-mini").generate` (20 steps) for n heldout prompts (each holds a colour x shape or
+shape x place pair never trained on) and n train-split prompts of unseen seeds; per object (matched by colour):
+colour present, shape right, named place right, named size right; per image: object count and background.
+
+The ablation (Stable Flow, Sec. 5): for each edit family of mini.edits, the same cases and seeds edited with
+injection in (a) the vital layers (demo_3's vital_layers.json, or a list), (b) none, (c) all layers, (d) the layers
+that are not vital; each graded for edit success and untouched-object mask IoU on the references that are right.
+Real images (rendered world pictures): inverted and edited with the vital layers, with and without latent nudging.
+Writes a JSON record, a figure and a markdown table (the README's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
 import torch
 
-from flux.pipeline import load_models
+from flux.pipeline import FluxModels, load_models
 from flux.util import ASSETS
+from stableflow.edit import NUDGE, REAL_GUIDANCE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
 
-from .detect import detect
-from .world import HELDOUT_COLOUR_SHAPE, HELDOUT_SHAPE_PLACE, caption, render, sample_scenes
+from .detect import detect_batch
+from .edits import FAMILIES, edit_cases, grade, make_edit, reference_ok, shows
+from .world import MAX_OBJECTS, caption, parse_caption, render, sample_scenes
 
-ATTRS = ("shape", "colour", "place", "background", "size")
+STEPS = 20
+CONFIGS = ("vital", "none", "all", "non-vital")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,7 +43,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ae_psnr(models, n: int, seed: int, batch: int) -> dict:
+def ae_psnr(models: FluxModels, n: int, seed: int, batch: int) -> dict:
     scenes = sample_scenes(n, seed, "heldout")
     vals = []
     for i in range(0, n, batch):
@@ -45,40 +54,194 @@ def ae_psnr(models, n: int, seed: int, batch: int) -> dict:
     return {"n": n, "mean_db": float(v.mean()), "min_db": float(v.min())}
 
 
-def grade(models, split: str, n: int, seed: int, batch: int, steps: int) -> tuple[dict, torch.Tensor]:
-    """Generate one image per prompt (noise seed = prompt index + 10000 * seed) and grade it with the detector."""
+def text2img(models: FluxModels, split: str, n: int, seed: int, batch: int) -> tuple[dict, torch.Tensor]:
+    """One image per prompt (noise seed = 10000 * seed + prompt index), graded per object and per image."""
     scenes = sample_scenes(n, seed, split)
-    right = {a: 0 for a in ATTRS}
-    sized = 0
-    by_pair = {"colour_shape": [0, 0], "shape_place": [0, 0]}  # [all three attributes right, count]
+    hits = {"colour": [0, 0], "shape": [0, 0], "place": [0, 0], "size": [0, 0], "count": [0, 0],
+            "background": [0, 0], "whole caption": [0, 0]}  # fmt: skip
     images = []
     for i in range(0, n, batch):
         chunk = scenes[i : i + batch]
-        imgs = models.generate([caption(s) for s in chunk], [10000 * seed + i + j for j in range(len(chunk))], 128, 128,
-                               steps=steps, guidance=0.0).cpu()  # fmt: skip
+        prompts = [caption(s) for s in chunk]
+        imgs = models.generate(prompts, [10000 * seed + i + j for j in range(len(chunk))], 128, 128, steps=STEPS).cpu()
         images.append(imgs)
-        for s, img in zip(chunk, imgs):
-            d = detect(img)
-            ok = {a: getattr(d, a) == getattr(s, a) for a in ATTRS}
-            for a in ATTRS[:4]:
-                right[a] += ok[a]
-            if s.say_size:
-                sized += 1
-                right["size"] += ok["size"]
-            all3 = ok["shape"] and ok["colour"] and ok["place"]
-            if (s.colour, s.shape) in HELDOUT_COLOUR_SHAPE:
-                by_pair["colour_shape"][0] += all3
-                by_pair["colour_shape"][1] += 1
-            if (s.shape, s.place) in HELDOUT_SHAPE_PLACE:
-                by_pair["shape_place"][0] += all3
-                by_pair["shape_place"][1] += 1
-    acc = {a: right[a] / n for a in ATTRS[:4]}
-    acc["size"] = right["size"] / max(sized, 1)
-    out = {"n": n, "accuracy": acc}
-    if split == "heldout":
-        out["all_three_right_on_heldout_pair"] = {k: v[0] / max(v[1], 1) for k, v in by_pair.items()}
-        out["pair_counts"] = {k: v[1] for k, v in by_pair.items()}
-    return out, torch.cat(images)
+        for prompt, d in zip(prompts, detect_batch(imgs)):
+            want = parse_caption(prompt)
+            _hit(hits, "count", len(d.objects) == len(want.objects))
+            _hit(hits, "background", d.background == want.background)
+            _hit(hits, "whole caption", shows(d, want))
+            for o in want.objects:
+                got = d.find(o.colour)
+                _hit(hits, "colour", got is not None)
+                _hit(hits, "shape", got is not None and got.shape == o.shape)
+                if o.place is not None:
+                    _hit(hits, "place", got is not None and got.place == o.place)
+                if o.size is not None:
+                    _hit(hits, "size", got is not None and got.size == o.size)
+    return {"n": n, "accuracy": {k: v[0] / max(v[1], 1) for k, v in hits.items()},
+            "counted": {k: v[1] for k, v in hits.items()}}, torch.cat(images)  # fmt: skip
+
+
+def _hit(hits: dict, key: str, ok: bool) -> None:
+    hits[key][0] += bool(ok)
+    hits[key][1] += 1
+
+
+def _summary(grades: list, refs_ok: int, cases: int) -> dict:
+    ious = [g.untouched_iou for g in grades if g.untouched_iou is not None]
+    return {
+        "cases": cases,
+        "references_right": refs_ok,
+        "success": sum(g.success for g in grades) / max(len(grades), 1),
+        "untouched_iou": sum(ious) / len(ious) if ious else None,
+        "untouched_kept": sum(g.untouched_kept for g in grades) / max(len(grades), 1),
+    }
+
+
+def layer_sets(models: FluxModels, vital: list[int]) -> dict[str, list[int]]:
+    every = list(range(models.model.params.depth + models.model.params.depth_single_blocks))
+    return {"vital": vital, "none": [], "all": every, "non-vital": [i for i in every if i not in vital]}
+
+
+def ablation_generated(models: FluxModels, vital: list[int], cases: int, seed: int) -> dict:
+    """Per family and layer set: success and untouched IoU of same-seed edits of generated references."""
+    sets = layer_sets(models, vital)
+    out = {}
+    for family in FAMILIES:
+        grades = {c: [] for c in CONFIGS}
+        refs_ok = 0
+        for k, (source, target, edit) in enumerate(edit_cases(cases, seed, family)):
+            results = {
+                c: edit_generated(models, EditRequest(source, [target], STEPS, 0.0, sets[c]), 1000 * seed + k, 128, 128)
+                for c in CONFIGS
+            }
+            ref = results["vital"].reference.float().cpu()
+            if not reference_ok(ref, edit):
+                continue
+            refs_ok += 1
+            for c in CONFIGS:
+                grades[c].append(grade(ref, results[c].edits[0].float().cpu(), edit))
+        out[family] = {c: _summary(grades[c], refs_ok, cases) for c in CONFIGS}
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in CONFIGS), flush=True)
+    return out
+
+
+def ablation_real(models: FluxModels, vital: list[int], cases: int, seed: int, steps: int) -> dict:
+    """Rendered world pictures, inverted and edited with the vital layers, with and without latent nudging; graded
+    against the input picture (an exact rendering of the source caption), plus the reconstruction's PSNR."""
+    rng = random.Random(f"real-{seed}")
+    scenes = sample_scenes(cases, seed + 7, "test")
+    edits = [make_edit(s, FAMILIES[k % len(FAMILIES)] if len(s.objects) < MAX_OBJECTS or FAMILIES[k % len(FAMILIES)]
+                       != "addition" else "attribute", rng) for k, s in enumerate(scenes)]  # fmt: skip
+    pictures = render(scenes)
+    out = {}
+    for key, nudge in (("nudge", NUDGE), ("no nudge", 1.0)):
+        grades, recon = [], []
+        for edit, picture in zip(edits, pictures):
+            request = EditRequest(edit.source_caption, [edit.edit_caption], steps, REAL_GUIDANCE, vital)
+            r = edit_real(models, request, RealImage(picture, nudge=nudge))
+            recon.append(float(psnr(r.reference.float().cpu()[None], picture[None])))
+            grades.append(grade(picture, r.edits[0].float().cpu(), edit))
+        out[key] = {**_summary(grades, len(edits), len(edits)), "reconstruction_db": sum(recon) / len(recon)}
+        print(f"real, {key:<9} {_fmt(out[key])}  reconstruction {out[key]['reconstruction_db']:.1f} dB", flush=True)
+    return out
+
+
+def _fmt(s: dict) -> str:
+    iou = "-" if s["untouched_iou"] is None else f"{s['untouched_iou']:.2f}"
+    return f"{s['success']:.0%}/{iou}"
+
+
+def figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = result["ablation"]["generated"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / len(CONFIGS)
+    for ax, key, label in ((axes[0], "success", "edit success"), (axes[1], "untouched_iou", "untouched-object IoU")):
+        for j, c in enumerate(CONFIGS):
+            vals = [gen[f][c][key] or 0.0 for f in FAMILIES]
+            ax.bar([i + (j - 1.5) * width for i in range(len(FAMILIES))], vals, width, label=f"injection: {c}")
+        ax.set_xticks(range(len(FAMILIES)), FAMILIES)
+        ax.set_ylim(0, 1)
+        ax.set_title(label)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"flux-mini: Stable Flow's ablation (vital layers {result['ablation']['vital_layers']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    gen = result["ablation"]["generated"]
+    rows = ["| edit family | " + " | ".join(f"{c}: success / IoU" for c in CONFIGS) + " |",
+            "|---|" + "---|" * len(CONFIGS)]  # fmt: skip
+    for f in FAMILIES:
+        rows.append(f"| {f} ({gen[f]['vital']['references_right']} refs) | "
+                    + " | ".join(_fmt(gen[f][c]) for c in CONFIGS) + " |")  # fmt: skip
+    for key, s in result["ablation"]["real"].items():
+        rows.append(f"| real images, {key} | {_fmt(s)} (reconstruction {s['reconstruction_db']:.1f} dB) |||")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100, help="prompts per split (heldout and train)")
+    p.add_argument("--ae-n", type=int, default=200, help="images for the AE's PSNR")
+    p.add_argument("--ablation", action="store_true", help="run the editing ablation instead")
+    p.add_argument("--cases", type=int, default=32, help="ablation: cases per edit family")
+    p.add_argument("--real-cases", type=int, default=20, help="ablation: real-image cases")
+    p.add_argument("--real-steps", type=int, default=30)
+    p.add_argument("--vital-layers", default="outputs/mini/demo_3_dino/vital_layers.json",
+                   help="demo_3's result, or a comma-separated list of layers")  # fmt: skip
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
+    p.add_argument("--out", default="outputs/mini_eval", help="folder for the JSON, figure and table")
+    p.add_argument("--update-manifest", action="store_true", help="store the result in flux/assets/mini/manifest.json")
+    args = p.parse_args(argv)
+
+    t0 = time.time()
+    models = load_models("flux-mini", device=args.device, dtype=torch.float32)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ablation:
+        params = models.model.params
+        if all(c.isdigit() or c == "," for c in args.vital_layers):
+            vital = [int(x) for x in args.vital_layers.split(",")]
+        else:
+            vital = read_vital_layers(args.vital_layers, params.depth, params.depth_single_blocks)
+        result = {"ablation": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
+        result["ablation"]["generated"] = ablation_generated(models, vital, args.cases, args.seed)
+        result["ablation"]["real"] = ablation_real(models, vital, args.real_cases, args.seed, args.real_steps)
+        figure(result, out / "ablation.png")
+        (out / "ablation.md").write_text(table(result) + "\n")
+        name = "ablation.json"
+    else:
+        result = {"ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch)}
+        result["heldout"], images = text2img(models, "heldout", args.n, args.seed, args.batch)
+        result["train"], _ = text2img(models, "train", args.n, args.seed, args.batch)
+        save_grid(images[:32], out / "heldout.png")
+        ae = result["ae_psnr_heldout"]
+        print(f"AE PSNR on {args.ae_n} held-out images: {ae['mean_db']:.2f} dB (min {ae['min_db']:.2f})")
+        keys = list(result["heldout"]["accuracy"])
+        print(f"{'prompts':<10}" + "".join(f"{k:>15}" for k in keys))
+        for split in ("heldout", "train"):
+            print(f"{split:<10}" + "".join(f"{result[split]['accuracy'][k]:>15.1%}" for k in keys))
+        name = "text2img.json"
+    result["device"], result["seconds"] = args.device, time.time() - t0
+    print(f"{result['seconds']:.0f} s on {args.device}; wrote {out / name}")
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    if args.update_manifest:
+        path = ASSETS / "mini" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name.removesuffix(".json"): result}
+        path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return result
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
@@ -89,50 +252,6 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
     g = images[: rows * cols].reshape(rows, -1, 3, 128, 128).permute(0, 3, 1, 4, 2).reshape(rows * 128, -1, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(((g + 1) * 127.5).round().clamp(0, 255).byte().numpy()).save(path)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=100, help="prompts per split (heldout and train)")
-    p.add_argument("--ae-n", type=int, default=200, help="images for the AE's PSNR")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
-    p.add_argument("--json", default="outputs/mini_eval.json")
-    p.add_argument("--grid", default="outputs/mini_eval_heldout.png", help="the first heldout samples, for a look")
-    p.add_argument("--update-manifest", action="store_true", help="store the result in flux/assets/mini/manifest.json")
-    args = p.parse_args(argv)
-
-    t0 = time.time()
-    models = load_models("flux-mini", device=args.device, dtype=torch.float32)
-    result = {
-        "device": args.device,
-        "steps": args.steps,
-        "ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch),
-    }
-    result["heldout"], images = grade(models, "heldout", args.n, args.seed, args.batch, args.steps)
-    result["train"], _ = grade(models, "train", args.n, args.seed, args.batch, args.steps)
-    result["seconds"] = time.time() - t0
-    if args.grid:
-        save_grid(images[:32], Path(args.grid))
-
-    print(f"AE PSNR on {args.ae_n} held-out images: {result['ae_psnr_heldout']['mean_db']:.2f} dB "
-          f"(min {result['ae_psnr_heldout']['min_db']:.2f})")  # fmt: skip
-    print(f"{'prompts':<10}" + "".join(f"{a:>12}" for a in ATTRS))
-    for split in ("heldout", "train"):
-        print(f"{split:<10}" + "".join(f"{result[split]['accuracy'][a]:>12.1%}" for a in ATTRS))
-    print("heldout, all of shape+colour+place right:", json.dumps(result["heldout"]["all_three_right_on_heldout_pair"]))
-    print(f"{result['seconds']:.0f} s on {args.device}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if args.update_manifest:
-        path = ASSETS / "mini" / "manifest.json"
-        manifest = json.loads(path.read_text())
-        manifest.setdefault("evaluation", {})
-        manifest["evaluation"] = {**(manifest["evaluation"] or {}), args.device.split(":")[0]: result}
-        path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return result
 
 
 if __name__ == "__main__":
