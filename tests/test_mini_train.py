@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from mini.train import load_checkpoint, main
+from mini.train import SPEC, WorldTokens, load_checkpoint, load_tokenizers, lr_at, main, make_tokenizers
+from mini.world import VOCABULARY, sample_batch
 
 
 def _tensors(state: dict) -> dict:
@@ -37,3 +38,40 @@ def test_stages_checkpoint_and_resume(tmp_path):
     assert len(list((tmp_path / "a" / "flow").glob("ckpt-*.part*"))) == len(
         json.loads((tmp_path / "a" / "flow" / "ckpt.json").read_text())["parts"]
     )
+
+
+def test_world_tokens_equal_the_tokenizers(tmp_path):
+    """Training builds caption token ids with tensor ops; HFEmbedder tokenizes the strings. They must agree exactly,
+    or the shipped model would be prompted with other ids than it was trained on."""
+    folder = make_tokenizers(tmp_path / "tok")
+    t5_tok, clip_tok = load_tokenizers(folder)
+    for word in VOCABULARY:  # word level: every caption word is one token in both
+        assert len(t5_tok(word, add_special_tokens=False)["input_ids"]) == 1
+        assert len(clip_tok(word, add_special_tokens=False)["input_ids"]) == 1
+    batch = sample_batch(400, torch.Generator().manual_seed(2), "test")
+    t5_ids, clip_ids = WorldTokens(folder, torch.device("cpu"))(batch)
+    captions = batch.captions()
+    assert any(" an orange" in c for c in captions) and any(len(c.split(" and ")) == 3 for c in captions)
+    kw = dict(truncation=True, padding="max_length", return_attention_mask=False, return_tensors="pt")
+    assert torch.equal(t5_ids, t5_tok(captions, max_length=SPEC.max_length, **kw)["input_ids"])
+    assert torch.equal(clip_ids, clip_tok(captions, max_length=77, **kw)["input_ids"])
+
+
+def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path):
+    """`compact` drops the optimizer and rounds the EMA to bf16; `flow --resume` from it continues the step count,
+    the model exactly, and warms the learning rate up again."""
+    small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
+    main(["ae", "--out", str(tmp_path / "a"), "--steps", "1", *small])
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "2", *small])
+    main(["compact", "--out", str(tmp_path / "a"), "--dest", str(tmp_path / "c" / "flow")])
+    full, small_state = load_checkpoint(tmp_path / "a" / "flow"), load_checkpoint(tmp_path / "c" / "flow")
+    assert "opt" not in small_state and small_state["step"] == 2
+    assert all(torch.equal(full["model"][k], v) for k, v in small_state["model"].items())
+    assert all(v.dtype == torch.bfloat16 for v in small_state["ema"].values() if v.is_floating_point())
+    (tmp_path / "c" / "ae").symlink_to(tmp_path / "a" / "ae")
+    (tmp_path / "c" / "tokenizers").symlink_to(tmp_path / "a" / "tokenizers")
+    main(["flow", "--out", str(tmp_path / "c"), "--steps", "1", "--resume", *small])
+    state = load_checkpoint(tmp_path / "c" / "flow")
+    assert state["step"] == 3 and state["hparams"]["warmup_from"] == 2
+    assert all(int(s["step"]) == 1 for s in state["opt"]["state"].values())  # Adam restarted
+    assert lr_at(2, state["hparams"]) == lr_at(0, {**state["hparams"], "warmup_from": 0})
