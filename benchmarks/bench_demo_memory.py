@@ -26,7 +26,11 @@ import time
 import torch
 from torch import nn
 
-import demo_0_test  # the demos' run loops live in the demo scripts (common puts the repo root on sys.path)
+from common import REPO, add_common_args, env_info, gib, parse_args, random_flux, randomize_
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+import demo_0_test  # the demos' run loops live in the demo scripts
 import demo_1_layer
 import demo_2_skip
 import demo_4_edit
@@ -40,8 +44,6 @@ from stableflow import edit, text2img, trajectory
 from stableflow.config import load_config
 from stableflow.io import atomic_write_json
 from stableflow.sweep import PromptSpec, SweepPlan
-
-from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
 
 
 def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -136,7 +138,7 @@ def main() -> None:
         action="store_true",
         help="keep the allocator's fixed-size segments (load_models turns expandable ones on with stream_blocks)",
     )
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
     options = AccelOptions(

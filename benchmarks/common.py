@@ -7,6 +7,7 @@ model without ever materialising 12B parameters on the CPU.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -34,7 +35,17 @@ def add_common_args(parser) -> None:
         "--tiny", action="store_true", help="flux-tiny on the CPU at toy sizes: checks the script, not speed"
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median reported)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per measurement, median reported (default 10; tiny 1)"
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, with --tiny's defaults filled in: one repetition, since tiny checks the script, not speed."""
+    args = parser.parse_args()
+    if args.reps is None:
+        args.reps = 1 if args.tiny else 10
+    return args
 
 
 def env_info(device: torch.device) -> dict:
@@ -160,7 +171,9 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
-    """Median and spread of `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    """Median and spread of `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU); one warm-up call
+    for a single repetition (tiny runs)."""
+    warmup = min(warmup, reps)
     for _ in range(warmup):
         fn()
     sync(device)
