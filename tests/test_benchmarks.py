@@ -2,12 +2,11 @@
 the command: an import or API break fails here instead of on the GPU machine."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name != "common.py")
+SCRIPTS = sorted(p.name for p in (Path(__file__).parent.parent / "benchmarks").glob("*.py") if p.name != "common.py")
 
 
 def test_every_benchmark_is_covered():
