@@ -219,6 +219,18 @@ def test_truncated_shard(broken_repo):
         load_flow_model("flux-tiny", "cpu", path=str(broken_repo))
 
 
+def test_index_naming_a_shard_that_lacks_the_tensor(broken_repo):
+    """An index edited by hand or left from another download: the shard it names exists but holds other tensors."""
+    index = broken_repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    key = next(k for k, s in data["weight_map"].items() if s == shards[0])
+    data["weight_map"][key] = shards[1]
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"says {key} is in {shards[1]}, which lacks it.*download transformer/"):
+        load_flow_model("flux-tiny", "cpu", path=str(broken_repo))
+
+
 def test_missing_and_unexpected_tensors_are_named(broken_repo, models):
     from diffusers import FluxTransformer2DModel
 
