@@ -42,6 +42,8 @@ class ModelSpec:
     # Weights bundled with the repo (flux-mini), relative to flux/assets; used when no explicit path is given.
     local_flow: str | None = None
     local_ae: str | None = None
+    # The square size the model was trained at, where it is not FLUX.1's (flux-mini: 128); None for FLUX.1's sizes.
+    native_size: int | None = None
 
 
 # Text encoders outside the FLUX repos, used when a spec asks for them or a FLUX repo lacks its encoder folders.
@@ -208,6 +210,7 @@ configs: dict[str, ModelSpec] = {
         shift=True,
         local_flow="mini/flow.safetensors",
         local_ae="mini/ae.safetensors",
+        native_size=128,
     ),
 }
 
