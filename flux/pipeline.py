@@ -24,7 +24,7 @@ from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
 from .sampling import StepCallback, StepRange, denoise, get_noise, get_schedule, image_ids, pack, unpack
-from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec
+from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec, weight_sources
 
 if TYPE_CHECKING:
     from .modules.conditioner import HFEmbedder
@@ -283,13 +283,17 @@ def load_models(
     clip_path: str | None = None,
     accel: AccelOptions | None = None,
 ) -> FluxModels:
-    """All four networks of `name`; local paths override the Hub (see README, "Getting weights").
+    """All four networks of `name`; local paths override the Hub (see README, "Getting weights"). A whole repo
+    folder given as `flow_path` supplies every part it holds that has no path of its own; the printed line says
+    where each part came from.
 
     `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks); its
     "auto" values are decided here for the device (printed once) and the result kept as `FluxModels.accel`.
     """
     spec = model_spec(name)
     device = resolve_device(device) if isinstance(device, str) else device
+    sources = weight_sources(name, flow_path, ae_path, t5_path, clip_path)
+    print(sources.describe(), flush=True)
     accel = accel or AccelOptions()
     if AUTO in (accel.compile, accel.fuse_gelu, accel.stream_blocks, accel.resident_gb):
         text_bytes = FULL_TEXT_ENCODER_PARAMS * dtype.itemsize if spec.repo_id else 0  # tiny/mini: a few MB
@@ -300,13 +304,13 @@ def load_models(
     home = torch.device("cpu") if offload else device
     # FP8 and streaming start from the CPU, so the bf16 transformer never has to fit the GPU whole.
     flow_home = torch.device("cpu") if accel.fp8 or accel.stream_blocks else home
-    model = load_flow_model(name, flow_home, dtype, path=flow_path)
+    model = load_flow_model(name, flow_home, dtype, path=sources.flow)
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
-    ae = load_ae(name, home, path=ae_path)
+    ae = load_ae(name, home, path=sources.ae)
     if accel.compile:
         compile_decoder(ae)
     text_home = text_encoder_home(accel, home)
-    t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
-    clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
+    t5 = load_t5(text_home, spec.max_length, version=sources.t5, dtype=dtype)
+    clip = load_clip(text_home, version=sources.clip, dtype=dtype)
     return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention, accel)

@@ -3,6 +3,7 @@ the same tensors as the official single files; broken folders fail with one clea
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -178,6 +179,45 @@ def test_hf_cache_skips_a_diffusers_folder_whose_weights_are_not_cached(tmp_path
     monkeypatch.setattr(util, "hub_file", lambda repo, name, *a, **k: f"hub:{repo}/{name}")
     got = util.resolve_checkpoint(None, (), "acme/flux-test", "flux1-test.safetensors", subfolder="transformer")
     assert got == "hub:acme/flux-test/flux1-test.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- a whole repo
+
+
+@pytest.fixture(scope="module")
+def other_ae() -> torch.nn.Module:
+    """An autoencoder unlike flux-tiny's built-in one, so a test can tell which one was loaded."""
+    from flux.modules.autoencoder import AutoEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return AutoEncoder(TINY.ae_params).eval()
+
+
+@pytest.mark.parametrize("layout", ["vae", "ae.safetensors"])
+def test_a_repo_folder_as_flow_path_supplies_its_autoencoder(models, other_ae, official, tmp_path, capsys, layout):
+    from flux.pipeline import load_models
+
+    repo = write_repo(tmp_path / "repo", models[0], other_ae)
+    if layout == "ae.safetensors":  # the official single file beside the folders wins, as in the HF cache
+        save_file({k: v.contiguous() for k, v in other_ae.state_dict().items()}, str(repo / "ae.safetensors"))
+        shutil.rmtree(repo / "vae")
+    loaded = load_models("flux-tiny", "cpu", torch.float32, flow_path=str(repo))
+    assert same_weights(loaded.model, models[0]) and same_weights(loaded.ae, other_ae)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("weights:"))
+    assert f"transformer from {repo};" in line and "(the flow_path repo)" in line, line
+    # Its own path still wins, and the line says so.
+    loaded = load_models(
+        "flux-tiny", "cpu", torch.float32, flow_path=str(repo), ae_path=str(official / "ae.safetensors")
+    )
+    assert (
+        same_weights(loaded.ae, models[1])
+        and f"autoencoder from {official / 'ae.safetensors'};" in capsys.readouterr().out
+    )
+    # A transformer/ folder alone is no repo: the autoencoder stays the model's own.
+    loaded = load_models("flux-tiny", "cpu", torch.float32, flow_path=str(repo / "transformer"))
+    assert same_weights(loaded.ae, models[1])
+    assert "autoencoder from random weights" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- broken folders
