@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ sys.path.insert(0, str(REPO))
 from flux.model import Flux, FluxParams
 from flux.sampling import image_ids
 from flux.util import configs
+
+if TYPE_CHECKING:
+    from flux.modules.conditioner import HFEmbedder
 
 
 def add_common_args(parser) -> None:
@@ -40,11 +44,11 @@ def add_common_args(parser) -> None:
     )
 
 
-def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The arguments, with --tiny's defaults filled in: one repetition, since tiny checks the script, not speed."""
+def parse_args(parser: argparse.ArgumentParser, reps: int = 10) -> argparse.Namespace:
+    """The arguments, with --reps defaulting to `reps`, and to one for --tiny (it checks the script, not speed)."""
     args = parser.parse_args()
     if args.reps is None:
-        args.reps = 1 if args.tiny else 10
+        args.reps = 1 if args.tiny else reps
     return args
 
 
@@ -116,6 +120,45 @@ def random_flux(params: FluxParams, device: torch.device, dtype: torch.dtype, se
         model = Flux(params)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: the fp32 model never exists on the device
     return randomize_(model, seed).eval()
+
+
+def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    with torch.device("meta"):
+        module = build()
+    return randomize_(module.to(dtype).to_empty(device=device), seed).eval().requires_grad_(False)
+
+
+def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
+    """T5-XXL and CLIP-L shapes with random weights; the tiny tokenizers (their ids fit any vocabulary)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from flux.modules.conditioner import HFEmbedder
+
+    t5_cfg = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+    )
+    t5 = HFEmbedder.tiny("t5", max_length=512)
+    t5.hf_module = random_module(lambda: T5EncoderModel(t5_cfg), device, dtype, seed=7)
+    # CLIP is built for real, not on meta: its position_ids buffer must hold 0..76 (to_empty leaves garbage there).
+    clip = HFEmbedder.tiny("clip", max_length=77)
+    clip.hf_module = CLIPTextModel(clip_cfg).to(device, dtype).eval().requires_grad_(False)
+    return t5, clip
 
 
 def random_inputs(
