@@ -195,7 +195,9 @@ def diffusers_twin(model: Flux):
 
 
 def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:
-    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours)."""
+    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours).
+
+    A deliberate copy of tests/diffusers_oracle.py's: benchmarks do not import the tests (flux/UPSTREAM.md)."""
     return twin(
         hidden_states=x["img"],
         encoder_hidden_states=x["txt"],
