@@ -335,8 +335,8 @@ def load_models(
     weight_bytes = transformer_bytes(spec.params, dtype) + text_bytes if device.type == "cuda" else 0
     keep_text = keep_text_encoders(device, weight_bytes, free, offload, bool(accel.stream_blocks))
     if device.type == "cuda" and not offload and not accel.stream_blocks:
-        print(f"text encoders: {'kept on the GPU' if keep_text else 'moved to host memory after encoding'} "
-              f"({free / 2**30:.1f} GiB free)", flush=True)  # fmt: skip
+        where = "stay on the GPU" if keep_text else "move to host memory once prompts are encoded"
+        print(f"text encoders: {where} ({free / 2**30:.1f} GiB free before loading)", flush=True)
     if accel.stream_blocks and device.type == "cuda":
         use_expandable_segments()  # before the first block lands on the GPU: less fragmentation on a tight card
     home = torch.device("cpu") if offload else device

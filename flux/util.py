@@ -715,9 +715,12 @@ def repo_parts(folder: str | None) -> dict[str, str]:
 
 
 def weight_sources(
-    name: str, flow_path: str | None = None, ae_path: str | None = None, t5_path: str | None = None,
+    name: str,
+    flow_path: str | None = None,
+    ae_path: str | None = None,
+    t5_path: str | None = None,
     clip_path: str | None = None,
-) -> WeightSources:  # fmt: skip
+) -> WeightSources:
     """Where `load_models` reads each network from. A whole repo folder given as `flow_path` supplies every other
     part it holds, unless that part's own path (or, for the autoencoder, $FLUX_AE / $AE) is given: a transformer
     from one folder and an autoencoder from elsewhere would silently draw other pictures."""
