@@ -721,11 +721,12 @@ def weight_sources(
     t5_path: str | None = None,
     clip_path: str | None = None,
 ) -> WeightSources:
-    """Where `load_models` reads each network from. A whole repo folder given as `flow_path` supplies every other
-    part it holds, unless that part's own path (or, for the autoencoder, $FLUX_AE / $AE) is given: a transformer
+    """Where `load_models` reads each network from. A whole repo folder given as `flow_path` (or $FLUX_MODEL)
+    supplies every other part it holds, unless that part's own path (or, for the autoencoder, $FLUX_AE / $AE) is given: a transformer
     from one folder and an autoencoder from elsewhere would silently draw other pictures."""
     spec = model_spec(name)
-    repo = repo_parts(flow_path)
+    flow_env = next((os.environ[v] for v in spec.ckpt_env if os.environ.get(v)), None)
+    repo = repo_parts(flow_path or flow_env)  # $FLUX_MODEL naming a repo folder serves as well
     said = {}
 
     def pick(part: str, given: str | None, env: tuple[str, ...], bundled: str | None, default: str) -> str | None:
@@ -734,7 +735,7 @@ def weight_sources(
             said[part] = given
             return given
         if var is None and part in repo:
-            said[part] = f"{repo[part]} (the flow_path repo)"
+            said[part] = f"{repo[part]} (the transformer's repo folder)"
             return repo[part]
         if var is not None:
             said[part] = f"${var} ({os.environ[var]})"

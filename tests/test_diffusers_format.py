@@ -205,7 +205,7 @@ def test_a_repo_folder_as_flow_path_supplies_its_autoencoder(models, other_ae, o
     loaded = load_models("flux-tiny", "cpu", torch.float32, flow_path=str(repo))
     assert same_weights(loaded.model, models[0]) and same_weights(loaded.ae, other_ae)
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("weights:"))
-    assert f"transformer from {repo};" in line and "(the flow_path repo)" in line, line
+    assert f"transformer from {repo};" in line and "(the transformer's repo folder)" in line, line
     # Its own path still wins, and the line says so.
     loaded = load_models(
         "flux-tiny", "cpu", torch.float32, flow_path=str(repo), ae_path=str(official / "ae.safetensors")

@@ -132,6 +132,8 @@ def test_a_repo_folder_as_flow_path_supplies_its_text_encoders(flux_repo, monkey
 
     sources = weight_sources("flux-dev", flow_path=str(flux_repo))
     assert (sources.t5, sources.clip) == (str(flux_repo), str(flux_repo))
-    assert "T5 from" in sources.describe() and "(the flow_path repo)" in sources.describe()
+    assert "T5 from" in sources.describe() and "(the transformer's repo folder)" in sources.describe()
     assert sources.ae is None  # it holds no autoencoder: the model's own (HF cache or Hub)
     assert weight_sources("flux-dev", flow_path=str(flux_repo), clip_path="elsewhere").clip == "elsewhere"
+    monkeypatch.setenv("FLUX_MODEL", str(flux_repo))  # the official variable naming the folder serves as well
+    assert weight_sources("flux-dev").t5 == str(flux_repo)
