@@ -138,7 +138,8 @@ class FluxModels:
         """Move T5 and CLIP off the GPU once every prompt is encoded (T5-XXL is most of the text encoders' memory),
         unless the card has room to keep them (`keep_text_encoders`); the next `encode` brings them back. Nothing
         moves where they already live in host memory (a CPU run, offload, stream_blocks)."""
-        if self.keep_text_encoders or next(self.t5.parameters()).device.type == "cpu":
+        weight = next(self.t5.parameters(), None)
+        if self.keep_text_encoders or weight is None or weight.device.type == "cpu":
             return
         self.t5.cpu()
         self.clip.cpu()
