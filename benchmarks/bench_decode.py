@@ -30,10 +30,12 @@ import time
 import torch
 from torch import nn
 
+from common import Results, add_common_args, compare, env_info, first_call_s, gib, parse_args, randomize_, time_ms
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
 from flux.modules.autoencoder import AutoEncoder
 from flux.util import configs, load_ae
-
-from common import Results, add_common_args, compare, env_info, first_call_s, gib, randomize_, time_ms
 
 CL = torch.channels_last
 # name: (weights dtype, bf16 autocast, channels_last)
@@ -87,14 +89,14 @@ def main() -> None:
         "--compile-backend", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)"
     )
     parser.add_argument("--skip", default="", help="comma-separated: fp32,compile,batch2,cudnn_benchmark,encode")
-    args = parser.parse_args()
+    args = parse_args(parser)
     skip = set(filter(None, args.skip.split(",")))
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
     cuda = device.type == "cuda"
     name = "flux-tiny" if tiny else "flux-dev"
     size = 32 if tiny else 1024
-    reps, warmup = (min(args.reps, 3), 1) if tiny else (args.reps, args.warmup)
+    reps, warmup = (args.reps, 1) if tiny else (args.reps, args.warmup)
     backend = args.compile_backend or ("aot_eager" if tiny else "inductor")
     res = Results(
         f"{args.out}/decode.json",

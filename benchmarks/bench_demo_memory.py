@@ -24,9 +24,12 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
-import demo_0_test  # the demos' run loops live in the demo scripts (common puts the repo root on sys.path)
+from common import REPO, add_common_args, env_info, full_size_text_encoders, gib, parse_args, random_flux, random_module
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+import demo_0_test  # the demos' run loops live in the demo scripts
 import demo_1_layer
 import demo_2_skip
 import demo_4_edit
@@ -40,45 +43,6 @@ from stableflow import edit, text2img, trajectory
 from stableflow.config import load_config
 from stableflow.io import atomic_write_json
 from stableflow.sweep import PromptSpec, SweepPlan
-
-from common import REPO, add_common_args, env_info, gib, random_flux, randomize_
-
-
-def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    with torch.device("meta"):
-        module = build()
-    return randomize_(module.to(dtype).to_empty(device=device), seed).eval().requires_grad_(False)
-
-
-def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
-    """T5-XXL and CLIP-L shapes with random weights; the tiny tokenizers (their ids fit any vocabulary)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    t5_cfg = T5Config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-    )
-    clip_cfg = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        projection_dim=768,
-    )
-    t5 = HFEmbedder.tiny("t5", max_length=512)
-    t5.hf_module = random_module(lambda: T5EncoderModel(t5_cfg), device, dtype, seed=7)
-    # CLIP is built for real, not on meta: its position_ids buffer must hold 0..76 (to_empty leaves garbage there).
-    clip = HFEmbedder.tiny("clip", max_length=77)
-    clip.hf_module = CLIPTextModel(clip_cfg).to(device, dtype).eval().requires_grad_(False)
-    return t5, clip
 
 
 def build_models(
@@ -136,7 +100,7 @@ def main() -> None:
         action="store_true",
         help="keep the allocator's fixed-size segments (load_models turns expandable ones on with stream_blocks)",
     )
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cpu" if args.tiny else "cuda")
     size = 64 if args.tiny else 1024
     options = AccelOptions(

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common import Results, add_common_args, env_info, gib, model_params, parse_args, time_ms
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
 from flux import accel
 from flux.accel.kernels import quantize_rows
-
-from common import Results, add_common_args, env_info, gib, model_params, time_ms
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,7 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all)")
     parser.add_argument("--variants", default="", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--no-graph", action="store_true", help="time eager calls instead of CUDA graph replays")
-    parser.set_defaults(reps=None)
-    args = parser.parse_args()
-    args.reps = args.reps or (3 if args.tiny else 10)  # tiny checks the script, not speed
+    args = parse_args(parser)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.bfloat16
     p = model_params(args.tiny)

@@ -23,9 +23,6 @@ import time
 
 import torch
 
-from flux import accel
-from flux.model import Injection
-
 from common import (
     Results,
     add_common_args,
@@ -36,10 +33,16 @@ from common import (
     first_call_s,
     gib,
     model_params,
+    parse_args,
     random_flux,
     random_inputs,
     time_ms,
 )
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+from flux import accel
+from flux.model import Injection
 
 # Vital layers of FLUX.1-dev reported by Stable Flow (global indices); any set works for memory and speed.
 EDIT_LAYERS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
@@ -56,7 +59,7 @@ def main() -> None:
     parser.add_argument("--target-gib", type=float, default=21.0, help="peak to plan the resident blocks for")
     parser.add_argument("--compile-backend", default=None)
     parser.add_argument("--skip", default="", help="comma-separated: stream,stream_all,fp8,fp8_compiled")
-    args = parser.parse_args()
+    args = parse_args(parser)
     skip = set(filter(None, args.skip.split(",")))
     tiny = args.tiny
     device = torch.device("cpu" if tiny else "cuda")
@@ -71,7 +74,7 @@ def main() -> None:
         model="flux-tiny" if tiny else "flux-dev",
         case=f"edit of 2 images at {size}², {txt_len} text tokens, injection in layers {list(EDIT_LAYERS)}",
     )
-    reps = max(2, args.reps // 2)
+    reps = max(1 if tiny else 2, args.reps // 2)
 
     def peak() -> float | None:
         return gib(torch.cuda.max_memory_allocated(device)) if cuda else None

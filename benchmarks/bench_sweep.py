@@ -22,13 +22,6 @@ import time
 import torch
 from torch import nn
 
-from demo_2_skip import run_sweep  # the sweep loop lives in the demo (common puts the repo root on sys.path)
-from flux import accel
-from flux.modules.autoencoder import AutoEncoder
-from flux.pipeline import FluxModels
-from flux.util import configs
-from stableflow.sweep import Dist, SweepPlan, load_prompts, select_prompts
-
 from common import (
     REPO,
     Results,
@@ -37,9 +30,19 @@ from common import (
     env_info,
     fastest_attention,
     model_params,
+    parse_args,
     random_flux,
     randomize_,
 )
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+from demo_2_skip import run_sweep  # the sweep loop lives in the demo
+from flux import accel
+from flux.modules.autoencoder import AutoEncoder
+from flux.pipeline import FluxModels
+from flux.util import configs
+from stableflow.sweep import Dist, SweepPlan, load_prompts, select_prompts
 
 FULL_SWEEP_IMAGES = 64 * 58
 
@@ -98,7 +101,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--fuse-gelu", action="store_true", help="flux.accel.fuse_gelu (the config key fuse_gelu)")
     parser.add_argument("--workdir", default="/tmp/bench_sweep", help="where the sample's PNGs go (deleted first)")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     dist = Dist.from_env()
     if dist.world_size > 1:

@@ -20,9 +20,6 @@ import time
 
 import torch
 
-from flux import accel
-from flux.model import Injection
-
 from common import (
     Results,
     add_common_args,
@@ -34,12 +31,18 @@ from common import (
     first_call_s,
     gib,
     model_params,
+    parse_args,
     random_flux,
     random_inputs,
     sync,
     time_ms,
     uncompile,
 )
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+from flux import accel
+from flux.model import Injection
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -61,7 +64,7 @@ def check_recompiles(model, x, case, res, device, reps) -> None:
     for s in skips:
         model(**x, skip=s)
     after_skip = unique_graphs()
-    t_skip = time_ms(lambda: model(**x, skip=skips[0]), device, reps=max(3, reps // 2))
+    t_skip = time_ms(lambda: model(**x, skip=skips[0]), device, reps=max(1, reps // 2))
     model(**x, inject=Injection.from_reference({0, 1, n // 3, n - 2}, b))
     after_inject = unique_graphs()
     model(**x, inject=Injection(frozenset({2, n // 2}), tuple(range(b))[::-1]))
@@ -92,14 +95,14 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated sections to leave out: eager,compiled,fused,diffusers_compiled,fp8"
     )
-    args = parser.parse_args()
+    args = parse_args(parser)
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.bfloat16
     params = model_params(args.tiny)
     backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     txt_len = 16 if args.tiny else 512
-    cases = {"64x1": (64, 1), "32x4": (32, 4)} if args.tiny else {"1024x1": (1024, 1), "512x4": (512, 4)}
+    cases = {"32x2": (32, 2)} if args.tiny else {"1024x1": (1024, 1), "512x4": (512, 4)}
     if args.cases:
         cases = {c: cases[c] for c in args.cases.split(",")}
     res = Results(

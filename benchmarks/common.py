@@ -7,6 +7,7 @@ model without ever materialising 12B parameters on the CPU.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,13 +30,26 @@ from flux.model import Flux, FluxParams
 from flux.sampling import image_ids
 from flux.util import configs
 
+if TYPE_CHECKING:
+    from flux.modules.conditioner import HFEmbedder
+
 
 def add_common_args(parser) -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="flux-tiny on the CPU at toy sizes: checks the script, not speed"
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (median reported)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per measurement, median reported (default 10; tiny 1)"
+    )
+
+
+def parse_args(parser: argparse.ArgumentParser, reps: int = 10) -> argparse.Namespace:
+    """The arguments, with --reps defaulting to `reps`, and to one for --tiny (it checks the script, not speed)."""
+    args = parser.parse_args()
+    if args.reps is None:
+        args.reps = 1 if args.tiny else reps
+    return args
 
 
 def env_info(device: torch.device) -> dict:
@@ -107,6 +122,45 @@ def random_flux(params: FluxParams, device: torch.device, dtype: torch.dtype, se
     return randomize_(model, seed).eval()
 
 
+def random_module(build, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    with torch.device("meta"):
+        module = build()
+    return randomize_(module.to(dtype).to_empty(device=device), seed).eval().requires_grad_(False)
+
+
+def full_size_text_encoders(device: torch.device, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
+    """T5-XXL and CLIP-L shapes with random weights; the tiny tokenizers (their ids fit any vocabulary)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from flux.modules.conditioner import HFEmbedder
+
+    t5_cfg = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
+    clip_cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+    )
+    t5 = HFEmbedder.tiny("t5", max_length=512)
+    t5.hf_module = random_module(lambda: T5EncoderModel(t5_cfg), device, dtype, seed=7)
+    # CLIP is built for real, not on meta: its position_ids buffer must hold 0..76 (to_empty leaves garbage there).
+    clip = HFEmbedder.tiny("clip", max_length=77)
+    clip.hf_module = CLIPTextModel(clip_cfg).to(device, dtype).eval().requires_grad_(False)
+    return t5, clip
+
+
 def random_inputs(
     params: FluxParams, batch: int, size: int, txt_len: int, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> dict[str, Tensor]:
@@ -141,7 +195,9 @@ def diffusers_twin(model: Flux):
 
 
 def diffusers_forward(twin, x: dict[str, Tensor]) -> Tensor:
-    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours)."""
+    """diffusers' forward on the inputs of our Flux.forward (keyword names as ours).
+
+    A deliberate copy of tests/diffusers_oracle.py's: benchmarks do not import the tests (flux/UPSTREAM.md)."""
     return twin(
         hidden_states=x["img"],
         encoder_hidden_states=x["txt"],
@@ -160,7 +216,9 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
-    """Median and spread of `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    """Median and spread of `reps` timed calls after `warmup` untimed ones (CUDA events on a GPU); one warm-up call
+    for a single repetition (tiny runs)."""
+    warmup = min(warmup, reps)
     for _ in range(warmup):
         fn()
     sync(device)

@@ -30,8 +30,6 @@ import time
 
 import torch
 
-from flux import accel
-
 from common import (
     Results,
     add_common_args,
@@ -40,6 +38,7 @@ from common import (
     env_info,
     first_call_s,
     model_params,
+    parse_args,
     random_flux,
     random_inputs,
     time_ms,
@@ -47,13 +46,17 @@ from common import (
 )
 from profile_transformer import kernel_table
 
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+from flux import accel
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--variants", default="default,fused-epilogues,fused-persistent,fp8,fp8-persistent")
     parser.add_argument("--cases", default="1024x1,512x4")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.bfloat16
     params = model_params(args.tiny)

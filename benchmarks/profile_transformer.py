@@ -20,18 +20,21 @@ from collections import defaultdict
 
 import torch
 
-from flux import accel
-
 from common import (
     Results,
     add_common_args,
     attention_context,
     env_info,
     model_params,
+    parse_args,
     random_flux,
     random_inputs,
     sdpa_timings,
 )
+
+# `common` puts the repository on sys.path, so the project's imports stay below it.
+# isort: split
+from flux import accel
 
 CATEGORIES = [
     ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn_generated|fort_native", re.IGNORECASE)),
@@ -91,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--specs", default="auto,cudnn!,flash!")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cpu" if args.tiny else "cuda")
     params = model_params(args.tiny)
     res = Results(f"{args.out}/profile.json", env=env_info(device))

@@ -1,5 +1,6 @@
 """Model loading and generation shared by every demo: load once, encode prompts once, sample, decode."""
 
+import os
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -17,14 +18,16 @@ from .accel import (
     attention_backend,
     compile_decoder,
     describe,
+    keep_text_encoders,
     resolve_accel,
+    transformer_bytes,
     use_expandable_segments,
 )
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
 from .sampling import StepCallback, StepRange, denoise, get_noise, get_schedule, image_ids, pack, unpack
-from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec
+from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec, weight_sources
 
 if TYPE_CHECKING:
     from .modules.conditioner import HFEmbedder
@@ -76,7 +79,8 @@ class Text:
 
 @dataclass
 class FluxModels:
-    """The four networks of a FLUX model. With `offload`, each visits the GPU only while it is used."""
+    """The four networks of a FLUX model. With `offload`, each visits the GPU only while it is used; with
+    `keep_text_encoders`, T5 and CLIP stay on the GPU between runs (else they leave it once prompts are encoded)."""
 
     name: str
     spec: ModelSpec
@@ -89,7 +93,9 @@ class FluxModels:
     offload: bool = False
     attention: str = "auto"
     accel: AccelOptions = field(default_factory=AccelOptions)  # the resolved options the models were loaded with
+    keep_text_encoders: bool = False
     _held: set[int] = field(default_factory=set, repr=False)
+    _text_away: bool = field(default=False, repr=False)  # T5 and CLIP were moved off the GPU after encoding
 
     @contextmanager
     def on_device(self, *modules: nn.Module):
@@ -110,6 +116,10 @@ class FluxModels:
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[str]) -> Text:
+        if self._text_away:  # back for the next prompts: T5-XXL encoding on the CPU would take far longer
+            self.t5.to(self.device)
+            self.clip.to(self.device)
+            self._text_away = False
         with self.on_device(self.t5, self.clip):
             txt = self.t5(list(prompts)).to(self.device, self.dtype)
             vec = self.clip(list(prompts)).to(self.device, self.dtype)
@@ -117,7 +127,7 @@ class FluxModels:
         return Text(txt, txt_ids, vec)
 
     def encode_all(self, prompts: Sequence[str]) -> tuple[Text, dict[str, int]]:
-        """Every distinct prompt encoded once, then T5 and CLIP leave the GPU so that sampling has the room.
+        """Every distinct prompt encoded once, then T5 and CLIP leave the GPU if sampling needs the room.
         Returns the encodings and each prompt's row in them (for `Text.select`)."""
         row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         text = self.encode(list(row))
@@ -125,10 +135,15 @@ class FluxModels:
         return text, row
 
     def release_text_encoders(self) -> None:
-        """Move T5 and CLIP off the GPU once every prompt is encoded (T5-XXL is most of the text encoders' memory). Nothing moves
-        where they already live in host memory (a CPU run, offload, stream_blocks)."""
+        """Move T5 and CLIP off the GPU once every prompt is encoded (T5-XXL is most of the text encoders' memory),
+        unless the card has room to keep them (`keep_text_encoders`); the next `encode` brings them back. Nothing
+        moves where they already live in host memory (a CPU run, offload, stream_blocks)."""
+        weight = next(self.t5.parameters(), None)
+        if self.keep_text_encoders or weight is None or weight.device.type == "cpu":
+            return
         self.t5.cpu()
         self.clip.cpu()
+        self._text_away = True
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -268,6 +283,21 @@ def text_encoder_home(accel: AccelOptions, home: torch.device) -> torch.device:
     return torch.device("cpu") if accel.stream_blocks else home
 
 
+# Below this many transformer parameters a model is small (flux-mini 2.8 M, flux-tiny): its operations are too small
+# to gain from many threads, and threads that spin-wait for busy cores make it several times slower.
+SMALL_MODEL_PARAMS = 100_000_000
+
+
+def cpu_threads(params: int, cores: int | None = None, environ: dict[str, str] | None = None) -> int | None:
+    """The torch threads for a CPU run of a model with `params` transformer parameters: half the cores, 1 to 4, for
+    a small model, so that other work on the machine does not stall it; None (torch's default, all cores) for a
+    large one, or where OMP_NUM_THREADS already says."""
+    environ = os.environ if environ is None else environ
+    if params >= SMALL_MODEL_PARAMS or environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, min(4, (cores or os.cpu_count() or 1) // 2))
+
+
 # T5-XXL's encoder (4.76 B parameters) and CLIP-L's text model (123 M), as every full-size FLUX.1 model uses them.
 FULL_TEXT_ENCODER_PARAMS = 4_885_000_000
 
@@ -283,30 +313,45 @@ def load_models(
     clip_path: str | None = None,
     accel: AccelOptions | None = None,
 ) -> FluxModels:
-    """All four networks of `name`; local paths override the Hub (see README, "Getting weights").
+    """All four networks of `name`; local paths override the Hub (see README, "Getting weights"). A whole repo
+    folder given as `flow_path` supplies every part it holds that has no path of its own; the printed line says
+    where each part came from.
 
     `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks); its
     "auto" values are decided here for the device (printed once) and the result kept as `FluxModels.accel`.
     """
     spec = model_spec(name)
     device = resolve_device(device) if isinstance(device, str) else device
+    sources = weight_sources(name, flow_path, ae_path, t5_path, clip_path)
+    threads = cpu_threads(transformer_bytes(spec.params, torch.float32) // 4) if device.type == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print(sources.describe(), flush=True)
     accel = accel or AccelOptions()
+    text_bytes = FULL_TEXT_ENCODER_PARAMS * dtype.itemsize if spec.repo_id else 0  # tiny/mini: a few MB
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None  # before anything is loaded
     if AUTO in (accel.compile, accel.fuse_gelu, accel.stream_blocks, accel.resident_gb):
-        text_bytes = FULL_TEXT_ENCODER_PARAMS * dtype.itemsize if spec.repo_id else 0  # tiny/mini: a few MB
-        accel = resolve_accel(accel, device, dtype, spec.params, text_bytes, offload=offload)
+        accel = resolve_accel(accel, device, dtype, spec.params, text_bytes, free, offload=offload)
         print(describe(accel), flush=True)
+    weight_bytes = transformer_bytes(spec.params, dtype) + text_bytes if device.type == "cuda" else 0
+    keep_text = keep_text_encoders(device, weight_bytes, free, offload, bool(accel.stream_blocks))
+    if device.type == "cuda" and not offload and not accel.stream_blocks:
+        where = "stay on the GPU" if keep_text else "move to host memory once prompts are encoded"
+        print(f"text encoders: {where} ({free / 2**30:.1f} GiB free before loading)", flush=True)
     if accel.stream_blocks and device.type == "cuda":
         use_expandable_segments()  # before the first block lands on the GPU: less fragmentation on a tight card
     home = torch.device("cpu") if offload else device
     # FP8 and streaming start from the CPU, so the bf16 transformer never has to fit the GPU whole.
     flow_home = torch.device("cpu") if accel.fp8 or accel.stream_blocks else home
-    model = load_flow_model(name, flow_home, dtype, path=flow_path)
+    model = load_flow_model(name, flow_home, dtype, path=sources.flow)
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
-    ae = load_ae(name, home, path=ae_path)
+    ae = load_ae(name, home, path=sources.ae)
     if accel.compile:
         compile_decoder(ae)
     text_home = text_encoder_home(accel, home)
-    t5 = load_t5(text_home, spec.max_length, version=t5_path or spec.t5_version, dtype=dtype)
-    clip = load_clip(text_home, version=clip_path or spec.clip_version, dtype=dtype)
-    return FluxModels(name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention, accel)
+    t5 = load_t5(text_home, spec.max_length, version=sources.t5, dtype=dtype)
+    clip = load_clip(text_home, version=sources.clip, dtype=dtype)
+    return FluxModels(
+        name, spec, model, ae, t5, clip, device, dtype, offload, accel.attention, accel, keep_text_encoders=keep_text
+    )

@@ -42,6 +42,8 @@ class ModelSpec:
     # Weights bundled with the repo (flux-mini), relative to flux/assets; used when no explicit path is given.
     local_flow: str | None = None
     local_ae: str | None = None
+    # The square size the model was trained at, where it is not FLUX.1's (flux-mini: 128); None for FLUX.1's sizes.
+    native_size: int | None = None
 
 
 # Text encoders outside the FLUX repos, used when a spec asks for them or a FLUX repo lacks its encoder folders.
@@ -209,6 +211,7 @@ configs: dict[str, ModelSpec] = {
         shift=True,
         local_flow="mini/flow.safetensors",
         local_ae="mini/ae.safetensors",
+        native_size=128,
     ),
 }
 
@@ -678,6 +681,81 @@ def load_ae(
     with torch.device("meta"):
         ae = AutoEncoder(spec.ae_params)
     return load_weights(ae, ckpt, device, dtype, name).eval().requires_grad_(False)
+
+
+@dataclass
+class WeightSources:
+    """Where each of a model's four networks is read from (a path, a Hub id or None for the loaders' defaults), and
+    the words for the log."""
+
+    flow: str | None
+    ae: str | None
+    t5: str
+    clip: str
+    said: dict[str, str]
+
+    def describe(self) -> str:
+        return "weights: " + "; ".join(f"{part} from {where}" for part, where in self.said.items())
+
+
+def repo_parts(folder: str | None) -> dict[str, str]:
+    """The parts besides the transformer that a whole FLUX.1 repo folder holds, as paths for their loaders: the
+    autoencoder (its ae.safetensors, else its vae/), T5 (text_encoder_2/) and CLIP (text_encoder/)."""
+    root = Path(folder) if folder else None
+    if root is None or not root.is_dir():
+        return {}
+    parts = {}
+    if (root / "ae.safetensors").is_file():
+        parts["autoencoder"] = str(root / "ae.safetensors")
+    elif (root / "vae" / "config.json").is_file():
+        parts["autoencoder"] = folder
+    for part, sub in (("T5", "text_encoder_2"), ("CLIP", "text_encoder")):
+        if (root / sub / "config.json").is_file():
+            parts[part] = folder
+    return parts
+
+
+def weight_sources(
+    name: str,
+    flow_path: str | None = None,
+    ae_path: str | None = None,
+    t5_path: str | None = None,
+    clip_path: str | None = None,
+) -> WeightSources:
+    """Where `load_models` reads each network from. A whole repo folder given as `flow_path` (or $FLUX_MODEL)
+    supplies every other part it holds, unless that part's own path (or, for the autoencoder, $FLUX_AE / $AE) is given: a transformer
+    from one folder and an autoencoder from elsewhere would silently draw other pictures."""
+    spec = model_spec(name)
+    flow_env = next((os.environ[v] for v in spec.ckpt_env if os.environ.get(v)), None)
+    repo = repo_parts(flow_path or flow_env)  # $FLUX_MODEL naming a repo folder serves as well
+    said = {}
+
+    def pick(part: str, given: str | None, env: tuple[str, ...], bundled: str | None, default: str) -> str | None:
+        var = next((v for v in env if os.environ.get(v)), None)
+        if given:
+            said[part] = given
+            return given
+        if var is None and part in repo:
+            said[part] = f"{repo[part]} (the transformer's repo folder)"
+            return repo[part]
+        if var is not None:
+            said[part] = f"${var} ({os.environ[var]})"
+        elif bundled:
+            said[part] = str(ASSETS / bundled)
+        else:
+            said[part] = default
+        return None
+
+    hub = f"{spec.repo_id} (HF cache, else the Hub)" if spec.repo_id else f"random weights ({name}'s seed)"
+    flow = pick("transformer", flow_path, spec.ckpt_env, spec.local_flow, hub)
+    ae = pick("autoencoder", ae_path, ("FLUX_AE", "AE"), spec.local_ae, hub)
+
+    def text(part: str, given: str | None, version: str) -> str:
+        default = "random weights (tiny)" if version == "tiny" else version
+        return pick(part, given, (), None, default) or version
+
+    t5, clip = text("T5", t5_path, spec.t5_version), text("CLIP", clip_path, spec.clip_version)
+    return WeightSources(flow, ae, t5, clip, said)
 
 
 TEXT_LOCAL_HINT = (

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +50,7 @@ from transformers import (
 )
 
 from flux.assets.make_tiny_tokenizers import bytes_to_unicode, learn_bpe
+from flux.errors import UserError
 from flux.model import Flux
 from flux.modules.autoencoder import AutoEncoder
 from flux.sampling import get_lin_function, image_ids, pack, time_shift
@@ -188,25 +190,30 @@ def load_trained_ae(out: Path, device: torch.device) -> AutoEncoder:
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
-    """torch.save bytes split into shards, each written to a temp file and renamed; ckpt.json (renamed last) names
-    the shards of the newest complete checkpoint, so a kill at any moment leaves a loadable one."""
+    """torch.save bytes split into shards, each with its SHA-256, written to a temp file and renamed. ckpt.json
+    (renamed last) names the shards of the newest complete checkpoint and ckpt.prev.json those of the one before,
+    so a kill at any moment leaves a loadable checkpoint and a damaged newest one falls back to the previous."""
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
     parts = []
     for i in range(0, max(len(data), 1), PART_BYTES):
-        name = f"ckpt-{state['step']:07d}.part{i // PART_BYTES}"
-        tmp = folder / (name + ".tmp")
-        tmp.write_bytes(data[i : i + PART_BYTES])
-        os.replace(tmp, folder / name)
-        parts.append(name)
-    index = {"step": state["step"], "parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    tmp = folder / "ckpt.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, folder / "ckpt.json")
+        chunk = data[i : i + PART_BYTES]
+        name = f"ckpt-{state['step']:07d}-{digest[:12]}.part{i // PART_BYTES}"  # never the name of another's shard
+        atomic(folder / name, lambda tmp, chunk=chunk: Path(tmp).write_bytes(chunk))
+        parts.append({"file": name, "sha256": hashlib.sha256(chunk).hexdigest()})
+    index = {"step": state["step"], "parts": parts, "bytes": len(data), "sha256": digest}
+    current, previous = folder / "ckpt.json", folder / "ckpt.prev.json"
+    if current.exists() and digest not in current.read_text():  # saving the same state twice keeps the one before
+        os.replace(current, previous)
+    atomic(current, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+    keep = {
+        part for f in (current, previous) if f.exists() for part in re.findall(r"ckpt-[\w-]+\.part\d+", f.read_text())
+    }
     for old in folder.glob("ckpt-*.part*"):
-        if old.name not in parts:
+        if old.name not in keep:
             old.unlink()
 
 
@@ -218,14 +225,36 @@ def atomic(path: Path, write: Callable[[str], object]) -> None:
 
 
 def load_checkpoint(folder: Path) -> dict | None:
-    index_path = folder / "ckpt.json"
-    if not index_path.exists():
-        return None
-    index = json.loads(index_path.read_text())
-    data = b"".join((folder / p).read_bytes() for p in index["parts"])
-    if hashlib.sha256(data).hexdigest() != index["sha256"]:
-        raise RuntimeError(f"checkpoint in {folder} is corrupt (SHA-256 mismatch)")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """The newest checkpoint in `folder` whose every shard matches its SHA-256: ckpt.json, else (saying why)
+    ckpt.prev.json. None where there is none; a UserError where every one there is damaged."""
+    damaged = []
+    for index_path in (folder / "ckpt.json", folder / "ckpt.prev.json"):
+        if not index_path.exists():
+            continue
+        try:
+            index = json.loads(index_path.read_text())
+            data = b""
+            for part in index["parts"]:
+                # A checkpoint written before per-shard digests names its shards only; the whole one is checked.
+                name, want = (part, None) if isinstance(part, str) else (part["file"], part["sha256"])
+                chunk = (folder / name).read_bytes()
+                if want is not None and hashlib.sha256(chunk).hexdigest() != want:
+                    raise ValueError(f"{name} does not match its SHA-256")
+                data += chunk
+            if hashlib.sha256(data).hexdigest() != index["sha256"]:
+                raise ValueError("the shards together do not match the checkpoint's SHA-256")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            damaged.append(f"{index_path.name}: {e}")
+            continue
+        if damaged:
+            print(f"warning: {folder / damaged[0]} is damaged; using the previous checkpoint (step {index['step']})")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if damaged:
+        raise UserError(
+            f"every checkpoint in {folder} is damaged ({'; '.join(damaged)}): restore the folder from a copy, "
+            "or delete it (or leave out --resume) to train that stage afresh"
+        )
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ training

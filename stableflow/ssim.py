@@ -27,7 +27,7 @@ def _pixels(path: Path) -> torch.Tensor:
 
 
 def ssim_pairs(pairs: Sequence[tuple[Path, Path]], batch_size: int = 64) -> list[float]:
-    """SSIM of each (a, b) pair of image files, same sizes required (a sweep's images are)."""
+    """SSIM of each (a, b) pair of image files; the two images of a pair must have one size, pairs may differ."""
     out: list[float] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
@@ -40,9 +40,14 @@ def ssim_pairs(pairs: Sequence[tuple[Path, Path]], batch_size: int = 64) -> list
                 )
             if min(x.shape[1:]) < WINDOW:
                 raise UserError(f"{p} is smaller than SSIM's {WINDOW}-pixel window: use larger images or metric=dinov2")
-        same = all(x.shape == a[0].shape for x in a)
-        if same:
-            out += ssim(torch.stack(a), torch.stack(b), data_range=255, size_average=False).tolist()
-        else:
-            out += [ssim(x[None], y[None], data_range=255).item() for x, y in zip(a, b)]
+        # Pairs of one size are stacked and scored in one call: the only call, so every size gets the same settings.
+        scores = [0.0] * len(chunk)
+        for shape in dict.fromkeys(x.shape for x in a):
+            rows = [k for k, x in enumerate(a) if x.shape == shape]
+            batch = ssim(
+                torch.stack([a[k] for k in rows]), torch.stack([b[k] for k in rows]), data_range=255, size_average=False
+            )
+            for k, s in zip(rows, batch.tolist()):
+                scores[k] = s
+        out += scores
     return out

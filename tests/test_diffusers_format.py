@@ -3,6 +3,7 @@ the same tensors as the official single files; broken folders fail with one clea
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -180,6 +181,45 @@ def test_hf_cache_skips_a_diffusers_folder_whose_weights_are_not_cached(tmp_path
     assert got == "hub:acme/flux-test/flux1-test.safetensors"
 
 
+# ---------------------------------------------------------------------------------------------- a whole repo
+
+
+@pytest.fixture(scope="module")
+def other_ae() -> torch.nn.Module:
+    """An autoencoder unlike flux-tiny's built-in one, so a test can tell which one was loaded."""
+    from flux.modules.autoencoder import AutoEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return AutoEncoder(TINY.ae_params).eval()
+
+
+@pytest.mark.parametrize("layout", ["vae", "ae.safetensors"])
+def test_a_repo_folder_as_flow_path_supplies_its_autoencoder(models, other_ae, official, tmp_path, capsys, layout):
+    from flux.pipeline import load_models
+
+    repo = write_repo(tmp_path / "repo", models[0], other_ae)
+    if layout == "ae.safetensors":  # the official single file beside the folders wins, as in the HF cache
+        save_file({k: v.contiguous() for k, v in other_ae.state_dict().items()}, str(repo / "ae.safetensors"))
+        shutil.rmtree(repo / "vae")
+    loaded = load_models("flux-tiny", "cpu", torch.float32, flow_path=str(repo))
+    assert same_weights(loaded.model, models[0]) and same_weights(loaded.ae, other_ae)
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("weights:"))
+    assert f"transformer from {repo};" in line and "(the transformer's repo folder)" in line, line
+    # Its own path still wins, and the line says so.
+    loaded = load_models(
+        "flux-tiny", "cpu", torch.float32, flow_path=str(repo), ae_path=str(official / "ae.safetensors")
+    )
+    assert (
+        same_weights(loaded.ae, models[1])
+        and f"autoencoder from {official / 'ae.safetensors'};" in capsys.readouterr().out
+    )
+    # A transformer/ folder alone is no repo: the autoencoder stays the model's own.
+    loaded = load_models("flux-tiny", "cpu", torch.float32, flow_path=str(repo / "transformer"))
+    assert same_weights(loaded.ae, models[1])
+    assert "autoencoder from random weights" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- broken folders
 
 
@@ -216,6 +256,18 @@ def test_truncated_shard(broken_repo):
     shard = min((broken_repo / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(UserError, match=rf"{shard.name} is not a valid safetensors file.*download it again"):
+        load_flow_model("flux-tiny", "cpu", path=str(broken_repo))
+
+
+def test_index_naming_a_shard_that_lacks_the_tensor(broken_repo):
+    """An index edited by hand or left from another download: the shard it names exists but holds other tensors."""
+    index = broken_repo / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    key = next(k for k, s in data["weight_map"].items() if s == shards[0])
+    data["weight_map"][key] = shards[1]
+    index.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"says {key} is in {shards[1]}, which lacks it.*download transformer/"):
         load_flow_model("flux-tiny", "cpu", path=str(broken_repo))
 
 

@@ -2,9 +2,20 @@
 
 import json
 
+import pytest
 import torch
 
-from mini.train import SPEC, WorldTokens, load_checkpoint, load_tokenizers, lr_at, main, make_tokenizers
+from flux.errors import UserError
+from mini.train import (
+    SPEC,
+    WorldTokens,
+    load_checkpoint,
+    load_tokenizers,
+    lr_at,
+    main,
+    make_tokenizers,
+    save_checkpoint,
+)
 from mini.world import VOCABULARY, sample_batch
 
 
@@ -35,9 +46,42 @@ def test_stages_checkpoint_and_resume(tmp_path):
     assert state["step"] == 2 and [h["step"] for h in state["history"]] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
     assert all(int(s["step"]) == 2 for s in state["opt"]["state"].values())
-    assert len(list((tmp_path / "a" / "flow").glob("ckpt-*.part*"))) == len(
-        json.loads((tmp_path / "a" / "flow" / "ckpt.json").read_text())["parts"]
-    )
+    flow = tmp_path / "a" / "flow"
+    named = [p["file"] for f in ("ckpt.json", "ckpt.prev.json") for p in json.loads((flow / f).read_text())["parts"]]
+    assert sorted(p.name for p in flow.glob("ckpt-*.part*")) == sorted(named)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_and_then_refuses(tmp_path, capsys):
+    """Each shard's SHA-256 is checked on load: a flipped byte in the newest checkpoint resumes from the one before
+    (saying so), never from the damaged bytes; with both damaged, one clear error."""
+    folder = tmp_path / "ckpt"
+    states = [{"step": s, "w": torch.full((3_000_000,), float(s))} for s in (1, 2)]  # 12 MB: a multi-shard file
+    for state in states:
+        save_checkpoint(folder, state)
+    assert torch.equal(load_checkpoint(folder)["w"], states[1]["w"])
+
+    def damage(index: str) -> None:
+        part = folder / json.loads((folder / index).read_text())["parts"][0]["file"]
+        data = bytearray(part.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        part.write_bytes(bytes(data))
+
+    damage("ckpt.json")
+    state = load_checkpoint(folder)
+    assert state["step"] == 1 and torch.equal(state["w"], states[0]["w"])
+    assert "ckpt.json" in capsys.readouterr().out
+    damage("ckpt.prev.json")
+    with pytest.raises(UserError, match="every checkpoint .* is damaged.*SHA-256.*--resume"):
+        load_checkpoint(folder)
+
+
+def test_saves_keep_exactly_two_checkpoints(tmp_path):
+    folder = tmp_path / "ckpt"
+    for step in (1, 2, 3, 3):  # the last save of a stage repeats its newest step
+        save_checkpoint(folder, {"step": step, "w": torch.tensor([float(step)])})
+    named = [p["file"] for f in ("ckpt.json", "ckpt.prev.json") for p in json.loads((folder / f).read_text())["parts"]]
+    assert sorted(p.name for p in folder.glob("ckpt-*")) == sorted(named)
+    assert json.loads((folder / "ckpt.prev.json").read_text())["step"] == 2
 
 
 def test_world_tokens_equal_the_tokenizers(tmp_path):

@@ -103,3 +103,49 @@ def test_bf16_models_decode_under_bf16_autocast_like_the_official_cli(tiny_model
             official = tiny_models.ae.decode(latent).clamp(-1, 1).float()
     assert torch.equal(bf16, official)
     assert 0 < (bf16 - fp32).abs().max() < 0.05
+
+
+def test_text_encoders_stay_on_the_gpu_only_where_the_card_has_room():
+    """The decision on fake free-memory numbers: FLUX.1-dev's weights (transformer + T5 + CLIP in bf16, 31.2 GiB)
+    leave room for sampling beside them on an 80 GB or a 48 GB card, not on a 40 GB or 24 GB one; offload,
+    stream_blocks and a CPU keep the encoders in host memory."""
+    from flux.accel import keep_text_encoders, transformer_bytes
+    from flux.pipeline import FULL_TEXT_ENCODER_PARAMS
+    from flux.util import configs
+
+    gib, cuda = 2**30, torch.device("cuda")
+    weights = transformer_bytes(configs["flux-dev"].params, torch.bfloat16) + FULL_TEXT_ENCODER_PARAMS * 2
+    assert 31 * gib < weights < 31.5 * gib
+    for free_gib, keep in [(79.1, True), (47.3, True), (43.0, False), (39.4, False), (23.5, False)]:
+        assert keep_text_encoders(cuda, weights, int(free_gib * gib)) is keep, free_gib
+    assert not keep_text_encoders(cuda, weights, 79 * gib, offload=True)
+    assert not keep_text_encoders(cuda, weights, 79 * gib, stream=True)
+    assert not keep_text_encoders(torch.device("cpu"), weights, 79 * gib)
+    assert keep_text_encoders(cuda, 20 * 2**20, 15 * gib)  # flux-mini's few MB on a 16 GB card
+
+
+def test_small_models_take_few_cpu_threads_unless_omp_num_threads_says():
+    """flux-mini and flux-tiny use half the cores (1 to 4): with every core busy elsewhere, torch's default of all
+    cores made the quick start several times slower. FLUX.1 and an explicit OMP_NUM_THREADS keep torch's choice."""
+    from flux.accel import transformer_bytes
+    from flux.pipeline import cpu_threads
+    from flux.util import configs
+
+    params = {name: transformer_bytes(configs[name].params, torch.float32) // 4 for name in configs}
+    assert [cpu_threads(params["flux-mini"], cores, {}) for cores in (1, 2, 4, 8, 64)] == [1, 1, 2, 4, 4]
+    assert cpu_threads(params["flux-tiny"], 2, {}) == 1
+    assert cpu_threads(params["flux-dev"], 2, {}) is None
+    assert cpu_threads(params["flux-mini"], 2, {"OMP_NUM_THREADS": "2"}) is None
+
+
+def test_loading_a_small_model_on_the_cpu_sets_its_threads(monkeypatch):
+    from flux import pipeline
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 6)
+    before = torch.get_num_threads()
+    try:
+        pipeline.load_models("flux-tiny", "cpu", torch.float32)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

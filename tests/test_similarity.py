@@ -51,6 +51,20 @@ def test_ssim_equals_the_definition(tmp_path):
     assert got[1] > got[2]  # mild noise keeps more structure than moving the picture
 
 
+def test_ssim_of_pairs_of_different_sizes_equals_the_definition(tmp_path):
+    """A list mixing sizes (a sweep of one size, scored with another's pairs) scores every pair as on its own,
+    in its input order."""
+    rng = np.random.RandomState(1)
+    images = {}
+    for name, shape in (("s1", (16, 20, 3)), ("b1", (24, 18, 3)), ("s2", (16, 20, 3))):
+        a = rng.randint(0, 256, shape, dtype=np.uint8)
+        b = np.clip(a.astype(int) + rng.randint(-60, 61, shape), 0, 255).astype(np.uint8)
+        images[name] = (a, b, write(tmp_path / f"{name}a.png", a), write(tmp_path / f"{name}b.png", b))
+    got = ssim_pairs([(pa, pb) for _, _, pa, pb in images.values()], batch_size=3)
+    want = [reference_ssim(a, b) for a, b, _, _ in images.values()]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_ssim_refuses_images_it_cannot_compare(tmp_path):
     a = write(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
     b = write(tmp_path / "b.png", np.zeros((16, 32, 3), np.uint8))

@@ -147,3 +147,21 @@ def test_a_rerun_with_other_settings_is_refused_not_kept(tmp_path, run_script):
     assert (tmp_path / "img_000_seed0.png").read_bytes() == before
     r = run_script(*base, "seed=[1, 1]")
     assert r.returncode == 2 and "'seed' repeats a seed" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "args", "size", "guidance"),
+    [
+        ("flux-mini", [], (128, 128), "null"),  # its native size; no guidance embedding, so no guidance recorded
+        ("flux-mini", ["--guidance", "5"], (128, 128), "null"),
+        ("flux-tiny", ["--height", "48", "--guidance", "2.5"], (1360, 48), "2.5"),  # FLUX.1's defaults otherwise
+    ],
+)
+def test_official_cli_defaults_and_guidance_follow_the_model(tmp_path, name, args, size, guidance):
+    from flux.__main__ import main
+
+    argv = ["--name", name, "--device", "cpu", "--dtype", "fp32", "--num_steps", "1", "--seed", "0"]
+    assert main([*argv, *args, "--output_dir", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "img_0.png") as im:
+        assert im.size == size and im.text["guidance"] == guidance and im.text["model"] == name

@@ -125,3 +125,15 @@ def test_no_network_fails_fast_with_advice(tmp_path, monkeypatch, loader):
     assert time.perf_counter() - t < 5
     for advice in ("cannot reach the Hugging Face Hub", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_TOKEN", "t5_path"):
         assert advice in str(e.value), advice
+
+
+def test_a_repo_folder_as_flow_path_supplies_its_text_encoders(flux_repo, monkeypatch):
+    from flux.util import weight_sources
+
+    sources = weight_sources("flux-dev", flow_path=str(flux_repo))
+    assert (sources.t5, sources.clip) == (str(flux_repo), str(flux_repo))
+    assert "T5 from" in sources.describe() and "(the transformer's repo folder)" in sources.describe()
+    assert sources.ae is None  # it holds no autoencoder: the model's own (HF cache or Hub)
+    assert weight_sources("flux-dev", flow_path=str(flux_repo), clip_path="elsewhere").clip == "elsewhere"
+    monkeypatch.setenv("FLUX_MODEL", str(flux_repo))  # the official variable naming the folder serves as well
+    assert weight_sources("flux-dev").t5 == str(flux_repo)

@@ -27,7 +27,7 @@ import torch
 from ..errors import UserError
 from ..model import Flux
 from .attention import ATTENTION_BACKENDS, attention_backend
-from .auto import AUTO, describe, resolve_accel, transformer_bytes, use_expandable_segments
+from .auto import AUTO, describe, keep_text_encoders, resolve_accel, transformer_bytes, use_expandable_segments
 from .compile import blocks, compile_blocks, compile_decoder, is_compiled
 from .fp8 import FP8FusedSingleStreamBlock, FP8GELULinear, FP8Linear, fp8_problem, quantize_fp8, scaled_mm_takes_bias
 from .gelu import FusedSingleStreamBlock, LinearGELU, fuse_gelu, linear_gelu, unfuse_gelu
@@ -102,6 +102,7 @@ def flops_per_forward(params, batch: int, img_tokens: int, txt_tokens: int) -> f
 __all__ = [
     "AUTO",
     "describe",
+    "keep_text_encoders",
     "resolve_accel",
     "transformer_bytes",
     "use_expandable_segments",

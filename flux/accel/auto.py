@@ -28,6 +28,10 @@ STREAM_OVERHEAD = 8.5 * GiB
 # The resident path holds the transformer and the text encoders together while prompts are encoded; sampling and
 # decoding at 1024² add a few GiB once T5 has left the GPU.
 RESIDENT_MARGIN = 4 * GiB
+# Keeping T5 and CLIP on the GPU for the whole run leaves sampling and decoding beside every network's weights: at
+# 1024² they need under 4 GiB (a sweep batch of 4 or a 3-image edit, docs/performance.md), so 12 GiB leaves room for
+# larger batches and sizes. A 40 GB card (31.8 GiB of FLUX.1 weights) moves them to host memory as before.
+KEEP_TEXT_MARGIN = 12 * GiB
 
 
 def transformer_bytes(params: FluxParams, dtype: torch.dtype) -> int:
@@ -84,6 +88,19 @@ def resolve_accel(
     return replace(
         options, compile=compile_, fuse_gelu=fuse, stream_blocks=stream, resident_gb=resident, reason="; ".join(why)
     )
+
+
+def keep_text_encoders(
+    device: torch.device, weight_bytes: int, free_bytes: int | None = None, offload: bool = False, stream: bool = False
+) -> bool:
+    """Whether T5 and CLIP stay on the GPU once prompts are encoded, instead of moving to host memory (and back for
+    the next prompts) each run: when the card's free memory before loading holds all the weights (`weight_bytes`)
+    and KEEP_TEXT_MARGIN of work. Never off a CUDA GPU, with offload or with stream_blocks: the encoders live in
+    host memory there. `free_bytes`: None asks the driver."""
+    if device.type != "cuda" or offload or stream:
+        return False
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+    return free >= weight_bytes + KEEP_TEXT_MARGIN
 
 
 def _speed_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
