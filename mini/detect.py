@@ -121,9 +121,11 @@ def _hull_area(mask: np.ndarray) -> float:
     def chain(points):
         out: list[tuple[float, float]] = []
         for p in points:
-            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - (out[-1][1] - out[-2][1]) * (
-                p[0] - out[-2][0]
-            ) <= 0:
+            while (
+                len(out) >= 2
+                and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])
+                <= 0
+            ):
                 out.pop()
             out.append(p)
         return out[:-1]
@@ -139,34 +141,32 @@ def _holes(mask: np.ndarray) -> int:
     return int((pad & (lab != lab[0, 0])).sum())
 
 
-def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
-    """The shape cues of one object's coverage (H, W) with centroid (cx, cy): enclosed holes over area, solidity
-    (area over convex hull area) of the mask, and the strength of 3- and 4-fold symmetry (|sum a r^2 e^(-ik phi)| /
-    sum a r^2 about the centroid, relative to a clean triangle's and square's)."""
-    mask = cover > 0.5
-    ys, xs = mask.nonzero() if mask.any() else cover.nonzero()
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop, m = cover[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    yy, xx = np.mgrid[y0:y1, x0:x1]
+def _symmetry(cover: np.ndarray, cx: float, cy: float) -> dict[int, float]:
+    """|sum a r^2 e^(-ik phi)| / sum a r^2 about (cx, cy), k = 3, 4, 5: the strength of each order of symmetry."""
+    yy, xx = np.mgrid[: cover.shape[0], : cover.shape[1]]
     z = (xx + 0.5 - cx) + 1j * (yy + 0.5 - cy)
-    w = crop * np.abs(z) ** 2
+    w = cover * np.abs(z) ** 2
     phase = z / np.maximum(np.abs(z), 1e-6)
-    out = {f"sym{k}": float(np.abs((w * phase.conj() ** k).sum()) / max(w.sum(), 1e-9)) / _REF.get(k, 1) for k in (3, 4, 5)}
-    area = max(float(m.sum()), 1.0)
-    return {"hole": _holes(m) / area, "solidity": area / max(_hull_area(m), 1.0), **out}
-
-
-    size = "small" if math.sqrt(area / _UNIT_AREA[shape]) < _R_MID else "large"
-    col, row = min(max(int(cx * 3 / SIZE), 0), 2), min(max(int(cy * 3 / SIZE), 0), 2)
-    mask = torch.zeros(img.shape[:2], dtype=torch.bool)
-    mask[torch.from_numpy(ys), torch.from_numpy(xs)] = torch.from_numpy(alpha > 0.5)
-    conf = float(np.clip(min(margin, (purity - VOTE) / (1 - VOTE)), 0, 1))
-    return ObjDetection(list(COLOURS)[c], shape, PLACES[row * 3 + col], size, mask, area, (cx, cy), conf)
+    return {k: float(np.abs((w * phase.conj() ** k).sum()) / max(w.sum(), 1e-9)) for k in (3, 4, 5)}
 
 
 _UNIT_AREA = {k: float(_clean(k).sum()) / 40.0**2 for k in SHAPES}
-_REF: dict[int, float] = {}
-_REF.update({k: cues(_clean(kind), SIZE / 2, SIZE / 2)[f"sym{k}"] for k, kind in ((3, "triangle"), (4, "square"), (5, "star"))})
+_REF = {k: _symmetry(_clean(kind), SIZE / 2, SIZE / 2)[k] for k, kind in ((3, "triangle"), (4, "square"), (5, "star"))}
+
+
+def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
+    """The shape cues of one object's coverage (H, W) with centroid (cx, cy): "hole", its mask's enclosed holes over
+    its area; "solidity", the mask's area over its convex hull's; "sym3", "sym4", "sym5", the strength of each
+    order of symmetry relative to a clean triangle's, square's and star's."""
+    m = cover > 0.5
+    ys, xs = m.nonzero()
+    y0, x0 = ys.min(), xs.min()
+    crop, m = cover[y0 : ys.max() + 1, x0 : xs.max() + 1], m[y0 : ys.max() + 1, x0 : xs.max() + 1]
+    sym = _symmetry(crop, cx - x0, cy - y0)
+    area = float(m.sum())
+    return {"hole": _holes(m) / area, "solidity": area / _hull_area(m), **{f"sym{k}": sym[k] / _REF[k] for k in sym}}
+
+
 _R_MID = math.sqrt(RADIUS["small"] * RADIUS["large"])
 
 
