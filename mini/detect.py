@@ -38,7 +38,7 @@ MIN_AREA = 50.0  # soft area (pixels) of the smallest object kept: under half th
 CORE = 0.6  # coverage from which a pixel votes for its component's colour
 VOTE = 0.2  # share of the votes a colour needs to make an object of its own in a component
 SEPARATE = SIZE / 6  # ... and the distance of its patch from a stronger colour's: world objects sit a cell apart
-HOLE = 0.12  # a ring: enclosed holes of at least this share of its area (a clean ring's hole is a third)
+HOLE = 0.06  # a ring: a hole at the centroid of at least this share of its area (a clean ring's is a third)
 SOLID = 0.78  # a star: solidity below this (a clean star's is 0.56-0.65; a triangle's over 0.86, a circle's 0.93)
 # A triangle, square or star: its 3-, 4- or 5-fold symmetry at least this share of the clean shape's. A blurred circle
 # keeps no 3- or 5-fold symmetry, but resampling on the pixel grid lends it some 4-fold symmetry.
@@ -134,11 +134,12 @@ def _hull_area(mask: np.ndarray) -> float:
     return 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
 
 
-def _holes(mask: np.ndarray) -> int:
-    """Pixels outside the mask that the mask encloses (not connected to the outside)."""
+def _hole(mask: np.ndarray, x: int, y: int) -> int:
+    """Size of the hole at pixel (x, y): the region outside the mask there, if the mask encloses it; else 0."""
     pad = np.pad(~mask, 1, constant_values=True)
     lab = _components(pad[None])[0]
-    return int((pad & (lab != lab[0, 0])).sum())
+    at = lab[y + 1, x + 1]
+    return 0 if at in (0, lab[0, 0]) else int((lab == at).sum())
 
 
 def _symmetry(cover: np.ndarray, cx: float, cy: float) -> dict[int, float]:
@@ -155,8 +156,8 @@ _REF = {k: _symmetry(_clean(kind), SIZE / 2, SIZE / 2)[k] for k, kind in ((3, "t
 
 
 def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
-    """The shape cues of one object's coverage (H, W) with centroid (cx, cy): "hole", its mask's enclosed holes over
-    its area; "solidity", the mask's area over its convex hull's; "sym3", "sym4", "sym5", the strength of each
+    """The shape cues of one object's coverage (H, W) with centroid (cx, cy): "hole", the hole of its mask at the
+    centroid over its area; "solidity", the mask's area over its convex hull's; "sym3", "sym4", "sym5", the strength of each
     order of symmetry relative to a clean triangle's, square's and star's."""
     m = cover > 0.5
     ys, xs = m.nonzero()
@@ -164,7 +165,8 @@ def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
     crop, m = cover[y0 : ys.max() + 1, x0 : xs.max() + 1], m[y0 : ys.max() + 1, x0 : xs.max() + 1]
     sym = _symmetry(crop, cx - x0, cy - y0)
     area = float(m.sum())
-    return {"hole": _holes(m) / area, "solidity": area / _hull_area(m), **{f"sym{k}": sym[k] / _REF[k] for k in sym}}
+    hole = _hole(m, min(int(cx - x0), m.shape[1] - 1), min(int(cy - y0), m.shape[0] - 1))
+    return {"hole": hole / area, "solidity": area / _hull_area(m), **{f"sym{k}": sym[k] / _REF[k] for k in sym}}
 
 
 _R_MID = math.sqrt(RADIUS["small"] * RADIUS["large"])
