@@ -94,18 +94,21 @@ def world_sdf(kind, p, r):
 
 
 def deformed_sdf(kind, p, r):
-    """Generated-looking shapes: a fat star (inner radius 0.62), a square with rounded corners, a ring with a narrow
-    hole (0.35 of the radius), a triangle with rounded corners; circles as they are."""
-    rr = float(r[0])
+    """Shapes the way a generator draws them: stars fat (inner radius 0.62, not 0.45) with rounded points; squares
+    and triangles 15% taller than wide with rounded corners; rings with a narrow hole (0.35 of the radius, not 0.5)."""
+    rr, q = float(r[0]), p[0].clone()
+    if kind == "ring":
+        return (q.norm(dim=-1) - 0.675 * rr).abs() - 0.325 * rr
+    if kind == "circle":
+        return q.norm(dim=-1) - rr
     if kind == "star":
         ang = (torch.arange(10) * 36.0 - 90.0) * math.pi / 180
-        rad = torch.where(torch.arange(10) % 2 == 0, 1.0, 0.62)
-        return _sdf_polygon(p[0] / rr, torch.stack([rad * ang.cos(), rad * ang.sin()], 1)) * rr
-    if kind in ("square", "triangle"):  # shrink, then round the corners back out by 0.25 r
-        return _sdf_polygon(p[0] / (0.75 * rr), _polygon(kind)) * 0.75 * rr - 0.25 * rr * 0.75
-    if kind == "ring":
-        return (p[0].norm(dim=-1) - 0.675 * rr).abs() - 0.325 * rr
-    return world_sdf(kind, p, r)
+        verts = torch.stack([ang.cos(), ang.sin()], 1) * torch.where(torch.arange(10) % 2 == 0, 1.0, 0.62)[:, None]
+    else:
+        q[..., 1] = q[..., 1] / 1.15
+        verts = _polygon(kind)
+    core = 0.7 * rr  # shrink, then round the corners back out by 0.3 of that
+    return _sdf_polygon(q / core, verts) * core - 0.3 * core
 
 
 def accuracy(scenes: list[Scene], images: torch.Tensor) -> dict[str, float]:
@@ -191,14 +194,14 @@ def test_soft_edges_and_deformed_shapes_600():
     acc = accuracy(scenes, render_custom(scenes, world_sdf, edge=3.0))
     assert min(acc.values()) >= 0.97, acc
     acc = accuracy(scenes, degrade(render_custom(scenes, deformed_sdf), "blur"))
-    assert min(acc[a] for a in ("colour", "shape", "place", "count", "background")) >= 0.97, acc
+    assert min(acc[a] for a in ("colour", "shape", "place", "count", "background")) >= 0.97, acc  # sizes change
 
 
 def test_deformed_shapes_keep_their_names():
-    # Detector 1 read all of these as circles: it fit rigid equal-area templates and kept the best IoU.
-    scenes = [
-        Scene((Obj(k, c, "center", z),), "gray") for k in SHAPES for c in ("red", "blue") for z in ("small", "large")
-    ]
+    # Detector 1 fit rigid equal-area templates and kept the best IoU: it read all these rings and most of these
+    # stars as circles (63% right).
+    scenes = [Scene((Obj(k, c, "center", z),), b) for k in SHAPES for c in ("red", "blue", "yellow")
+              for z in ("small", "large") for b in ("gray", "white")]  # fmt: skip
     dets = detect_batch(render_custom(scenes, deformed_sdf))
     assert [d.objects[0].shape for d in dets] == [s.objects[0].shape for s in scenes]
 
