@@ -68,16 +68,18 @@ class SceneDetection:
 
 
 def to_images(images) -> np.ndarray:
-    """(B, H, W, 3) float32 in [0, 1] from a tensor in [-1, 1] (C, H, W) or (B, C, H, W), a PIL image, a uint8 array
-    (H, W, 3), or a list of these."""
+    """(B, SIZE, SIZE, 3) float32 in [0, 1] from a tensor in [-1, 1] (C, H, W) or (B, C, H, W), a PIL image, a uint8
+    array (H, W, 3), or a list of these."""
     if isinstance(images, (list, tuple)):
         return np.concatenate([to_images(i) for i in images])
     if isinstance(images, Tensor):
         x = images.detach().float().cpu()
-        x = x[None] if x.dim() == 3 else x
-        return ((x.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
-    arr = np.asarray(images.convert("RGB") if hasattr(images, "convert") else images)
-    return arr[None].astype(np.float32) / 255
+        arr = ((x[None] if x.dim() == 3 else x).permute(0, 2, 3, 1).numpy() + 1) / 2
+    else:
+        arr = np.asarray(images.convert("RGB") if hasattr(images, "convert") else images)[None] / 255
+    if arr.shape[1:] != (SIZE, SIZE, 3):
+        raise ValueError(f"mini.detect reads {SIZE}x{SIZE} RGB world images, not an array of shape {arr.shape[1:]}")
+    return arr.clip(0, 1).astype(np.float32)
 
 
 def _components(away: np.ndarray) -> np.ndarray:

@@ -229,6 +229,11 @@ def test_inputs_tensor_pil_and_batch_agree():
     assert one.objects[0].mask.dtype == torch.bool and one.objects[0].mask.shape == (SIZE, SIZE)
 
 
+def test_other_sizes_are_refused():
+    with pytest.raises(ValueError, match="reads 128x128 RGB world images"):
+        detect(torch.zeros(3, 64, 64))
+
+
 def test_blank_image_has_no_objects():
     x = render([Scene((Obj("circle", "red", "center", "small"),), "black")])
     blank = torch.full_like(x[0], -1 + 2 * 15 / 255)
