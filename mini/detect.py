@@ -11,8 +11,9 @@ hard threshold of it:
 - mask: `alpha > 0.5`, the same rule as the ground truth of `mini.world.coverage`; blur keeps that contour in place;
 - place: the cell of the coverage-weighted centroid (blur keeps the centroid exactly);
 - shape, by discrete cues that survive blur and the deformations of generated shapes (rounded corners, fat star
-  points, a narrowed hole): a ring is an object whose centre is empty; otherwise the dominant angular symmetry of
-  the coverage decides - order 3 triangle, 4 square, 5 star, none circle;
+  points, a narrowed hole, a stretched side): a ring has a hole at its centroid; a star is concave (low solidity);
+  otherwise the strongest angular symmetry of the coverage decides - order 3 triangle, 4 square, 5 star (a blurred
+  small star is nearly convex), none circle;
 - size: the circumradius implied by the soft area (blur keeps it) for the detected shape, small below the
   geometric mean of the two radii.
 
@@ -155,12 +156,13 @@ def _symmetry(cover: np.ndarray, cx: float, cy: float) -> dict[int, float]:
 
 _UNIT_AREA = {k: float(_clean(k).sum()) / 40.0**2 for k in SHAPES}
 _REF = {k: _symmetry(_clean(kind), SIZE / 2, SIZE / 2)[k] for k, kind in ((3, "triangle"), (4, "square"), (5, "star"))}
+_R_MID = math.sqrt(RADIUS["small"] * RADIUS["large"])
 
 
 def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
     """The shape cues of one object's coverage (H, W) with centroid (cx, cy): "hole", the hole of its mask at the
-    centroid over its area; "solidity", the mask's area over its convex hull's; "sym3", "sym4", "sym5", the strength of each
-    order of symmetry relative to a clean triangle's, square's and star's."""
+    centroid over its area; "solidity", the mask's area over its convex hull's; "sym3", "sym4", "sym5", the strength
+    of each order of symmetry relative to a clean triangle's, square's and star's."""
     m = cover > 0.5
     ys, xs = m.nonzero()
     y0, x0 = ys.min(), xs.min()
@@ -169,9 +171,6 @@ def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
     area = float(m.sum())
     hole = _hole(m, min(int(cx - x0), m.shape[1] - 1), min(int(cy - y0), m.shape[0] - 1))
     return {"hole": hole / area, "solidity": area / _hull_area(m), **{f"sym{k}": sym[k] / _REF[k] for k in sym}}
-
-
-_R_MID = math.sqrt(RADIUS["small"] * RADIUS["large"])
 
 
 def classify(c: dict[str, float]) -> tuple[str, float]:
@@ -280,7 +279,8 @@ def match(a: SceneDetection, b: SceneDetection) -> list[tuple[ObjDetection | Non
         used_a, used_b = set(), set()
         for _, i, j in cands:
             if i not in used_a and j not in used_b:
-                used_a.add(i), used_b.add(j)
+                used_a.add(i)
+                used_b.add(j)
                 pairs.append((left_a[i], left_b[j]))
         left_a = [x for i, x in enumerate(left_a) if i not in used_a]
         left_b = [y for j, y in enumerate(left_b) if j not in used_b]
