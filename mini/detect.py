@@ -267,6 +267,13 @@ def mask_iou(a: Tensor, b: Tensor) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def image_iou(img_a, img_b) -> float:
+    """IoU of the union of all object masks of two images: whether the layout stayed, whatever the objects are."""
+    a, b = (x if isinstance(x, SceneDetection) else detect(x) for x in (img_a, img_b))
+    empty = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    return mask_iou(sum((o.mask for o in a.objects), empty), sum((o.mask for o in b.objects), empty))
+
+
 def match(a: SceneDetection, b: SceneDetection) -> list[tuple[ObjDetection | None, ObjDetection | None]]:
     """Pairs of objects of two detections: by colour first, then the rest by shape, nearest centres first; an object
     left over is paired with None. Every object of either detection appears once."""

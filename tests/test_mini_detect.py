@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mini.detect import detect, detect_batch, mask_iou, match, semantic_similarity
+from mini.detect import detect, detect_batch, image_iou, mask_iou, match, semantic_similarity
 from mini.world import (
     BACKGROUNDS,
     COLOURS,
@@ -257,6 +257,9 @@ def test_mask_iou_and_match():
         render([Scene((Obj("circle", "green", "left", "large"), Obj("star", "blue", "top", "small")), "gray")])[0]
     )
     pairs = [(x and (x.colour, x.shape), y and (y.colour, y.shape)) for x, y in match(a, b)]
+    # The layout alone: the circle kept its pixels (recoloured), the star moved to another cell.
+    circle, stars = a.find("red").mask.sum(), a.find("blue").mask.sum() + b.find("blue").mask.sum()
+    assert image_iou(a, b) == pytest.approx(float(circle / (circle + stars)), abs=1e-6)
     assert pairs == [(("blue", "star"), ("blue", "star")), (("red", "circle"), ("green", "circle"))]
 
 
