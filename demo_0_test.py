@@ -26,7 +26,7 @@ def main(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
         cfg.output_dir, [Output(n, settings | {"prompt": pr, "seed": s}) for n, (pr, s) in jobs.items()], settings
     )
     todo = run.todo_names
-    (width, height), steps = cfg.size, cfg.num_steps
+    (width, height), steps = cfg.image_size, cfg.num_steps
 
     if todo:  # a finished run loads no weights
         models = models or load_models_for(cfg)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     """Record and write every (prompt, seed) trajectory of `cfg`, then run.json; returns the sample folders."""
-    (width, height), steps = cfg.size, cfg.num_steps
+    (width, height), steps = cfg.image_size, cfg.num_steps
     settings = settings_of(cfg) | {"skip_layers": sorted(cfg.skip_layers)}
     # One sample per (prompt, seed): final.png records it, and it is done when every file of its folder decodes.
     jobs = {

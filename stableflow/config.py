@@ -690,7 +690,7 @@ class SamplingConfig(BaseConfig):
     )
 
     @property
-    def size(self) -> tuple[int, int]:
+    def image_size(self) -> tuple[int, int]:
         """(width, height) of the images."""
         native = native_size(self.model)
         return self.width or native, self.height or native

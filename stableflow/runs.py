@@ -127,7 +127,7 @@ def settings(
 
 def settings_of(cfg: Any) -> dict[str, Any]:
     """`settings` of a demo's config (a SamplingConfig: size, steps and guidance resolved by its defaults rule)."""
-    width, height = cfg.size
+    width, height = cfg.image_size
     return settings(cfg.model, weights(cfg), cfg.dtype, width, height, cfg.num_steps, cfg.guidance_value, cfg.fp8)
 
 

@@ -707,7 +707,7 @@ class SkipConfig(SamplingConfig):
             self.dtype,
             tuple(prompts),
             tuple(layers),
-            *self.size,
+            *self.image_size,
             self.num_steps,
             self.guidance_value,
             self.batch_size,

@@ -2,7 +2,6 @@
 
 import json
 import textwrap
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ import pytest
 
 from flux.errors import UserError
 from flux.pipeline import resolve_device, resolve_dtype
+from flux.util import configs
 from stableflow.config import (
     BaseConfig,
     ConfigError,
@@ -23,7 +23,7 @@ from stableflow.config import (
 )
 
 # The model names as the message lists them (the list grows with flux.util's registry).
-MODELS = ", ".join(json.dumps(m) for m in typing.get_args(typing.get_type_hints(BaseConfig)["model"]))
+MODELS = ", ".join(json.dumps(m) for m in configs)  # flux.util's registry
 
 
 @dataclass
