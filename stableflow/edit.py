@@ -13,12 +13,10 @@ demo_4_edit.py is the experiment; this module holds its pieces and EditConfig, t
 """
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -36,6 +34,7 @@ from . import TINY_RANDOM, runs
 from .clip_score import DEFAULT_CLIP
 from .config import SamplingConfig
 from .io import load_image, slug
+from .vitality import auto_vital_layers_file, read_vital_layers
 
 # The official release's vital layers of FLUX.1-dev (the paper's set without layer 2): double blocks 0, 1, 17, 18
 # and single blocks 6, 9, 34, 35, 37 (global index = 19 + j).
@@ -81,50 +80,6 @@ def checked_layers(layers: Sequence[int], depth: int, depth_single: int, where: 
     except ValueError as e:
         raise UserError(str(e)) from None
     return sorted(set(layers))
-
-
-def read_vital_layers(path: str | Path, depth: int, depth_single: int) -> list[int]:
-    """The "vital_layers" of a vital_layers.json written by demo_3_dino.py, checked against the model."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        hint = " (it holds vital_layers.json: give that file)" if (p / "vital_layers.json").is_file() else ""
-        raise UserError(f"vital_layers_file {path} is a folder: give the path of a vital_layers.json{hint}")
-    if not p.is_file():
-        raise UserError(f"vital_layers_file {path} does not exist: run demo_3_dino.py, or fix the path")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(
-            f"vital_layers_file {path} is not readable JSON ({e}): rewrite it or run demo_3_dino.py again"
-        ) from None
-    layers = data.get("vital_layers") if isinstance(data, dict) else None
-    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise UserError(
-            f'vital_layers_file {path} is malformed: expected a JSON object with "vital_layers": [integers], '
-            f"as demo_3_dino.py writes it"
-        )
-    num_double = data.get("num_double")
-    if num_double is not None and num_double != depth:
-        raise UserError(
-            f"vital_layers_file {path} was made for a model with {num_double} double blocks, but this model has "
-            f"{depth}: its layer indices mean other layers here. Use the file made for this model."
-        )
-    return checked_layers(layers, depth, depth_single, f"vital_layers_file {path}")
-
-
-def auto_vital_layers_file(output_dir: str, model: str) -> tuple[str | None, str]:
-    """demo_3_dino.py's vital_layers.json beside `output_dir` (outputs/demo_3_dino/ for outputs/demo_4_edit) when it
-    exists and was made for `model`; else None. The second value says why a file was not taken."""
-    path = Path(output_dir).expanduser().parent / "demo_3_dino" / "vital_layers.json"
-    if not path.is_file():
-        return None, f"; no {path} from demo_3_dino.py"
-    try:
-        made_for = json.loads(path.read_text(encoding="utf-8-sig")).get("model")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return str(path), ""  # read_vital_layers says what is wrong with it
-    if made_for not in (None, model):
-        return None, f"; {path} was made for {made_for}, not {model}"
-    return str(path), ""
 
 
 def choose_vital_layers(

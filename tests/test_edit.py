@@ -37,10 +37,10 @@ from stableflow.edit import (
     fit_image,
     invert,
     pil_to_tensor,
-    read_vital_layers,
     scale_layers,
 )
 from stableflow.io import load_image, slug, tensor_to_pil
+from stableflow.vitality import read_vital_layers
 
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 HOUSE = Path(__file__).resolve().parent / "data" / "house.png"  # 120x90
@@ -178,8 +178,10 @@ def test_vital_layers_file(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=message):
             read_vital_layers(tmp_path / name, 2, 4)
-    with pytest.raises(UserError, match="is a folder"):
-        read_vital_layers(tmp_path, 2, 4)
+    assert read_vital_layers(tmp_path, 2, 4) == [0, 1, 3]  # demo_3_dino.py's output folder: its file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is a folder without vital_layers.json"):
+        read_vital_layers(tmp_path / "empty", 2, 4)
     # The file demo_3_dino.py writes (stableflow.vitality's payload) is read as it is.
     from stableflow.vitality import selection_dict, vital_layers_payload
 
@@ -501,7 +503,8 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
     assert EditConfig().vital_layers_file == "auto"
     assert layers() == (
         [0, 1, 2, 3, 5],
-        f"default (the release's layers scaled from 19+38 to 2+4 blocks); no {found} from demo_3_dino.py",
+        f"default (the release's layers scaled from 19+38 to 2+4 blocks); no {found} from demo_3_dino.py (name "
+        "demo_3's output folder in vital_layers_file)",
     )
     found.parent.mkdir()
     for model, expected in [

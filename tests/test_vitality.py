@@ -315,9 +315,7 @@ def test_outputs_written_and_agree(tmp_path, embedder):
     )
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
-    from stableflow.edit import (
-        read_vital_layers,  # demo_4_edit.py's reader takes the file as written
-    )
+    from stableflow.vitality import read_vital_layers  # demo_4_edit.py's reader takes the file as written
 
     assert read_vital_layers(paths["json"], 2, 4) == [0, 3]
     layers = data["layers"]
