@@ -295,6 +295,22 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
         counter.close()
 
 
+def test_a_cache_damaged_after_it_was_written_is_recomputed(tmp_path):
+    """A flipped bit in the features (the file still parses) must not pass as a cached embedding."""
+    root = make_sweep(tmp_path / "sweep", prompts=("p0",), layers=[0])
+    images = sorted(root.rglob("*.png"))
+    cache = D.FeatureCache(D.cache_path(root, TINY_RANDOM), root)
+    for i, path in enumerate(images):
+        cache.put(path, torch.full((8,), float(i + 1)))
+    cache.save()
+    assert D.FeatureCache(cache.file, root).holds(images) == len(images)
+    data = bytearray(cache.file.read_bytes())
+    data[-3] ^= 0x10  # inside the last feature's float32 values
+    cache.file.write_bytes(bytes(data))
+    damaged = D.FeatureCache(cache.file, root)
+    assert damaged.holds(images) == 0 and "damaged" in damaged.notes()[0] and "recomputing" in damaged.notes()[0]
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 
 
