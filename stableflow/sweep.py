@@ -3,16 +3,18 @@
 This module owns the sweep: its plan (`SweepPlan`, batches, the split over processes) and its output folder, written
 here by demo_2_skip.py and read back here (`scan_sweep`) by demo_3_dino.py:
 
-    <out>/manifest.json                      what the sweep is: model, layer counts, dtype, size, steps, guidance,
-                                             prompts [{"id","prompt","seed"}], layers
+    <out>/manifest.json                      what the sweep is: the run's settings (stableflow.runs: model, weights,
+                                             dtype, size, steps, guidance), layer counts, prompts
+                                             [{"id","prompt","seed"}], layers
     <out>/<prompt_id>/ref.png                the prompt's image with no layer bypassed
     <out>/<prompt_id>/layer_XX.png           the same prompt and seed with global layer XX bypassed
 
 Three decisions make resumption and sharding safe:
-- A file that exists is complete: every PNG is written to a temp file and renamed (stableflow.io), so a kill leaves at
-  most an orphaned temp file, which the next run of the same rank deletes.
+- An image counts as done only if it decodes whole and records the sweep's settings (stableflow.runs): every PNG is
+  written to a temp file and renamed, so a kill leaves at most an orphaned temp file, which the next run of the same
+  rank deletes, and a file damaged later is made again.
 - Batches are fixed by the plan alone (prompts, layers, batch_size), never by which files exist; a batch runs
-  again if any of its images is missing. So a resumed sweep computes exactly what an uninterrupted one would,
+  again if any of its images is missing or damaged. So a resumed sweep computes exactly what an uninterrupted one would,
   bit for bit on a deterministic device, and the world size does not change the results either.
 - Rank r of W takes batches r, r+W, r+2W, ... of that fixed list: disjoint shares with no communication,
   identical in every process whatever is already on disk.
