@@ -265,6 +265,7 @@ class Run:
         self.repaired = 0
         self.seconds = 0.0
         self.writer: PngWriter | None = None
+        self._records = {o.name: o.record for o in self.outputs}
         changed: dict[str, list[str]] = {}
         for out in self.outputs:
             files = [self.folder / n for n in (out.name, *out.files)]
@@ -286,7 +287,7 @@ class Run:
         return [o.name for o in self.todo]
 
     def record_of(self, name: str) -> dict[str, Any]:
-        return next(o.record for o in self.outputs if o.name == name)
+        return self._records[name]
 
     @contextlib.contextmanager
     def working(self, total: int, desc: str, unit: str = "step", threads: int = 2) -> Iterator[Any]:

@@ -518,6 +518,20 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
         got = layers()
         assert got[0] == expected[0] and got[1].endswith(expected[1])
     assert layers(vital_layers=[1]) == ([1], "config")  # an explicit list wins over the automatic file
+    # A sweep scored before it was finished: taken, and the printed line says so.
+    payload |= {"model": "flux-tiny", "complete": False, "missing": {"p1": {"ref": True, "layers": []}}}
+    found.write_text(json.dumps(payload))
+    assert (
+        layers()[1] == f"file {found}; from an incomplete sweep (1 prompt(s) lack images): run demo_2 and demo_3 again"
+    )
+    # An output_dir away from demo_3_dino/: the config names demo_3's output folder (or the file) instead.
+    moved = tmp_path / "elsewhere" / "edits"
+    cfg = load_config(EditConfig, TINY_CONFIGS / "demo_4_edit.json", [f"output_dir={moved}"])
+    assert f"no {moved.parent / 'demo_3_dino' / 'vital_layers.json'}" in cfg.injection_layers[1]
+    named = load_config(
+        EditConfig, TINY_CONFIGS / "demo_4_edit.json", [f"output_dir={moved}", f"vital_layers_file={found.parent}"]
+    )
+    assert named.injection_layers == ([0, 5], f"file {found.parent}")
     assert layers(vital_layers_file=None)[1].startswith("default")
 
 

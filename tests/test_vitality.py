@@ -541,3 +541,20 @@ def test_load_dino_from_a_local_folder(tmp_path):
     (tmp_path / "weights_only").mkdir()
     with pytest.raises(UserError, match="without a config.json"):
         D.load_dino(str(tmp_path / "weights_only"))
+
+
+def test_demo_3_writes_only_what_demo_4_reads(tmp_path):
+    """One owner of vital_layers.json: the writer applies the reader's rules, so demo_3 cannot leave a file that
+    demo_4 refuses."""
+    from stableflow.vitality import read_vital_layers, selection_dict, vital_layers_payload, write_vital_layers
+
+    def payload(vital):
+        return vital_layers_payload(
+            [], vital, selection_dict(None, 2), model="flux-tiny", dino_model=None, num_double=2
+        )
+
+    path = write_vital_layers(tmp_path, payload([5, 0]), num_single=4)
+    assert path == tmp_path / "vital_layers.json" and read_vital_layers(path, 2, 4) == [0, 5]
+    with pytest.raises(ValueError, match="0..5"):
+        write_vital_layers(tmp_path / "bad", payload([0, 6]), num_single=4)
+    assert not (tmp_path / "bad").exists()
