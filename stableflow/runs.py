@@ -139,19 +139,22 @@ def as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _decoded(value: Any) -> Any:
+    """A nested record as a PNG's text chunk holds it (JSON), as data."""
+    if isinstance(value, str) and value.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
 def changes(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """How `recorded` differs from `expected`, one "key old -> new" per key of `expected` (a nested record names
     its inner key: "weights.flow ..."). Values are compared as text, so a PNG's chunks and a JSON file compare alike."""
     out = []
     for key, want in expected.items():
-        have = recorded.get(key)
+        have = _decoded(recorded.get(key)) if isinstance(want, Mapping) else recorded.get(key)
         if isinstance(want, Mapping) and isinstance(have, Mapping):
             out += [f"{key}.{c}" for c in changes(have, want)]
-        elif isinstance(want, Mapping) and isinstance(have, str) and have.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out += [f"{key}.{c}" for c in changes(json.loads(have), want)]
-                continue
-            out.append(f"{key} {have} -> {as_text(want)}")
         elif key not in recorded:
             out.append(f"{key} (not recorded) -> {as_text(want)}")
         elif as_text(have) != as_text(want):
