@@ -119,9 +119,8 @@ def settings(
     fp8: bool = False,
 ) -> dict[str, Any]:
     """What decides every output of a run, recorded the same way by every demo. Speed options change results
-    only by rounding and are left out, except fp8 (approximate weights), recorded when on."""
-    out = {"model": model, "weights": dict(weights) if weights is not None else None, "dtype": dtype}
-    out |= {"fp8": True} if fp8 else {}
+    only by rounding and are left out, except fp8 (approximate weights)."""
+    out = {"model": model, "weights": dict(weights) if weights is not None else None, "dtype": dtype, "fp8": fp8}
     return out | {"width": width, "height": height, "steps": steps, "guidance": guidance_used(model, guidance)}
 
 

@@ -181,7 +181,7 @@ CHANGES = [  # (demo, override, the change the refusal names)
         ]
     ),
     ("demo_0", "prompt=a cat", "prompt a fox -> a cat"),
-    ("demo_0", "fp8=true", "fp8 (not recorded) -> true"),
+    ("demo_0", "fp8=true", "fp8 false -> true"),
     ("demo_1", "skip_layers=[5]", "skip_layers [] -> [5]"),
     ("demo_4", "source_prompt=a red fox", "source_prompt a red fox in the snow -> a red fox"),
     ("demo_4", "seed=3", "seed 0 -> 3"),

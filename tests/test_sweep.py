@@ -425,6 +425,7 @@ def test_two_ranks_make_every_image_exactly_once(sweeps):
         "num_double": 2,
         "num_single": 4,
         "dtype": "fp32",
+        "fp8": False,
         "width": 32,
         "height": 48,
         "steps": 2,
