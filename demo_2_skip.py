@@ -67,7 +67,7 @@ def run_sweep(
 
     start = time.perf_counter()
     bar = progress_bar(len(work.todo), f"{tag}sweep", enabled=progress and dist.local_rank == 0)
-    with models.on_device(models.model, models.ae), PngWriter(4, on_written=lambda _: bar.update(1)) as writer:
+    with bar, models.on_device(models.model, models.ae), PngWriter(4, on_written=lambda _: bar.update(1)) as writer:
         for batch in work.pending:
             # One variant of several prompts: each sample bypasses its own layer (all the same one in full groups).
             latent = models.denoise(
@@ -83,7 +83,6 @@ def run_sweep(
                     # Decoded one at a time: the AE's activations at 1024² are large (docs/performance.md).
                     out = plan.output(item)
                     writer.submit(root / out.name, models.decode(latent[i : i + 1])[0], out.record)
-    bar.close()
     seconds = time.perf_counter() - start
     return SweepResult(writer.written, work.done, plan.total, seconds, work.repaired)
 
