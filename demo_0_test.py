@@ -6,17 +6,13 @@ pair names one image on any device. Images already in output_dir are kept, so an
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
 from flux.sampling import Step
-from flux.util import model_spec
 from stableflow.config import config_to_dict, load_models_for, run_demo
-from stableflow.io import atomic_write_json, refuse_other_settings, save_png
-from stableflow.text2img import Text2ImgConfig, image_metadata, image_name
+from stableflow.runs import Output, Run, settings_of
+from stableflow.text2img import Text2ImgConfig, image_name
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels
@@ -24,58 +20,46 @@ if TYPE_CHECKING:
 
 def main(cfg: Text2ImgConfig, models: FluxModels | None = None) -> list[Path]:
     """Write every (prompt, seed) image of `cfg` and run.json; returns the image paths, new and old."""
-    out = Path(cfg.output_dir)
-    spec = model_spec(cfg.model)
-    steps = cfg.steps or spec.num_steps
-    guidance = spec.guidance if cfg.guidance is None else cfg.guidance
-
-    # The work: one image per (prompt, seed); a PNG on disk is a finished image (they are written atomically).
-    jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
-    todo = [(p, prompt, seed) for p, prompt, seed in jobs if not (out / image_name(p, seed)).exists()]
-    # A PNG there counts as done only if it was made with these settings; anything else is refused, not kept.
-    done = [job for job in jobs if job not in todo]
-    refuse_other_settings(out, {image_name(p, s): image_metadata(cfg, pr, s, steps, guidance) for p, pr, s in done})
+    settings = settings_of(cfg)
+    jobs = {image_name(p, seed): (prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()}
+    run = Run(
+        cfg.output_dir, [Output(n, settings | {"prompt": pr, "seed": s}) for n, (pr, s) in jobs.items()], settings
+    )
+    todo = run.todo_names
+    (width, height), steps = cfg.image_size, cfg.num_steps
 
     if todo:  # a finished run loads no weights
         models = models or load_models_for(cfg)
-        start = time.perf_counter()  # run.json's "seconds" counts the work, not the loading
-        text, row = models.encode_all([prompt for _, prompt, _ in todo])  # each distinct prompt once
-        timesteps = models.schedule(steps, cfg.width, cfg.height)
-        bar = tqdm(total=len(todo) * steps, desc=f"{len(todo)} images x {steps} steps", unit="step", smoothing=0)
+        with run.working(len(todo) * steps, f"{len(todo)} images x {steps} steps") as bar:
+            text, row = models.encode_all([jobs[n][0] for n in todo])  # each distinct prompt once
+            timesteps = models.schedule(steps, width, height)
 
-        def advance(step: Step) -> None:  # one sampler step advances every image of the batch by one step
-            bar.update(len(step.latent))
+            def advance(step: Step) -> None:  # one sampler step advances every image of the batch by one step
+                bar.update(len(step.latent))
 
-        for i in range(0, len(todo), cfg.batch_size):
-            batch = todo[i : i + cfg.batch_size]
-            noise = models.noise([seed for _, _, seed in batch], cfg.width, cfg.height)
-            latent = models.denoise(
-                text.select([row[prompt] for _, prompt, _ in batch]),
-                noise,
-                timesteps,
-                guidance,
-                callback=advance,
-            )
-            for (p, prompt, seed), image in zip(batch, models.decode(latent)):
-                save_png(out / image_name(p, seed), image, image_metadata(cfg, prompt, seed, steps, guidance))
-        bar.close()
+            for i in range(0, len(todo), cfg.batch_size):
+                batch = todo[i : i + cfg.batch_size]
+                noise = models.noise([jobs[n][1] for n in batch], width, height)
+                text_rows = text.select([row[jobs[n][0]] for n in batch])
+                latent = models.denoise(text_rows, noise, timesteps, cfg.guidance_value, callback=advance)
+                for name, image in zip(batch, models.decode(latent)):
+                    run.save(name, image)
 
-    seconds = time.perf_counter() - start if todo else 0.0
-    files = [out / image_name(p, seed) for p, _, seed in jobs]
-    atomic_write_json(
-        out / "run.json",
+    run.write_json(
+        "run.json",
         {
             "config": config_to_dict(cfg),
             "steps": steps,
-            "guidance": guidance,
-            "images": [{"file": f.name, "prompt": prompt, "seed": seed} for f, (_, prompt, seed) in zip(files, jobs)],
+            "guidance": settings["guidance"],
+            "images": [{"file": n, "prompt": prompt, "seed": seed} for n, (prompt, seed) in jobs.items()],
             "generated_this_run": len(todo),
             "already_done": len(jobs) - len(todo),
-            "seconds": round(seconds, 2),
+            "seconds": round(run.seconds, 2),
         },
     )
-    print(f"wrote {len(todo)} image{'s' * (len(todo) != 1)} to {out} ({len(jobs) - len(todo)} already there)")
-    return files
+    n = len(todo)
+    print(f"wrote {n} image{'s' * (n != 1)} to {run.folder} ({len(jobs) - n} already there{run.repairs()})")
+    return [run.folder / n for n in jobs]
 
 
 if __name__ == "__main__":

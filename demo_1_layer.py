@@ -11,23 +11,13 @@ The file layout is described in stableflow/trajectory.py.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
 from flux.sampling import Step
-from flux.util import model_spec
 from stableflow.config import config_to_dict, load_models_for, run_demo
-from stableflow.io import atomic_write_json, refuse_other_settings
-from stableflow.trajectory import (
-    TrajectoryConfig,
-    record_trajectories,
-    sample_folder,
-    sample_metadata,
-    write_trajectory,
-)
+from stableflow.runs import Output, Run, settings_of
+from stableflow.trajectory import TrajectoryConfig, record_trajectories, sample_files, sample_folder, write_trajectory
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels
@@ -35,74 +25,61 @@ if TYPE_CHECKING:
 
 def main(cfg: TrajectoryConfig, models: FluxModels | None = None) -> list[Path]:
     """Record and write every (prompt, seed) trajectory of `cfg`, then run.json; returns the sample folders."""
-    out = Path(cfg.output_dir)
-    spec = model_spec(cfg.model)
-    guidance = spec.guidance if cfg.guidance is None else cfg.guidance
-
-    # The work: one sample per (prompt, seed). trajectory.gif is a sample's last file, so where it exists the
-    # sample is complete and is skipped.
-    jobs = [(p, prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()]
-    todo = [job for job in jobs if not (out / sample_folder(*job) / "trajectory.gif").exists()]
-    # A finished sample counts only if made with these settings (skip_layers, steps, ...); anything else is refused.
-    done = [job for job in jobs if job not in todo]
-    refuse_other_settings(
-        out, {f"{sample_folder(*job)}/final.png": sample_metadata(cfg, job[1], job[2], guidance) for job in done}
-    )
+    (width, height), steps = cfg.image_size, cfg.num_steps
+    settings = settings_of(cfg) | {"skip_layers": sorted(cfg.skip_layers)}
+    # One sample per (prompt, seed): final.png records it, and it is done when every file of its folder decodes.
+    jobs = {
+        sample_folder(p, prompt, seed): (prompt, seed) for p, prompt in enumerate(cfg.prompts()) for seed in cfg.seeds()
+    }
+    outputs = [
+        Output(f"{f}/final.png", settings | {"prompt": pr, "seed": s}, sample_files(f, steps))
+        for f, (pr, s) in jobs.items()
+    ]
+    run = Run(cfg.output_dir, outputs, settings)
+    todo = [name.removesuffix("/final.png") for name in run.todo_names]
 
     models = models or load_models_for(cfg)  # also on a finished run: run.json records the model's schedule
-    start = time.perf_counter()  # run.json's "seconds" counts the work, not the loading
-    timesteps = models.schedule(cfg.steps, cfg.width, cfg.height)  # steps + 1 values from 1 to 0
+    timesteps = models.schedule(steps, width, height)  # steps + 1 values from 1 to 0
     skip = frozenset(cfg.skip_layers)
     if todo:
-        text, row = models.encode_all([prompt for _, prompt, _ in todo])  # each distinct prompt once
-        bar = tqdm(
-            total=len(todo) * cfg.steps, desc=f"{len(todo)} samples x {cfg.steps} steps", unit="step", smoothing=0
-        )  # the average over the run, so the ETA includes the frames' decoding and writing
+        # The bar's rate is the average over the run, so its ETA includes the frames' decoding and writing.
+        with run.working(len(todo) * steps, f"{len(todo)} samples x {steps} steps") as bar:
+            text, row = models.encode_all([jobs[f][0] for f in todo])  # each distinct prompt once
 
-        def advance(step: Step) -> None:  # one sampler step advances every sample of the batch by one step
-            bar.update(len(step.latent))
+            def advance(step: Step) -> None:  # one sampler step advances every sample of the batch by one step
+                bar.update(len(step.latent))
 
-        for i in range(0, len(todo), cfg.batch_size):
-            batch = todo[i : i + cfg.batch_size]
-            trajectories = record_trajectories(
-                models,
-                text.select([row[prompt] for _, prompt, _ in batch]),
-                models.noise([seed for _, _, seed in batch], cfg.width, cfg.height),
-                timesteps,
-                guidance,
-                skip=[skip] * len(batch) if skip else None,
-                on_step=advance,
-            )
-            bar.set_postfix_str("writing frames")
-            for (p, prompt, seed), trajectory in zip(batch, trajectories):
-                write_trajectory(
-                    out / sample_folder(p, prompt, seed),
-                    trajectory,
+            for i in range(0, len(todo), cfg.batch_size):
+                batch = todo[i : i + cfg.batch_size]
+                trajectories = record_trajectories(
                     models,
-                    sample_metadata(cfg, prompt, seed, guidance),
-                    cfg.preview_size,
-                    cfg.gif_frame_ms,
+                    text.select([row[jobs[f][0]] for f in batch]),
+                    models.noise([jobs[f][1] for f in batch], width, height),
+                    timesteps,
+                    cfg.guidance_value,
+                    skip=[skip] * len(batch) if skip else None,
+                    on_step=advance,
                 )
-            bar.set_postfix_str("")
-        bar.close()
+                bar.set_postfix_str("writing frames")
+                for folder, trajectory in zip(batch, trajectories):
+                    write_trajectory(run, folder, trajectory, models, cfg.preview_size, cfg.gif_frame_ms)
+                bar.set_postfix_str("")
 
-    atomic_write_json(
-        out / "run.json",
+    run.write_json(
+        "run.json",
         {
             "config": config_to_dict(cfg),
             "timesteps": timesteps,
-            "samples": [
-                {"folder": sample_folder(*job), **sample_metadata(cfg, job[1], job[2], guidance), "frames": cfg.steps}
-                for job in jobs
-            ],
+            "samples": [{"folder": f, "prompt": pr, "seed": s, "frames": steps} for f, (pr, s) in jobs.items()],
             "generated_this_run": len(todo),
             "already_done": len(jobs) - len(todo),
-            "seconds": round(time.perf_counter() - start, 2),
+            "seconds": round(run.seconds, 2),
         },
     )
     what = "trajectory" if len(todo) == 1 else "trajectories"
-    print(f"wrote {len(todo)} {what} ({cfg.steps} steps) to {out} ({len(jobs) - len(todo)} already there)")
-    return [out / sample_folder(*job) for job in jobs]
+    there = f"{len(jobs) - len(todo)} already there{run.repairs('damaged sample')}"
+    print(f"wrote {len(todo)} {what} ({steps} steps) to {run.folder} ({there})")
+    return [run.folder / f for f in jobs]
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from stableflow.config import load_models_for, run_demo
+from stableflow.runs import PngWriter
 from stableflow.sweep import (
     Dist,
-    ImageWriter,
     SkipConfig,
     SweepPlan,
     SweepResult,
@@ -50,9 +50,11 @@ def run_sweep(
     dist = dist or Dist()
     root, tag = plan.output_dir, dist.tag
     work = claim(plan, dist)  # checks/extends manifest.json (other settings: UserError), finds what is missing
+    repaired = f" ({work.repaired} of them damaged)" if work.repaired else ""
     log(
         f"{tag}sweep of {plan.total} images ({len(plan.prompts)} prompts x {len(plan.layers) + 1} variants) in "
-        f"{root}: {sum(map(len, work.mine))} are this process's, {work.done} already done, {work.todo} to make"
+        f"{root}: {sum(map(len, work.mine))} are this process's, {work.done} already done, {len(work.todo)} to "
+        f"make{repaired}"
     )
     if not work.pending:
         return SweepResult([], work.done, plan.total)
@@ -64,8 +66,8 @@ def run_sweep(
     noise = {s: models.noise([s], plan.width, plan.height) for s in seeds}  # every variant of a prompt: same noise
 
     start = time.perf_counter()
-    bar = progress_bar(work.todo, f"{tag}sweep", enabled=progress and dist.local_rank == 0)
-    with models.on_device(models.model, models.ae), ImageWriter(bar) as writer:
+    bar = progress_bar(len(work.todo), f"{tag}sweep", enabled=progress and dist.local_rank == 0)
+    with bar, models.on_device(models.model, models.ae), PngWriter(4, on_written=lambda _: bar.update(1)) as writer:
         for batch in work.pending:
             # One variant of several prompts: each sample bypasses its own layer (all the same one in full groups).
             latent = models.denoise(
@@ -77,12 +79,12 @@ def run_sweep(
             )
             writer.wait()  # the previous batch's files: a kill then loses only the batch in flight
             for i, item in enumerate(batch):
-                if item.path(root).exists():  # made before a kill mid-batch: identical by construction
-                    continue
-                # Decoded one at a time: the AE's activations at 1024² are large (docs/performance.md).
-                writer.submit(item.path(root), models.decode(latent[i : i + 1])[0].cpu(), plan.metadata(item))
+                if item in work.todo:  # the others are there: identical by construction
+                    # Decoded one at a time: the AE's activations at 1024² are large (docs/performance.md).
+                    out = plan.output(item)
+                    writer.submit(root / out.name, models.decode(latent[i : i + 1])[0], out.record)
     seconds = time.perf_counter() - start
-    return SweepResult(writer.written, work.done, plan.total, seconds)
+    return SweepResult(writer.written, work.done, plan.total, seconds, work.repaired)
 
 
 def main(cfg: SkipConfig) -> None:
@@ -92,7 +94,9 @@ def main(cfg: SkipConfig) -> None:
         plan, lambda device: load_models_for(replace(cfg, device=device)), cfg.device, dist, cfg.progress
     )
     rate = f" in {result.seconds:.1f} s ({result.seconds / len(result.written):.2f} s/image)" if result.written else ""
-    print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir}{rate} ({result.skipped} already there)")
+    repaired = f", {result.repaired} damaged image{'s' * (result.repaired != 1)} remade" if result.repaired else ""
+    there = f"{result.skipped} already there{repaired}"
+    print(f"{dist.tag}wrote {len(result.written)} images to {plan.output_dir}{rate} ({there})")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,7 @@ denoising step or those of `inject_steps`. Outputs: PNGs, a captioned grid.png, 
 edits already made with the same settings and refuses a folder made with other settings.
 """
 
-import time
 from dataclasses import replace
-from pathlib import Path
-
-from tqdm import tqdm
 
 from flux.pipeline import FluxModels
 from stableflow.clip_score import ClipScorer, mean_scores
@@ -21,57 +17,57 @@ from stableflow.config import config_to_dict, load_models_for, run_demo
 from stableflow.edit import (
     EditConfig,
     RealImage,
+    batching,
     edit_chunks,
     edit_file,
     edit_generated,
     edit_real,
     edit_settings,
-    finished_files,
     pil_to_tensor,
-    png_metadata,
     reference_files,
-    results_settings,
 )
-from stableflow.io import atomic_write_json, load_image, make_grid, save_png, tensor_to_pil
+from stableflow.io import load_image, make_grid, save_png, tensor_to_pil
+from stableflow.runs import Output, Run
 
 
 def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     """Everything the demo does; returns the results.json object. Every check comes before the first file is
     written, so bad input, a folder made with other settings or a failed model load leave output_dir untouched."""
-    out, real = Path(cfg.output_dir).expanduser(), cfg.real
+    real = cfg.real
     layers, layers_from = cfg.injection_layers  # the vital layers: a list, demo_3's file or the release's default
     print(f"vital layers {layers} ({layers_from})", flush=True)
-    settings = edit_settings(cfg)  # what decides the pictures; every PNG records it
-    names = [edit_file(i, p) for i, p in enumerate(cfg.edits)]
-    refs = reference_files(cfg)
-    done = finished_files(out, {n: cfg.source_prompt for n in refs} | dict(zip(names, cfg.edits)), settings)
+    settings = edit_settings(cfg)  # what decides the pictures; every PNG records it with its own prompt
+    names, refs = [edit_file(i, p) for i, p in enumerate(cfg.edits)], reference_files(cfg)
+    prompts = {n: cfg.source_prompt for n in refs} | dict(zip(names, cfg.edits))
+    run = Run(cfg.output_dir, [Output(n, settings | {"prompt": p}) for n, p in prompts.items()], settings)
+    out, done = run.folder, {o.name for o in run.done}
     if not set(refs) <= done:
         done = set()  # edits are kept only beside the reference they were made with
     todo = [i for i, n in enumerate(names) if n not in done]
 
     scorer = ClipScorer.load(cfg.clip_model) if cfg.scores else None  # a bad clip_model fails before the work
-    request, result, chunks, start = cfg.request(), None, [], time.perf_counter()
-    images = {}
+    request, result, chunks, images, written = cfg.request(), None, [], {}, []
     if todo:
         models = models or load_models_for(cfg)
         request = replace(request, edits=[cfg.edits[i] for i in todo])
         chunks = edit_chunks(len(todo), cfg.batch_size)
-        bar = tqdm(total=request.steps * (len(chunks) + real), unit="step", desc="editing")
-        run = {"callback": lambda step: bar.update(1), "free_text_encoders": True}
-        if real:
-            image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge)
-            result = edit_real(models, request, image, **run)
-        else:
-            result = edit_generated(models, request, cfg.seed, cfg.width, cfg.height, **run)
-        bar.close()
-        reference = [cfg.input_image, tensor_to_pil(result.reference)] if real else [tensor_to_pil(result.reference)]
-        images = dict(zip(refs, reference)) | {names[i]: tensor_to_pil(e) for i, e in zip(todo, result.edits)}
-    seconds = time.perf_counter() - start
+        with run.working(request.steps * (len(chunks) + real), "editing") as bar:
+            steps = {"callback": lambda step: bar.update(1), "free_text_encoders": True}
+            if real:
+                image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge)
+                result = edit_real(models, request, image, **steps)
+            else:
+                result = edit_generated(models, request, cfg.seed, *cfg.image_size, **steps)
+            reference = (
+                [cfg.input_image, tensor_to_pil(result.reference)] if real else [tensor_to_pil(result.reference)]
+            )
+            images = dict(zip(refs, reference)) | {names[i]: tensor_to_pil(e) for i, e in zip(todo, result.edits)}
+            # The new PNGs, each recording its settings; a reference already there stays: the edits were made beside it.
+            written = [n for n in images if n not in done]
+            for n in written:
+                run.save(n, images[n], {"image": cfg.image, "size": cfg.size or 0} if n == "input.png" else None)
 
-    # Outputs: the new PNGs, each recording its settings; the grid and results.json cover every edit.
-    written = [n for n in images if n not in done]  # a reference already there stays: the edits were made beside it
-    for n in written:
-        save_png(out / n, images[n], png_metadata(cfg, settings, n, names))
+    # The grid and results.json cover every edit.
     images |= {n: load_image(out / n) for n in done}  # what an earlier run made
     source = images[refs[0]]  # the generated reference, or the real input
     edit_pngs = [images[n] for n in names]
@@ -82,7 +78,7 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
         make_grid(tiles, labels + [f"edit {i}: {e}" for i, e in enumerate(cfg.edits)], cols=min(len(tiles), 5)),
     )
 
-    summary = results_settings(cfg, settings, len(chunks), result.reference_drift if result else 0.0)
+    summary = settings | batching(cfg, len(chunks), result.reference_drift if result else 0.0)
     files = dict(zip(["input", "reconstruction"] if real else ["reference"], refs)) | {"grid": "grid.png"}
     edits = [{"index": i, "prompt": p, "file": n} for i, (p, n) in enumerate(zip(cfg.edits, names))]
     results = {
@@ -91,7 +87,7 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
         "files": files,
         "edits": edits,
         "already_done": len(cfg.edits) - len(todo),
-        "seconds": round(seconds, 2),
+        "seconds": round(run.seconds, 2),
         "config": config_to_dict(cfg),
     }
     if scorer is not None:  # from the 8-bit PNGs: an edit scores the same in the run that made it and in any re-run
@@ -99,8 +95,10 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
         for e, s in zip(edits, scorer.scores(source, cfg.source_prompt, edit_pngs, cfg.edits)):
             e["scores"] = s
         results |= {"scores_model": cfg.clip_model, "mean_scores": mean_scores([e["scores"] for e in edits])}
-    atomic_write_json(out / "results.json", results)
-    skipped = f" ({results['already_done']} edit(s) already there)" if results["already_done"] else ""
+    run.write_json("results.json", results)
+    there = f"{results['already_done']} edit(s) already there" if results["already_done"] else ""
+    repaired = f"{run.repaired} damaged file(s) remade" if run.repaired else ""
+    skipped = f" ({'; '.join(filter(None, [there, repaired]))})" if there or repaired else ""
     print(
         f"wrote {len(todo)} edit(s), {', '.join(n for n in written if n in refs) or 'no reference'}, grid.png and "
         f"results.json to {out}{skipped}"

@@ -34,9 +34,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence, TypeVar
 
 from flux.errors import UserError
+from flux.util import configs as MODELS  # the registry: the one list of model names
 
 if TYPE_CHECKING:  # torch loads only once a demo runs, so bad configs and --print-config answer at once
     from flux.pipeline import FluxModels
@@ -50,6 +51,7 @@ __all__ = [
     "default_config_json",
     "load_config",
     "load_models_for",
+    "native_size",
     "output_dir_problems",
     "run_demo",
 ]
@@ -141,6 +143,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 4096.0: an integer to JSON (and its Schema) too
+            return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -509,12 +513,13 @@ def default_config_json(cls: type) -> str:
 class BaseConfig:
     """Keys every demo has: which model, where its weights are, and where it runs."""
 
-    model: Literal["flux-dev", "flux-schnell", "flux-krea-dev", "flux-tiny", "flux-mini"] = field(
+    model: str = field(
         default="flux-dev",
         metadata={
             "help": "flux-dev (best quality, gated licence), flux-schnell (few steps, Apache-2.0), flux-krea-dev "
             "(FLUX.1 Krea [dev], gated), flux-mini (small, trained on a world of coloured shapes, shipped: real "
-            "pictures on a CPU) or flux-tiny (tiny random weights, for tests)"
+            "pictures on a CPU) or flux-tiny (tiny random weights, for tests)",
+            "choices": list(MODELS),
         },
     )
     flow_path: str | None = field(
@@ -633,6 +638,113 @@ class BaseConfig:
             *(path_rule(name) for name in ("flow_path", "ae_path", "t5_path", "clip_path")),
             lambda: output_dir_problems(self.output_dir),
         )
+
+
+# The size a model was trained at, where it is not FLUX.1's 1024² (flux-mini draws texture far from its 128²).
+NATIVE_SIZE = {"flux-mini": 128}
+
+
+def native_size(model: str) -> int:
+    return NATIVE_SIZE.get(model, 1024)
+
+
+@dataclass
+class SamplingConfig(BaseConfig):
+    """Keys of every demo that samples images: size, steps and guidance, each null for the model's default."""
+
+    DEFAULT_STEPS: ClassVar[int | None] = None  # this demo's steps when `steps` is null (None: the model's)
+
+    width: int | None = field(
+        default=None,
+        metadata={
+            "help": "image width in pixels (null: the model's native size, 1024; flux-mini 128)",
+            "min": 16,
+            "max": 4096,
+            "multiple_of": 16,
+        },
+    )
+    height: int | None = field(
+        default=None,
+        metadata={
+            "help": "image height in pixels (null: the model's native size, 1024; flux-mini 128)",
+            "min": 16,
+            "max": 4096,
+            "multiple_of": 16,
+        },
+    )
+    steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "denoising steps (null: the demo's default: 15 for demo_1, demo_2 and generated edits, 50 for "
+            "real-image edits, the model's for demo_0: dev 50, schnell 4, mini 20)",
+            "min": 1,
+            "max": 1000,
+        },
+    )
+    guidance: float | None = field(
+        default=None,
+        metadata={
+            "help": "distilled guidance (null: the model's default, dev 3.5; edits: 3.5 generated, 3.0 real); "
+            "models without a guidance embedding (schnell, mini) ignore it and record null",
+            "min": 0,
+            "max": 100,
+        },
+    )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the images."""
+        native = native_size(self.model)
+        return self.width or native, self.height or native
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps or self.DEFAULT_STEPS or MODELS[self.model].num_steps
+
+    @property
+    def guidance_value(self) -> float:
+        """The guidance passed to the sampler (a model without guidance embedding ignores it)."""
+        return MODELS[self.model].guidance if self.guidance is None else self.guidance
+
+
+DEFAULT_PROMPT = (
+    'a photo of a forest with mist swirling around the tree trunks. The word "FLUX" is painted over it in big, red '
+    "brush strokes with visible texture"
+)
+
+
+@dataclass
+class PromptsConfig(SamplingConfig):
+    """Every prompt drawn with every seed (demo_0, demo_1)."""
+
+    prompt: str | list[str] = field(default=DEFAULT_PROMPT, metadata={"help": "one prompt, or a list of prompts"})
+    seed: int | list[int] = field(
+        default=0,
+        metadata={
+            "help": "seed of the first image of each prompt (image i uses seed+i), or one seed per image",
+            "min": 0,
+        },
+    )
+    num_images: int = field(
+        default=1,
+        metadata={"help": "images per prompt (a list of seeds sets it to the list's length)", "min": 1, "max": 1000},
+    )
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def seeds(self) -> list[int]:
+        return list(self.seed) if isinstance(self.seed, list) else [self.seed + i for i in range(self.num_images)]
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.prompts():
+            problems.append("'prompt' is an empty list: give at least one prompt")
+        if isinstance(self.seed, list) and not self.seed:
+            problems.append("'seed' is an empty list: give at least one seed, or a single number")
+        if len(set(self.seeds())) != len(self.seeds()):
+            problems.append(f"'seed' repeats a seed ({self.seeds()}): the same seed would make the same image twice")
+        return problems
 
 
 def output_dir_problems(output_dir: str) -> list[str]:

@@ -7,6 +7,7 @@ from a default-constructed `BitImageProcessor`, whose defaults (224, CLIP mean/s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -229,6 +230,9 @@ class FeatureCache:
         if meta.get("preprocessing") != self.fingerprint:
             self.discarded = "computed with other preprocessing"
             return
+        if meta["keys"] and meta.get("sha256") != _checksum(feats):  # damaged after it was written
+            self.discarded = "damaged (its features do not match their checksum)"
+            return
         for i, (key, stamp) in enumerate(zip(meta["keys"], meta["stamps"])):
             self.entries[key] = (tuple(stamp), feats[i])
 
@@ -264,8 +268,13 @@ class FeatureCache:
         keys = sorted(self.entries)
         meta = {"keys": keys, "stamps": [list(self.entries[k][0]) for k in keys], "preprocessing": self.fingerprint}
         tensors = {"features": torch.stack([self.entries[k][1] for k in keys]).contiguous()} if keys else {}
+        meta |= {"sha256": _checksum(tensors["features"])} if keys else {}
         atomic_write_bytes(self.file, save(tensors, metadata={"index": json.dumps(meta)}))
         self.dirty = False
+
+
+def _checksum(features: torch.Tensor) -> str:
+    return hashlib.sha256(features.float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def cache_path(sweep_dir: str | Path, dino_model: str, cache_dir: str | Path | None = None) -> Path:

@@ -13,12 +13,10 @@ demo_4_edit.py is the experiment; this module holds its pieces and EditConfig, t
 """
 
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -32,10 +30,11 @@ from flux.pipeline import FluxModels, Text, check_size
 from flux.sampling import Step, StepRange, image_ids, pack, unpack
 from flux.util import model_spec
 
-from . import TINY_RANDOM
+from . import TINY_RANDOM, runs
 from .clip_score import DEFAULT_CLIP
-from .config import BaseConfig
-from .io import load_image, read_png_metadata, slug
+from .config import SamplingConfig
+from .io import load_image, slug
+from .vitality import auto_vital_layers_file, read_vital_layers
 
 # The official release's vital layers of FLUX.1-dev (the paper's set without layer 2): double blocks 0, 1, 17, 18
 # and single blocks 6, 9, 34, 35, 37 (global index = 19 + j).
@@ -81,50 +80,6 @@ def checked_layers(layers: Sequence[int], depth: int, depth_single: int, where: 
     except ValueError as e:
         raise UserError(str(e)) from None
     return sorted(set(layers))
-
-
-def read_vital_layers(path: str | Path, depth: int, depth_single: int) -> list[int]:
-    """The "vital_layers" of a vital_layers.json written by demo_3_dino.py, checked against the model."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        hint = " (it holds vital_layers.json: give that file)" if (p / "vital_layers.json").is_file() else ""
-        raise UserError(f"vital_layers_file {path} is a folder: give the path of a vital_layers.json{hint}")
-    if not p.is_file():
-        raise UserError(f"vital_layers_file {path} does not exist: run demo_3_dino.py, or fix the path")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(
-            f"vital_layers_file {path} is not readable JSON ({e}): rewrite it or run demo_3_dino.py again"
-        ) from None
-    layers = data.get("vital_layers") if isinstance(data, dict) else None
-    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise UserError(
-            f'vital_layers_file {path} is malformed: expected a JSON object with "vital_layers": [integers], '
-            f"as demo_3_dino.py writes it"
-        )
-    num_double = data.get("num_double")
-    if num_double is not None and num_double != depth:
-        raise UserError(
-            f"vital_layers_file {path} was made for a model with {num_double} double blocks, but this model has "
-            f"{depth}: its layer indices mean other layers here. Use the file made for this model."
-        )
-    return checked_layers(layers, depth, depth_single, f"vital_layers_file {path}")
-
-
-def auto_vital_layers_file(output_dir: str, model: str) -> tuple[str | None, str]:
-    """demo_3_dino.py's vital_layers.json beside `output_dir` (outputs/demo_3_dino/ for outputs/demo_4_edit) when it
-    exists and was made for `model`; else None. The second value says why a file was not taken."""
-    path = Path(output_dir).expanduser().parent / "demo_3_dino" / "vital_layers.json"
-    if not path.is_file():
-        return None, f"; no {path} from demo_3_dino.py"
-    try:
-        made_for = json.loads(path.read_text(encoding="utf-8-sig")).get("model")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return str(path), ""  # read_vital_layers says what is wrong with it
-    if made_for not in (None, model):
-        return None, f"; {path} was made for {made_for}, not {model}"
-    return str(path), ""
 
 
 def choose_vital_layers(
@@ -443,7 +398,7 @@ def edit_real(
 
 
 @dataclass
-class EditConfig(BaseConfig):
+class EditConfig(SamplingConfig):
     image: str | None = field(
         default=None,
         metadata={
@@ -468,24 +423,6 @@ class EditConfig(BaseConfig):
     seed: int = field(
         default=0, metadata={"help": "noise seed of the generated reference (generated images only)", "min": 0}
     )
-    width: int = field(
-        default=1024,
-        metadata={
-            "help": "generated image width in pixels (ignored for a real image)",
-            "min": 16,
-            "max": 4096,
-            "multiple_of": 16,
-        },
-    )
-    height: int = field(
-        default=1024,
-        metadata={
-            "help": "generated image height in pixels (ignored for a real image)",
-            "min": 16,
-            "max": 4096,
-            "multiple_of": 16,
-        },
-    )
     size: int | None = field(
         default=1024,
         metadata={
@@ -493,23 +430,6 @@ class EditConfig(BaseConfig):
             "multiples of 16 (null: keep the size, only crop)",
             "min": 16,
             "max": 4096,
-        },
-    )
-    steps: int | None = field(
-        default=None,
-        metadata={
-            "help": f"denoising (and inversion) steps; null: {GENERATED_STEPS} for generated, {REAL_STEPS} for real images",
-            "min": 1,
-            "max": 1000,
-        },
-    )
-    guidance: float | None = field(
-        default=None,
-        metadata={
-            "help": f"guidance of the edits (and of the generated reference); null: {GENERATED_GUIDANCE} for generated, "
-            f"{REAL_GUIDANCE} for real images",
-            "min": 0,
-            "max": 100,
         },
     )
     source_guidance: float = field(
@@ -581,15 +501,20 @@ class EditConfig(BaseConfig):
 
     @property
     def num_steps(self) -> int:
-        """`steps`, or the release's for the mode."""
+        """`steps`, or the release's for the mode (inversion included)."""
         return self.steps or (REAL_STEPS if self.real else GENERATED_STEPS)
 
     @property
-    def edit_guidance(self) -> float:
-        """`guidance`, or the release's for the mode."""
+    def guidance_value(self) -> float:
+        """`guidance` of the edits (and of a generated reference), or the release's for the mode."""
         if self.guidance is not None:
             return self.guidance
         return REAL_GUIDANCE if self.real else GENERATED_GUIDANCE
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The images' size: the fitted input's for a real image (width and height are ignored)."""
+        return self.input_image.size if self.real else super().image_size
 
     @cached_property
     def injection_layers(self) -> tuple[list[int], str]:
@@ -633,7 +558,7 @@ class EditConfig(BaseConfig):
             self.source_prompt,
             list(self.edits),
             self.num_steps,
-            self.edit_guidance,
+            self.guidance_value,
             self.injection_layers[0],
             check_inject_steps(self.inject_steps, self.num_steps),
             self.batch_size,
@@ -652,99 +577,30 @@ def reference_files(cfg: EditConfig) -> list[str]:
 
 
 def edit_settings(cfg: EditConfig) -> dict:
-    """Everything that decides the pictures (not how fast they come: device, batch size and speed options change
-    them only by rounding). Every PNG records it, with its own prompt, under SETTINGS_KEY."""
-    s = {
+    """What decides the pictures: the run's settings (stableflow.runs) and the edit's own. Every PNG records it
+    with its own prompt."""
+    own = {
         "mode": "real" if cfg.real else "generated",
-        "model": cfg.model,
-        "dtype": cfg.dtype,
-        "fp8": getattr(cfg, "fp8", False),
         "source_prompt": cfg.source_prompt,
-        "steps": cfg.num_steps,
-        "guidance": cfg.edit_guidance,
         "vital_layers": cfg.injection_layers[0],
         "inject_steps": list(check_inject_steps(cfg.inject_steps, cfg.num_steps)),
     }
     if cfg.real:
-        image = cfg.input_image
-        s |= {
-            "input_sha256": hashlib.sha256(image.tobytes()).hexdigest(),
-            "width": image.width,
-            "height": image.height,
+        own |= {
+            "input_sha256": hashlib.sha256(cfg.input_image.tobytes()).hexdigest(),
             "nudge": cfg.nudge,
-            "source_guidance": cfg.source_guidance,
+            "source_guidance": runs.guidance_used(cfg.model, cfg.source_guidance),
         }
     else:
-        s |= {"seed": cfg.seed, "width": cfg.width, "height": cfg.height}
-    return s
+        own |= {"seed": cfg.seed}
+    return runs.settings_of(cfg) | own
 
 
-SETTINGS_KEY = "edit_settings"
-
-
-def finished_files(out: Path, prompts: dict[str, str], settings: dict) -> set[str]:
-    """Which of the files (name -> its prompt) are already in `out`, made with `settings`. A file made with other
-    settings is a UserError naming what changed: results of two settings never mix in one folder."""
-    done, changed = set(), {}  # what differs -> the files it differs in
-    for name, prompt in prompts.items():
-        path = out / name
-        if not path.is_file():
-            continue
-        try:
-            recorded = json.loads(read_png_metadata(path).get(SETTINGS_KEY, "null"))
-        except (OSError, ValueError):
-            recorded = None
-        wanted = settings | {"prompt": prompt}
-        if not isinstance(recorded, dict):
-            diff = "no record of its settings"
-        else:
-            diff = ", ".join(
-                f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(v)}"
-                for k, v in wanted.items()
-                if recorded.get(k) != v
-            )
-        if diff:
-            changed.setdefault(diff, []).append(name)
-        else:
-            done.add(name)
-    if changed:
-        shown = "; ".join(
-            f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({diff})"
-            for diff, names in changed.items()
-        )
-        raise UserError(
-            f"output_dir {out} holds outputs made with other settings: {shown}. Choose another "
-            f"output_dir, or delete those files to make them again with these settings"
-        )
-    return done
-
-
-def png_metadata(cfg: EditConfig, settings: dict, name: str, edit_names: Sequence[str]) -> dict:
-    """The text chunk of an output PNG: the readable keys, and `settings` with the file's own prompt for re-runs."""
-    prompt = cfg.edits[edit_names.index(name)] if name in edit_names else cfg.source_prompt
-    meta = {
-        "model": cfg.model,
-        "steps": settings["steps"],
-        "guidance": settings["guidance"],
-        "vital_layers": settings["vital_layers"],
-    }
-    if name == "input.png":
-        meta |= {"image": cfg.image, "size": cfg.size or 0}
-    else:
-        meta["prompt"] = prompt
-    meta |= {"nudge": cfg.nudge} if name == "reconstruction.png" else {}
-    meta |= {"seed": cfg.seed} if name == "reference.png" else {}
-    meta |= {"source_prompt": cfg.source_prompt} if name in edit_names else {}
-    return meta | {SETTINGS_KEY: settings | {"prompt": prompt}}
-
-
-def results_settings(cfg: EditConfig, settings: dict, chunks: int, reference_drift: float) -> dict:
-    """results.json's "settings": what the edits were made with, and how this run batched them."""
+def batching(cfg: EditConfig, chunks: int, reference_drift: float) -> dict:
+    """results.json's account of where the layers came from and how this run batched the edits."""
     layers, layers_from = cfg.injection_layers
     depth = model_spec(cfg.model).params.depth
-    out = {k: settings[k] for k in ("mode", "model", "width", "height", "steps", "guidance", "inject_steps")}
-    out |= {
-        "vital_layers": layers,
+    out = {
         "vital_layers_from": layers_from,
         "vital_layer_names": [layer_name(i, depth) for i in layers],
         "batch_size": cfg.batch_size,
@@ -755,8 +611,6 @@ def results_settings(cfg: EditConfig, settings: dict, chunks: int, reference_dri
         return out | {
             "image": cfg.image,
             "size": cfg.size,
-            "nudge": cfg.nudge,
-            "source_guidance": cfg.source_guidance,
             "reference_overwrite": "inversion latent of the same noise level after every step",
         }
-    return out | {"seed": cfg.seed}
+    return out

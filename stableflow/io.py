@@ -198,31 +198,6 @@ def examples(items: Sequence[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def settings_changes(path: str | os.PathLike, expected: Mapping[str, Any]) -> list[str]:
-    """How the settings `save_png` recorded in an existing PNG differ from `expected` ("steps 4 -> 3"; empty:
-    none), so a re-run can tell a finished image from one made with other settings."""
-    found = read_png_metadata(path)
-    changes = []
-    for key, value in expected.items():
-        want = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        if found.get(key) != want:
-            changes.append(f"{key} {found.get(key, '(none)')} -> {want}")
-    return changes
-
-
-def refuse_other_settings(folder: Path, done: Mapping[str, Mapping[str, Any]]) -> None:
-    """UserError when any finished PNG (file name relative to `folder` -> the settings it must record) was made
-    with other settings: a re-run into the same folder must not keep stale images under new settings."""
-    from flux.errors import UserError
-
-    for name, expected in done.items():
-        if changes := settings_changes(folder / name, expected):
-            raise UserError(
-                f"{folder / name} was made with other settings ({'; '.join(changes[:4])}): choose another "
-                f"output_dir, or delete that folder's files to make them again"
-            )
-
-
 @functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans where installed (wide character coverage), else Pillow's built-in font."""

@@ -30,6 +30,7 @@ from .vitality import (
     rule_text,
     tau_interval_for,
     vital_layers_payload,
+    write_vital_layers,
 )
 
 CSV_FIELDS = [
@@ -262,7 +263,11 @@ def write_sweep_outputs(
         )
     else:
         del paths["contact_sheet"]
-    atomic_write_json(paths["json"], payload)  # last: its presence means the other files are from the same run
+    # Last: its presence means the other files are from the same run.
+    num_single = (a.sweep.manifest or {}).get("num_single")
+    if not isinstance(num_single, int):  # a folder of images without manifest.json: the layers it holds
+        num_single = max((s.layer + 1 for s in a.scores), default=a.sweep.num_double) - a.sweep.num_double
+    write_vital_layers(out, payload, num_single)
     return paths
 
 

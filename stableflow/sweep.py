@@ -3,16 +3,18 @@
 This module owns the sweep: its plan (`SweepPlan`, batches, the split over processes) and its output folder, written
 here by demo_2_skip.py and read back here (`scan_sweep`) by demo_3_dino.py:
 
-    <out>/manifest.json                      what the sweep is: model, layer counts, dtype, size, steps, guidance,
-                                             prompts [{"id","prompt","seed"}], layers
+    <out>/manifest.json                      what the sweep is: the run's settings (stableflow.runs: model, weights,
+                                             dtype, size, steps, guidance), layer counts, prompts
+                                             [{"id","prompt","seed"}], layers
     <out>/<prompt_id>/ref.png                the prompt's image with no layer bypassed
     <out>/<prompt_id>/layer_XX.png           the same prompt and seed with global layer XX bypassed
 
 Three decisions make resumption and sharding safe:
-- A file that exists is complete: every PNG is written to a temp file and renamed (stableflow.io), so a kill leaves at
-  most an orphaned temp file, which the next run of the same rank deletes.
+- An image counts as done only if it decodes whole and records the sweep's settings (stableflow.runs): every PNG is
+  written to a temp file and renamed, so a kill leaves at most an orphaned temp file, which the next run of the same
+  rank deletes, and a file damaged later is made again.
 - Batches are fixed by the plan alone (prompts, layers, batch_size), never by which files exist; a batch runs
-  again if any of its images is missing. So a resumed sweep computes exactly what an uninterrupted one would,
+  again if any of its images is missing or damaged. So a resumed sweep computes exactly what an uninterrupted one would,
   bit for bit on a deterministic device, and the world size does not change the results either.
 - Rank r of W takes batches r, r+W, r+2W, ... of that fixed list: disjoint shares with no communication,
   identical in every process whatever is already on disk.
@@ -25,10 +27,9 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -37,8 +38,9 @@ from flux.errors import UserError
 from flux.model import check_layers, layer_name
 from flux.util import model_spec
 
-from .config import BaseConfig
-from .io import IMAGE_SUFFIXES, atomic_write_json, examples, save_png
+from . import runs
+from .config import SamplingConfig
+from .io import IMAGE_SUFFIXES, atomic_write_json, examples
 from .io import load_image as _read_image
 
 if TYPE_CHECKING:
@@ -49,8 +51,6 @@ MANIFEST = "manifest.json"
 REF_FILE = "ref.png"
 _LAYER_FILE = re.compile(r"^layer_(\d+)$")  # the stem of an ablated image; any image suffix is read back
 FEATURES_DIR = "dino_features"  # the default home of demo_3's feature cache inside a sweep folder: not a prompt
-# Settings that must match for a folder's images to belong to one sweep (resuming with other settings would mix them).
-_SETTINGS = ("model", "num_double", "num_single", "dtype", "width", "height", "steps", "guidance")
 # A sweep folder without manifest.json is read as FLUX.1's (dev and schnell share 19 double + 38 single blocks).
 FALLBACK_MODEL = "flux-dev"
 
@@ -204,6 +204,7 @@ class SweepPlan:
     guidance: float
     batch_size: int
     output_dir: Path
+    weights: dict[str, str] | None = None  # stableflow.runs.weights of the config (None: not recorded)
 
     def __post_init__(self):  # lists and str paths are welcome; stored as tuples and a Path (the plan is a value)
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -218,37 +219,25 @@ class SweepPlan:
     def batches(self) -> list[Batch]:
         return plan_batches(self.prompts, self.layers, self.batch_size)
 
+    @property
+    def settings(self) -> dict:
+        """What decides every image of the sweep (stableflow.runs.settings)."""
+        return runs.settings(self.model, self.weights, self.dtype, self.width, self.height, self.steps, self.guidance)
+
     def manifest(self) -> dict:
-        return {
-            "model": self.model,
+        return self.settings | {
             "num_double": self.num_double,
             "num_single": self.num_single,
-            "dtype": self.dtype,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.steps,
-            "guidance": self.guidance,
             "prompts": [{"id": p.id, "prompt": p.prompt, "seed": p.seed} for p in self.prompts],
             "layers": list(self.layers),
         }
 
-    def metadata(self, item: Item) -> dict:
-        """The PNG text chunk of one image: enough to regenerate it alone."""
-        return {
-            "prompt": item.prompt.prompt,
-            "prompt_id": item.prompt.id,
-            "seed": item.prompt.seed,
-            "layer": "ref" if item.layer is None else item.layer,
-            "layer_name": "reference (no layer bypassed)"
-            if item.layer is None
-            else layer_name(item.layer, self.num_double),
-            "model": self.model,
-            "dtype": self.dtype,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.steps,
-            "guidance": self.guidance,
-        }
+    def output(self, item: Item) -> runs.Output:
+        """One image and its record: enough to regenerate it alone."""
+        name = "reference (no layer bypassed)" if item.layer is None else layer_name(item.layer, self.num_double)
+        own = {"prompt": item.prompt.prompt, "prompt_id": item.prompt.id, "seed": item.prompt.seed}
+        own |= {"layer": "ref" if item.layer is None else item.layer, "layer_name": name}
+        return runs.Output(f"{item.prompt.id}/{item.filename}", own | self.settings)
 
 
 def plan_batches(prompts: Sequence[PromptSpec], layers: Sequence[int], batch_size: int) -> list[Batch]:
@@ -272,10 +261,6 @@ def shard(batches: Sequence[Batch], rank: int, world_size: int) -> list[Batch]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return list(batches[rank::world_size])
-
-
-def is_pending(batch: Batch, root: str | os.PathLike) -> bool:
-    return any(not item.path(root).exists() for item in batch)
 
 
 @dataclass(frozen=True)
@@ -347,9 +332,8 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
             f"{path} is unreadable or not a sweep manifest ({e.__class__.__name__}: {e}); choose another "
             "output_dir, or delete the file if that folder holds no sweep"
         ) from None
-    # Manifests written before the dtype was recorded lack it: that sweep's dtype is unknown, not different.
-    settings = [k for k in _SETTINGS if not (k == "dtype" and k not in old)]
-    diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in settings if old.get(k) != manifest[k]]
+    expected = {k: v for k, v in manifest.items() if k not in ("prompts", "layers")}
+    diffs = runs.changes(old, expected)
     for p in manifest["prompts"]:
         o = old_prompts.get(p["id"])
         if o is not None and (o.get("prompt"), o.get("seed")) != (p["prompt"], p["seed"]):
@@ -357,7 +341,7 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
     if diffs:
         raise UserError(
             f"{root} already holds a sweep made with other settings ({'; '.join(diffs[:5])}): its images "
-            "would mix with this run's. Use another output_dir, or restore the settings to resume it"
+            "would mix with this run's. Choose another output_dir, or restore the settings to resume it"
         )
     merged = dict(manifest)
     merged["prompts"] = list(old["prompts"]) + [p for p in manifest["prompts"] if p["id"] not in old_prompts]
@@ -386,9 +370,10 @@ class Work:
     """This rank's share of a sweep as the folder stands: the batches still to run and how much is done."""
 
     mine: list[Batch]  # this rank's batches, done or not
-    pending: list[Batch]  # those with a missing image, in plan order
-    todo: int  # images this rank still has to make
-    done: int  # images of this rank that already exist
+    pending: list[Batch]  # those with an image to make, in plan order
+    todo: set[Item]  # images this rank still has to make (missing or damaged)
+    done: int  # images of this rank that are there and decode
+    repaired: int = 0  # of `todo`, images that were there but damaged
 
     def prompts(self) -> list[PromptSpec]:
         """The prompts the pending batches need, each once, in order of first use."""
@@ -399,19 +384,22 @@ def claim(plan: SweepPlan, dist: Dist) -> Work:
     """Make `plan.output_dir` this sweep's folder and find this rank's remaining work.
 
     Every rank checks the manifest, so other settings stop all of them before any work; rank 0 writes the merged
-    one. Temp files a killed run left for this rank's items are deleted.
+    one. Each of this rank's images counts as done only if it decodes whole and records these settings (another
+    record: UserError). Temp files a killed run left for this rank's items are deleted.
     """
     root = plan.output_dir
     merged = merge_manifest(root, plan.manifest())
+    mine = shard(plan.batches(), dist.rank, dist.world_size)
+    items = {plan.output(item).name: item for batch in mine for item in batch}
+    state = runs.Run(root, [plan.output(item) for item in items.values()], plan.settings)
     if dist.rank == 0:
         for tmp in root.glob(f".{MANIFEST}.*.tmp"):
             tmp.unlink(missing_ok=True)
         atomic_write_json(root / MANIFEST, merged)
-    mine = shard(plan.batches(), dist.rank, dist.world_size)
     remove_stale_temp_files(mine, root)
-    pending = [b for b in mine if is_pending(b, root)]
-    todo = sum(not item.path(root).exists() for b in pending for item in b)
-    return Work(mine, pending, todo, sum(len(b) for b in mine) - todo)
+    todo = {items[name] for name in state.todo_names}
+    pending = [b for b in mine if any(item in todo for item in b)]
+    return Work(mine, pending, todo, len(state.done), state.repaired)
 
 
 def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int = 16) -> tuple[Text, dict]:
@@ -430,46 +418,13 @@ def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int
     return text, {p: i for i, p in enumerate(prompts)}
 
 
-class ImageWriter:
-    """Encodes and writes PNGs on a few threads while the GPU denoises the next batch (encoding a 1024² PNG is
-    not negligible next to a denoising step). `wait()` collects what was submitted; the progress bar
-    advances as each file lands."""
-
-    def __init__(self, bar, threads: int = 4):
-        self.bar, self.written = bar, []
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="png")
-        self._pending: list[Future] = []
-
-    def submit(self, path: Path, image: torch.Tensor, meta: dict) -> None:
-        self._pending.append(self._pool.submit(self._write, path, image, meta))
-
-    def _write(self, path: Path, image: torch.Tensor, meta: dict) -> Path:
-        save_png(path, image, meta)
-        self.bar.update(1)
-        return path
-
-    def wait(self) -> None:
-        self.written += [f.result() for f in self._pending]
-        self._pending = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-            self.bar.close()
-
-
 @dataclass
 class SweepResult:
     written: list[Path]  # files this process wrote
     skipped: int  # items of this rank that already existed
     total: int  # items in the whole sweep (all ranks)
     seconds: float = 0.0  # denoising and writing, after the models were loaded
+    repaired: int = 0  # of `written`, images that were there but damaged
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -687,7 +642,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
-class SkipConfig(BaseConfig):
+class SkipConfig(SamplingConfig):
+    DEFAULT_STEPS = 15  # Stable Flow's
+
     prompts_file: str = field(
         default="prompts/prompt.json",
         metadata={
@@ -708,12 +665,6 @@ class SkipConfig(BaseConfig):
             "0..56 for dev/schnell)",
             "min": 0,
         },
-    )
-    width: int = field(default=1024, metadata={"help": "image width", "min": 16, "max": 4096, "multiple_of": 16})
-    height: int = field(default=1024, metadata={"help": "image height", "min": 16, "max": 4096, "multiple_of": 16})
-    steps: int = field(default=15, metadata={"help": "denoising steps (Stable Flow: 15)", "min": 1, "max": 1000})
-    guidance: float = field(
-        default=3.5, metadata={"help": "distilled guidance (ignored by schnell)", "min": 0, "max": 100}
     )
     batch_size: int = field(
         default=4,
@@ -758,10 +709,9 @@ class SkipConfig(BaseConfig):
             self.dtype,
             tuple(prompts),
             tuple(layers),
-            self.width,
-            self.height,
-            self.steps,
-            self.guidance,
+            *self.image_size,
+            self.num_steps,
+            self.guidance_value,
             self.batch_size,
             Path(self.output_dir),
         ), []
@@ -773,6 +723,8 @@ class SkipConfig(BaseConfig):
             if problems:
                 raise UserError("\n".join(problems))
             self._plan = plan
+        if self._plan.weights is None:  # read here, not in check(): a missing weights path is check()'s to report
+            self._plan = replace(self._plan, weights=runs.weights(self))
         return self._plan
 
     def check(self) -> list[str]:

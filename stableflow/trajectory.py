@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,35 +25,19 @@ from flux.model import check_layers
 from flux.sampling import Step, unpack
 from flux.util import model_spec
 
-from .config import BaseConfig
-from .io import atomic_open, make_grid, save_gif, save_png, slug, tensor_to_pil
+from .config import PromptsConfig
+from .io import atomic_open, make_grid, save_gif, slug, tensor_to_pil
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels, Text
 
+    from .runs import Run
+
 
 @dataclass
-class TrajectoryConfig(BaseConfig):
-    prompt: str | list[str] = field(
-        default="a photo of a red fox sitting in fresh snow at sunrise, detailed fur",
-        metadata={"help": "one prompt, or a list of prompts"},
-    )
-    seed: int | list[int] = field(
-        default=0, metadata={"help": "one seed or a list; every prompt runs with every seed", "min": 0}
-    )
-    width: int = field(default=1024, metadata={"help": "image width", "min": 16, "max": 4096, "multiple_of": 16})
-    height: int = field(default=1024, metadata={"help": "image height", "min": 16, "max": 4096, "multiple_of": 16})
-    steps: int = field(
-        default=15, metadata={"help": "denoising steps = frames of the trajectory", "min": 1, "max": 1000}
-    )
-    guidance: float | None = field(
-        default=None,
-        metadata={
-            "help": "distilled guidance (null: the model's default, dev 3.5; ignored by schnell)",
-            "min": 0,
-            "max": 100,
-        },
-    )
+class TrajectoryConfig(PromptsConfig):
+    DEFAULT_STEPS = 15  # = frames of the trajectory
+
     skip_layers: list[int] = field(
         default_factory=list,
         metadata={
@@ -77,20 +60,8 @@ class TrajectoryConfig(BaseConfig):
     )
     output_dir: str = field(default="outputs/demo_1_layer", metadata={"help": "folder for the outputs"})
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    def seeds(self) -> list[int]:
-        return list(self.seed) if isinstance(self.seed, list) else [self.seed]
-
     def check(self) -> list[str]:
         problems = super().check()
-        if not self.prompts():
-            problems.append("'prompt' is an empty list: give at least one prompt")
-        if not self.seeds():
-            problems.append("'seed' is an empty list: give at least one seed")
-        if len(set(self.seeds())) != len(self.seeds()):
-            problems.append(f"'seed' repeats a seed ({self.seeds()}): the same seed would make the same sample twice")
         p = model_spec(self.model).params
         try:
             check_layers(self.skip_layers, p.depth + p.depth_single_blocks, "'skip_layers'")
@@ -140,20 +111,6 @@ def sample_folder(prompt_index: int, prompt: str, seed: int) -> str:
     return f"{prompt_index:02d}_{slug(prompt)}_seed{seed}"
 
 
-def sample_metadata(cfg: TrajectoryConfig, prompt: str, seed: int, guidance: float) -> dict:
-    """What every PNG of a sample records (plus its step, t and kind), and the sample's entry in run.json."""
-    return {
-        "prompt": prompt,
-        "seed": seed,
-        "model": cfg.model,
-        "width": cfg.width,
-        "height": cfg.height,
-        "steps": cfg.steps,
-        "guidance": guidance,
-        "skip_layers": sorted(cfg.skip_layers),
-    }
-
-
 def _preview(image: Image.Image, size: int) -> Image.Image:
     scale = size / max(image.size)
     new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -171,24 +128,29 @@ def _same_size(frames: list[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def write_trajectory(
-    folder: Path, traj: Trajectory, models: FluxModels, meta: dict, preview_size: int, gif_frame_ms: int
-) -> None:
-    """Decode and write one sample's frames, final image, grid and (last, marking it complete) GIF."""
-    n = len(traj.timesteps)
+def sample_files(folder: str, steps: int) -> tuple[str, ...]:
+    """A sample's files besides final.png (which carries its record), relative to the run's folder."""
+    frames = [f"{folder}/{kind}/step_{k:02d}.png" for k in range(steps) for kind in ("x_t", "x0")]
+    return (*frames, f"{folder}/grid.png", f"{folder}/trajectory.gif")
+
+
+def write_trajectory(run: Run, folder: str, traj: Trajectory, models: FluxModels, preview_size: int, gif_frame_ms: int):
+    """Decode and write one sample's frames, final image (the PNGs on the run's writer, each with the sample's
+    record), grid and GIF."""
+    final, n = f"{folder}/final.png", len(traj.timesteps)
     labels, tiles, frames = [], [], []
     for k, t in enumerate(traj.timesteps):
         pair = []
         for kind, latent in (("x_t", traj.latents[k]), ("x0", traj.x0[k])):
             image = tensor_to_pil(models.decode(latent[None])[0])
-            save_png(folder / kind / f"step_{k:02d}.png", image, {**meta, "step": k, "t": t, "kind": kind})
+            run.save(f"{folder}/{kind}/step_{k:02d}.png", image, {"step": k, "t": t, "kind": kind}, record=final)
             pair.append(_preview(image, preview_size))
         caption = f"step {k + 1}/{n}, t={t:.3f}"
         pair_labels = [f"x_t {caption}", f"predicted x0 {caption}"]
         tiles += pair
         labels += pair_labels
         frames.append(make_grid(pair, pair_labels, cols=2))
-    save_png(folder / "final.png", models.decode(traj.final[None])[0], {**meta, "kind": "final"})
-    with atomic_open(folder / "grid.png") as f:
+    run.save(final, models.decode(traj.final[None])[0], {"kind": "final"})
+    with atomic_open(run.folder / folder / "grid.png") as f:
         make_grid(tiles, labels, cols=2).save(f, format="PNG")
-    save_gif(folder / "trajectory.gif", _same_size(frames), duration_ms=gif_frame_ms)
+    save_gif(run.folder / folder / "trajectory.gif", _same_size(frames), duration_ms=gif_frame_ms)

@@ -7,20 +7,22 @@ vitality(l) = 1 - mean over prompts of similarity(reference, image with layer l 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from flux.errors import UserError
-from flux.model import layer_name
+from flux.model import check_layers, layer_name
 from flux.util import model_spec
 
 from .config import output_dir_problems
 from .dino import DEFAULT_DINO, Similarity
+from .io import atomic_write_json
 from .sweep import FALLBACK_MODEL, Sweep
 
 DEFAULT_TAU = 0.2
@@ -128,6 +130,9 @@ METRICS = {
 }
 
 
+VITAL_FILE = "vital_layers.json"  # demo_3_dino.py's result, read by demo_4_edit.py: written and read only here
+
+
 def vital_layers_payload(
     scores: Sequence[LayerScore],
     vital: Sequence[int],
@@ -151,6 +156,83 @@ def vital_layers_payload(
         **(extra or {}),
         "layers": [asdict(s) for s in scores],
     }
+
+
+def vital_layers_problems(data: Any, depth: int, depth_single: int, where: str) -> list[str]:
+    """Why `data` is not a vital_layers.json for a model of `depth` double and `depth_single` single blocks (empty:
+    it is one). The rules of both the writer and the reader."""
+    layers = data.get("vital_layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        return [
+            f'{where} is malformed: expected a JSON object with "vital_layers": [integers], as demo_3_dino.py writes it'
+        ]
+    num_double = data.get("num_double")
+    if num_double is not None and num_double != depth:
+        return [
+            f"{where} was made for a model with {num_double} double blocks, but this model has {depth}: its layer "
+            f"indices mean other layers here. Use the file made for this model."
+        ]
+    try:
+        check_layers(layers, depth + depth_single, where)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def write_vital_layers(out_dir: str | Path, payload: dict, num_single: int) -> Path:
+    """Write `payload` as <out_dir>/vital_layers.json (atomically); it must pass the reader's rules."""
+    path = Path(out_dir) / VITAL_FILE
+    if problems := vital_layers_problems(payload, payload["num_double"], num_single, str(path)):
+        raise ValueError(f"refusing to write a vital_layers.json demo_4 could not read: {problems}")
+    atomic_write_json(path, payload)
+    return path
+
+
+def _load(path: Path, where: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where} is not readable JSON ({e}): rewrite it or run demo_3_dino.py again") from None
+
+
+def read_vital_layers(path: str | Path, depth: int, depth_single: int) -> list[int]:
+    """The sorted "vital_layers" of a vital_layers.json (or of the demo_3_dino.py output folder holding one),
+    checked against the model; anything else is a UserError naming the fix."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / VITAL_FILE).is_file():
+            raise UserError(
+                f"vital_layers_file {path} is a folder without {VITAL_FILE}: give demo_3_dino.py's output folder "
+                "or the file itself"
+            )
+        p = p / VITAL_FILE
+    if not p.is_file():
+        raise UserError(f"vital_layers_file {path} does not exist: run demo_3_dino.py, or fix the path")
+    where = f"vital_layers_file {p}"
+    data = _load(p, where)
+    if problems := vital_layers_problems(data, depth, depth_single, where):
+        raise UserError(problems[0])
+    return sorted(set(data["vital_layers"]))
+
+
+def auto_vital_layers_file(output_dir: str, model: str) -> tuple[str | None, str]:
+    """demo_3_dino.py's vital_layers.json beside `output_dir` (outputs/demo_3_dino/ for outputs/demo_4_edit) when it
+    exists and was made for `model`, else None; the second value, for the printed line, says why none was taken
+    or that the file comes from an incomplete sweep."""
+    path = Path(output_dir).expanduser().parent / "demo_3_dino" / VITAL_FILE
+    if not path.is_file():
+        return None, f"; no {path} from demo_3_dino.py (name demo_3's output folder in vital_layers_file)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return str(path), ""  # read_vital_layers says what is wrong with it
+    made_for = data.get("model") if isinstance(data, dict) else None
+    if made_for not in (None, model):
+        return None, f"; {path} was made for {made_for}, not {model}"
+    if isinstance(data, dict) and data.get("complete") is False:
+        lacking = len(data.get("missing") or {})
+        return str(path), f"; from an incomplete sweep ({lacking} prompt(s) lack images): run demo_2 and demo_3 again"
+    return str(path), ""
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 import json
 import textwrap
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ import pytest
 
 from flux.errors import UserError
 from flux.pipeline import resolve_device, resolve_dtype
+from flux.util import configs
 from stableflow.config import (
     BaseConfig,
     ConfigError,
@@ -23,7 +23,7 @@ from stableflow.config import (
 )
 
 # The model names as the message lists them (the list grows with flux.util's registry).
-MODELS = ", ".join(json.dumps(m) for m in typing.get_args(typing.get_type_hints(BaseConfig)["model"]))
+MODELS = ", ".join(json.dumps(m) for m in configs)  # flux.util's registry
 
 
 @dataclass
@@ -207,12 +207,15 @@ def test_every_problem_is_reported_at_once_naming_the_file(tmp_path):
 
 
 def test_type_messages_for_bool_int_float_and_lists(tmp_path):
-    assert problems_of(write(tmp_path, {"steps": True, "guidance": "3.5", "layers": 3, "width": 512.0})) == [
+    assert problems_of(write(tmp_path, {"steps": True, "guidance": "3.5", "layers": 3, "width": 512.5})) == [
         "'steps' must be an integer, got true (a true/false value)",
         """'guidance' must be a number, got "3.5" (a string)""",
         "'layers' must be a list of integers, got 3",
-        "'width' must be an integer, got 512.0",
+        "'width' must be an integer, got 512.5 (a number with a fraction)",
     ]
+    # 512.0 is an integer to JSON and to the JSON Schema an editor checks against: the loader agrees.
+    cfg = load_config(ExampleConfig, write(tmp_path, {"width": 512.0, "layers": [1.0]}))
+    assert (cfg.width, cfg.layers) == (512, [1]) and type(cfg.width) is int
     assert problems_of(write(tmp_path, {"prompt": ["ok", 2], "layers": [0, 57, -1], "steps": None})) == [
         "'prompt[1]' must be a string, got 2",
         "'layers[1]' must be at most 56, got 57",

@@ -37,10 +37,10 @@ from stableflow.edit import (
     fit_image,
     invert,
     pil_to_tensor,
-    read_vital_layers,
     scale_layers,
 )
 from stableflow.io import load_image, slug, tensor_to_pil
+from stableflow.vitality import read_vital_layers
 
 TINY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 HOUSE = Path(__file__).resolve().parent / "data" / "house.png"  # 120x90
@@ -178,8 +178,10 @@ def test_vital_layers_file(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(UserError, match=message):
             read_vital_layers(tmp_path / name, 2, 4)
-    with pytest.raises(UserError, match="is a folder"):
-        read_vital_layers(tmp_path, 2, 4)
+    assert read_vital_layers(tmp_path, 2, 4) == [0, 1, 3]  # demo_3_dino.py's output folder: its file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is a folder without vital_layers.json"):
+        read_vital_layers(tmp_path / "empty", 2, 4)
     # The file demo_3_dino.py writes (stableflow.vitality's payload) is read as it is.
     from stableflow.vitality import selection_dict, vital_layers_payload
 
@@ -501,7 +503,8 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
     assert EditConfig().vital_layers_file == "auto"
     assert layers() == (
         [0, 1, 2, 3, 5],
-        f"default (the release's layers scaled from 19+38 to 2+4 blocks); no {found} from demo_3_dino.py",
+        f"default (the release's layers scaled from 19+38 to 2+4 blocks); no {found} from demo_3_dino.py (name "
+        "demo_3's output folder in vital_layers_file)",
     )
     found.parent.mkdir()
     for model, expected in [
@@ -515,6 +518,20 @@ def test_vital_layers_file_auto_takes_demo_3s_file_beside_output_dir(tmp_path):
         got = layers()
         assert got[0] == expected[0] and got[1].endswith(expected[1])
     assert layers(vital_layers=[1]) == ([1], "config")  # an explicit list wins over the automatic file
+    # A sweep scored before it was finished: taken, and the printed line says so.
+    payload |= {"model": "flux-tiny", "complete": False, "missing": {"p1": {"ref": True, "layers": []}}}
+    found.write_text(json.dumps(payload))
+    assert (
+        layers()[1] == f"file {found}; from an incomplete sweep (1 prompt(s) lack images): run demo_2 and demo_3 again"
+    )
+    # An output_dir away from demo_3_dino/: the config names demo_3's output folder (or the file) instead.
+    moved = tmp_path / "elsewhere" / "edits"
+    cfg = load_config(EditConfig, TINY_CONFIGS / "demo_4_edit.json", [f"output_dir={moved}"])
+    assert f"no {moved.parent / 'demo_3_dino' / 'vital_layers.json'}" in cfg.injection_layers[1]
+    named = load_config(
+        EditConfig, TINY_CONFIGS / "demo_4_edit.json", [f"output_dir={moved}", f"vital_layers_file={found.parent}"]
+    )
+    assert named.injection_layers == ([0, 5], f"file {found.parent}")
     assert layers(vital_layers_file=None)[1].startswith("default")
 
 

@@ -77,3 +77,37 @@ def test_schema_rejects_typos_and_out_of_range_values():
     assert errors(schema, {"device": "gpu"}) == ["'gpu' does not match '^(?:auto|cpu|mps|cuda(:\\\\d+)?)$'"]
     assert errors(schema, {"resident_gb": -1}) == ["-1 is less than the minimum of 0"]
     assert len(jsonschema.Draft202012Validator(schema).iter_errors({"compile": "yes"}).__next__().context) == 2
+
+
+def bounded_fields():
+    import importlib
+
+    from stableflow.config import _schema
+
+    for demo, (module, name) in DEMO_CONFIGS.items():
+        cls = getattr(importlib.import_module(module), name)
+        for f in _schema(cls):
+            for bound in ("min", "max"):
+                if bound in f.meta:
+                    yield pytest.param(cls, f, bound, id=f"{demo}-{f.name}-{bound}")
+
+
+@pytest.mark.parametrize("cls,f,bound", bounded_fields())
+def test_loader_and_schema_agree_on_every_bounded_field_at_and_beyond_its_bounds(cls, f, bound):
+    """At the bound, just outside it (by the field's step: its multiple, 1 for an integer, a little for a number),
+    and at the bound written as a float (4096.0: an integer to JSON and to its Schema), both validators decide
+    alike."""
+    import typing
+
+    from stableflow.config import _check_value, json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema(cls, "t"))
+    members = [a for a in typing.get_args(f.type) if a is not type(None)] or [f.type]
+    only_lists = all(typing.get_origin(a) is list for a in members) or typing.get_origin(f.type) is list
+    numbers = [a for m in members for a in (typing.get_args(m) if typing.get_origin(m) is list else [m])]
+    step = f.meta.get("multiple_of", 1e-3 if float in numbers else 1) * (-1 if bound == "min" else 1)
+    b = f.meta[bound]
+    for value, valid in [(b, True), (b + step, False), (float(b), True)]:
+        data = [value] if only_lists else value
+        assert (not _check_value(f, data)) == valid, (value, _check_value(f, data))
+        assert validator.is_valid({f.name: data}) == valid, value

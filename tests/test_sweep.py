@@ -20,7 +20,7 @@ from demo_2_skip import main, run_sweep
 from flux.errors import UserError
 from flux.pipeline import Text, tensor_to_pil
 from stableflow.config import load_config, run_demo
-from stableflow.io import read_png_metadata
+from stableflow.io import read_png_metadata, save_png
 from stableflow.sweep import (
     Dist,
     Item,
@@ -46,15 +46,15 @@ SETTINGS = ["num_prompts=null", "width=32", "height=48", "steps=2", "batch_size=
 # so that a kill reliably lands mid-sweep. The sweep code itself is unchanged.
 RUNNER = """
 import os, runpy, sys, time
-import stableflow.sweep as sweep
-real, log, delay = sweep.save_png, os.environ.get("SWEEP_LOG"), float(os.environ.get("SWEEP_DELAY", "0"))
+import stableflow.runs as runs
+real, log, delay = runs.save_png, os.environ.get("SWEEP_LOG"), float(os.environ.get("SWEEP_DELAY", "0"))
 def save_png(path, *args, **kwargs):
     real(path, *args, **kwargs)
     if log:
         with open(log, "a") as f:
             f.write(f"{path}\\n")
     time.sleep(delay)
-sweep.save_png = save_png
+runs.save_png = save_png
 sys.argv = ["demo_2_skip.py", *sys.argv[1:]]
 runpy.run_path("demo_2_skip.py", run_name="__main__")
 """
@@ -191,9 +191,21 @@ def sweep_in_process(root: Path, dist: Dist, models: FakeModels | None = None, l
         loads.append(device)
         return models
 
-    plan = SweepPlan("flux-tiny", 2, 4, "fp32", tuple(PROMPTS), tuple(layers), 16, 16, 1, 3.5, 3, root)
-    result = run_sweep(plan, load, "cpu", dist, progress=False)
+    result = run_sweep(small_plan(root, layers), load, "cpu", dist, progress=False)
     return result, loads
+
+
+def small_plan(root: Path, layers=(0, 3, 5)) -> SweepPlan:
+    return SweepPlan("flux-tiny", 2, 4, "fp32", tuple(PROMPTS), tuple(layers), 16, 16, 1, 3.5, 3, root)
+
+
+def write_finished(plan: SweepPlan, paths: set[Path]) -> dict[Path, bytes]:
+    """Finished images of `plan` at `paths` as a previous run wrote them (its record in each); their bytes."""
+    for batch in plan.batches():
+        for item in batch:
+            if item.path(plan.output_dir) in paths:
+                save_png(item.path(plan.output_dir), np.zeros((16, 16, 3), np.uint8), plan.output(item).record)
+    return {p: p.read_bytes() for p in paths}
 
 
 def composition(batch: list[Item]) -> tuple:
@@ -210,9 +222,7 @@ def test_resumed_ranks_rerun_only_their_own_unfinished_batches_unchanged(tmp_pat
 
     root = tmp_path / "resumed"
     done = set(sorted(expected_files(root, layers=layers))[::3])  # a previous run's work: the split ignores it
-    for path in done:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"done")
+    before = write_finished(small_plan(root, layers), done)
     written = []
     for rank in (1, 0):  # started at different times, each sees another state of the folder
         models = FakeModels()
@@ -225,7 +235,7 @@ def test_resumed_ranks_rerun_only_their_own_unfinished_batches_unchanged(tmp_pat
         ]
         written += result.written
     assert sorted(written) == sorted(expected_files(root, layers=layers) - done)
-    assert all(p.read_bytes() == b"done" for p in done)  # finished files are never rewritten
+    assert {p: p.read_bytes() for p in done} == before  # finished files are never rewritten
     result, loads = sweep_in_process(root, Dist(0, 2, 0), FakeModels(), layers)
     assert loads == [] and result.written == []  # nothing left: the models are not even loaded
 
@@ -297,24 +307,28 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     more = replace(base, prompts=(*PROMPTS, PromptSpec("cat", "a cat", 3)), layers=(4,))
     merged = merge_manifest(tmp_path, more.manifest())  # extending a sweep by prompts and layers is fine
     assert [p["id"] for p in merged["prompts"]] == ["fox", "lamp", "cat"] and merged["layers"] == [0, 1, 4]
-    with pytest.raises(UserError, match="steps 2 there, 3 now"):
+    with pytest.raises(UserError, match="steps 2 -> 3"):
         merge_manifest(tmp_path, replace(base, steps=3).manifest())
     with pytest.raises(UserError, match="'fox' has another text or seed"):
         merge_manifest(tmp_path, replace(base, prompts=(PromptSpec("fox", "a red fox in the snow", 12),)).manifest())
-    legacy = {k: v for k, v in base.manifest().items() if k != "dtype"}  # written before the dtype was recorded
+    # A sweep whose manifest predates a recorded setting (here the weights) may have been made with other weights.
+    legacy = {k: v for k, v in base.manifest().items() if k != "weights"}
     (tmp_path / "manifest.json").write_text(json.dumps(legacy))
-    assert merge_manifest(tmp_path, base.manifest())["dtype"] == "fp32"
+    with pytest.raises(UserError, match=r"weights \(not recorded\) -> null"):
+        merge_manifest(tmp_path, base.manifest())
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("model=flux-schnell", "model 'flux-tiny' there, 'flux-schnell' now"),
-        ("width=48", "width 32 there, 48 now"),
-        ("height=32", "height 48 there, 32 now"),
-        ("steps=3", "steps 2 there, 3 now"),
-        ("guidance=4", "guidance 3.5 there, 4.0 now"),
-        ("dtype=bf16", "dtype 'fp32' there, 'bf16' now"),
+        ("model=flux-schnell", "model flux-tiny -> flux-schnell"),
+        ("width=48", "width 32 -> 48"),
+        ("height=32", "height 48 -> 32"),
+        ("steps=3", "steps 2 -> 3"),
+        ("guidance=4", "guidance 3.5 -> 4.0"),
+        ("dtype=bf16", "dtype fp32 -> bf16"),
+        ("flow_path", "weights.flow random (seed 0) -> 1 file(s), 11 bytes, sha256 sampled "),
+        ("ae_path", "weights.ae random (seed 0) -> 1 file(s), 11 bytes, sha256 sampled "),
         ("seed", "prompt 'lamp' has another text or seed there"),
         ("prompt", "prompt 'fox' has another text or seed there"),
     ],
@@ -328,6 +342,9 @@ def test_demo_refuses_to_resume_with_any_other_setting(tmp_path, capsys, overrid
     }.get(override)
     if prompts is not None:  # the same ids with another seed or text
         override = f"prompts_file={write_prompts(tmp_path / 'changed', prompts)}"
+    if override.endswith("_path"):  # other weights (refused before they are loaded: any file will do)
+        (tmp_path / "weights.safetensors").write_bytes(b"not weights")
+        override = f"{override}={tmp_path / 'weights.safetensors'}"
     with pytest.raises(SystemExit) as e:
         run_demo(
             SkipConfig,
@@ -342,7 +359,7 @@ def test_demo_refuses_to_resume_with_any_other_setting(tmp_path, capsys, overrid
         )
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Use another output_dir" in err
+    assert err.startswith("error: ") and message in err and "Choose another output_dir" in err
     assert (tmp_path / "out" / "manifest.json").read_text() == before and not pngs(tmp_path / "out")
 
 
@@ -404,9 +421,11 @@ def test_two_ranks_make_every_image_exactly_once(sweeps):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest == {
         "model": "flux-tiny",
+        "weights": {"flow": "random (seed 0)", "ae": "random (seed 0)", "t5": "random (tiny)", "clip": "random (tiny)"},
         "num_double": 2,
         "num_single": 4,
         "dtype": "fp32",
+        "fp8": False,
         "width": 32,
         "height": 48,
         "steps": 2,

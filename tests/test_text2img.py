@@ -69,9 +69,27 @@ def test_print_config_is_loadable(tmp_path, run_script):
     r = run_script("demo_0_test.py", "--print-config")
     assert r.returncode == 0
     cfg = json.loads(r.stdout)
-    assert cfg["width"] == 1024 and "_help" in cfg
+    assert cfg["width"] is None and "_help" in cfg  # the model's native size (below)
     (tmp_path / "c.json").write_text(r.stdout)
     assert run_script("demo_0_test.py", str(tmp_path / "c.json"), "--print-config").returncode == 0
+
+
+def test_size_steps_and_guidance_default_to_the_models():
+    """One defaults rule per model, the same in every demo: flux-mini draws at its native 128², FLUX.1 at 1024²."""
+    from stableflow.config import load_config
+    from stableflow.edit import EditConfig
+    from stableflow.sweep import SkipConfig
+    from stableflow.text2img import Text2ImgConfig
+    from stableflow.trajectory import TrajectoryConfig
+
+    for cls in (Text2ImgConfig, TrajectoryConfig, SkipConfig, EditConfig):
+        mini, dev = load_config(cls, None, ["model=flux-mini"]), load_config(cls, None, [])
+        assert (mini.image_size, dev.image_size) == ((128, 128), (1024, 1024)), cls
+        assert load_config(cls, None, ["model=flux-mini", "width=64"]).image_size == (64, 128)
+    assert load_config(Text2ImgConfig, None, ["model=flux-mini"]).num_steps == 20  # the model's
+    assert load_config(Text2ImgConfig, None, ["model=flux-schnell"]).num_steps == 4
+    assert load_config(TrajectoryConfig, None, ["model=flux-mini"]).num_steps == 15  # the demo's (Stable Flow's)
+    assert load_config(SkipConfig, None, ["model=flux-krea-dev"]).guidance_value == 4.5
 
 
 def test_official_cli_flags(tmp_path, run_script):

@@ -295,6 +295,22 @@ def test_cache_is_reused_and_extended(tmp_path, embedder):
         counter.close()
 
 
+def test_a_cache_damaged_after_it_was_written_is_recomputed(tmp_path):
+    """A flipped bit in the features (the file still parses) must not pass as a cached embedding."""
+    root = make_sweep(tmp_path / "sweep", prompts=("p0",), layers=[0])
+    images = sorted(root.rglob("*.png"))
+    cache = D.FeatureCache(D.cache_path(root, TINY_RANDOM), root)
+    for i, path in enumerate(images):
+        cache.put(path, torch.full((8,), float(i + 1)))
+    cache.save()
+    assert D.FeatureCache(cache.file, root).holds(images) == len(images)
+    data = bytearray(cache.file.read_bytes())
+    data[-3] ^= 0x10  # inside the last feature's float32 values
+    cache.file.write_bytes(bytes(data))
+    damaged = D.FeatureCache(cache.file, root)
+    assert damaged.holds(images) == 0 and "damaged" in damaged.notes()[0] and "recomputing" in damaged.notes()[0]
+
+
 # ----------------------------------------------------------------------------------------------- outputs
 
 
@@ -315,9 +331,7 @@ def test_outputs_written_and_agree(tmp_path, embedder):
     )
     assert data["complete"] is True and data["missing"] == {}
     assert data["vital_layer_names"] == ["double_blocks.0", "single_blocks.1 (layer 3)"]
-    from stableflow.edit import (
-        read_vital_layers,  # demo_4_edit.py's reader takes the file as written
-    )
+    from stableflow.vitality import read_vital_layers  # demo_4_edit.py's reader takes the file as written
 
     assert read_vital_layers(paths["json"], 2, 4) == [0, 3]
     layers = data["layers"]
@@ -527,3 +541,20 @@ def test_load_dino_from_a_local_folder(tmp_path):
     (tmp_path / "weights_only").mkdir()
     with pytest.raises(UserError, match="without a config.json"):
         D.load_dino(str(tmp_path / "weights_only"))
+
+
+def test_demo_3_writes_only_what_demo_4_reads(tmp_path):
+    """One owner of vital_layers.json: the writer applies the reader's rules, so demo_3 cannot leave a file that
+    demo_4 refuses."""
+    from stableflow.vitality import read_vital_layers, selection_dict, vital_layers_payload, write_vital_layers
+
+    def payload(vital):
+        return vital_layers_payload(
+            [], vital, selection_dict(None, 2), model="flux-tiny", dino_model=None, num_double=2
+        )
+
+    path = write_vital_layers(tmp_path, payload([5, 0]), num_single=4)
+    assert path == tmp_path / "vital_layers.json" and read_vital_layers(path, 2, 4) == [0, 5]
+    with pytest.raises(ValueError, match="0..5"):
+        write_vital_layers(tmp_path / "bad", payload([0, 6]), num_single=4)
+    assert not (tmp_path / "bad").exists()
