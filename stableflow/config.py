@@ -640,12 +640,10 @@ class BaseConfig:
         )
 
 
-# The size a model was trained at, where it is not FLUX.1's 1024² (flux-mini draws texture far from its 128²).
-NATIVE_SIZE = {"flux-mini": 128}
-
-
 def native_size(model: str) -> int:
-    return NATIVE_SIZE.get(model, 1024)
+    """The demos' default side: the model's training size (flux.util's ModelSpec.native_size; flux-mini draws
+    texture far from its 128²), else FLUX.1's 1024²."""
+    return MODELS[model].native_size or 1024
 
 
 @dataclass
