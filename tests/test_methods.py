@@ -7,7 +7,6 @@ import torch
 from flux.errors import UserError
 from flux.modules.layers import KVSource, take_image_kv
 from flux.sampling import image_ids, pack, unpack
-from stableflow.edit import RELEASE_VITAL_LAYERS
 from stableflow.methods import EditCase, edit, flowedit, invert_edit, prepare, sdedit, stable_flow
 from stableflow.methods.common import single_blocks
 
@@ -106,7 +105,6 @@ def test_rf_solver_edit_shares_the_values_of_the_late_single_blocks(tiny_models)
     assert params.layers == single_blocks(tiny_models, 20, 37) == [p.depth + 2, p.depth + 3]
     assert (params.keys, params.text, params.inject, params.steps) == (False, True, 3, 15)
     assert invert_edit.fireflow_params(tiny_models).layers == list(range(p.depth, p.depth + 4))
-    assert single_blocks(tiny_models, 0, 37, of=38) != RELEASE_VITAL_LAYERS
 
 
 def test_without_sharing_the_edit_is_the_target_denoised_from_the_inversion(tiny_models, real):
@@ -121,7 +119,7 @@ def test_without_sharing_the_edit_is_the_target_denoised_from_the_inversion(tiny
     assert torch.allclose(out.latent, plain[0], atol=1e-5)
 
 
-def test_sharing_changes_the_edit_and_only_through_the_values(tiny_models, real):
+def test_sharing_changes_the_edit(tiny_models, real):
     base = invert_edit.InvertEditParams("fireflow", 3, 2.0, [3, 4, 5], inject=3)
     shared = edit(tiny_models, real, base)
     unshared = edit(tiny_models, real, invert_edit.InvertEditParams("fireflow", 3, 2.0, [3, 4, 5], inject=0))
@@ -148,3 +146,39 @@ def test_bad_settings_are_refused(tiny_models, real):
         edit(tiny_models, real, sdedit.SDEditParams(strength=1.5))
     with pytest.raises(UserError, match="n_min <= n_max <= steps"):
         edit(tiny_models, real, flowedit.FlowEditParams(steps=4, n_max=5))
+
+
+@pytest.fixture(scope="module")
+def mini():
+    from flux.pipeline import load_models
+
+    return load_models("flux-mini", "cpu", torch.float32)
+
+
+@pytest.mark.slow
+def test_rf_solver_inversion_reconstructs_better_than_euler_at_equal_nfe_on_flux_mini(mini):
+    """Three rendered world scenes (not the model's own output; invert_table's first three), inverted and
+    reconstructed under their captions: RF-Solver with 5 steps and Euler with 10 both take 10 evaluations each way;
+    RF-Solver's reconstructions are closer to the VAE's decoding of the input latents, on average, in 8-bit PSNR and
+    in the latent. (Per scene it can lose: on scene 0 its PSNR is the lower one.)"""
+    from mini.world import caption, render, sample_scenes
+    from stableflow.methods.common import solve
+    from stableflow.methods.invert_table import psnr
+
+    scenes = sample_scenes(3, 0)
+    pixels = render(scenes)
+    latents = mini.encode_image(pixels)
+    targets = mini.decode(latents)
+    text = mini.encode([caption(s) for s in scenes])
+    error, quality = {}, {}
+    for solver, steps in (("euler", 10), ("rf-solver", 5)):
+        ts = mini.schedule(steps, pixels.shape[-1], pixels.shape[-2])
+        error[solver] = quality[solver] = 0
+        for i in range(3):
+            noise, n_in = solve(mini, latents[i : i + 1], text.select([i]), ts, 1.0, solver, backwards=True)
+            back, n_out = solve(mini, noise, text.select([i]), ts, 1.0, solver)
+            assert n_in == n_out == 10
+            error[solver] += ((back[0] - latents[i]).norm() / latents[i].norm()).item() / 3
+            quality[solver] += psnr(mini.decode(back)[0], targets[i]) / 3
+    assert error["rf-solver"] < error["euler"]
+    assert quality["rf-solver"] > quality["euler"] + 3
