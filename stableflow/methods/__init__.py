@@ -39,6 +39,10 @@ def edit(models: FluxModels, case: Case, params: "str | object") -> Edited:
         if params not in DEFAULTS:
             raise UserError(f"unknown method {params!r}: use one of {', '.join(METHODS)}")
         params = DEFAULTS[params](models)
+    if type(params) not in _RUN:
+        raise TypeError(
+            f"{type(params).__name__} is no method's params: use one of {', '.join(METHODS)} or their params"
+        )
     return _RUN[type(params)](models, case, params)
 
 

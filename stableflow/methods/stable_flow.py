@@ -45,7 +45,8 @@ def edit(models: FluxModels, case: Case, params: StableFlowParams) -> Edited:
     if case.generated:
         if params.solver != "euler":
             raise UserError("Stable Flow edits a generated image with the Euler sampler only: set solver to euler")
-        steps, guidance = params.steps or spec.source_steps, params.guidance or spec.source_guidance
+        steps = params.steps or spec.source_steps
+        guidance = spec.source_guidance if params.guidance is None else params.guidance
         request = EditRequest(spec.source_prompt, [spec.target_prompt], steps, guidance, layers)
         result = edit_generated(models, request, spec.seed, case.width, case.height)
         return Edited(result.edits[0], result.latents[1], 2 * steps)
