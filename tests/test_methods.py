@@ -182,3 +182,15 @@ def test_rf_solver_inversion_reconstructs_better_than_euler_at_equal_nfe_on_flux
             quality[solver] += psnr(mini.decode(back)[0], targets[i]) / 3
     assert error["rf-solver"] < error["euler"]
     assert quality["rf-solver"] > quality["euler"] + 3
+
+
+@pytest.mark.slow
+def test_invert_table_writes_one_row_per_solver_nudge_and_steps(run_script, tmp_path):
+    out = tmp_path / "table.md"
+    args = ["--model", "flux-tiny", "--images", "1", "--steps", "1", "2", "--nudges", "1", "1.15", "--out", out]
+    proc = run_script("-m", "stableflow.methods.invert_table", *args)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 3 * 2 * 2 + 1  # solvers x nudges x steps, and the VAE's own line
+    nfe = {(r.split(" | ")[0][2:], r.split(" | ")[2]): int(r.split(" | ")[3]) for r in rows[:-1]}
+    assert nfe[("euler", "2")] == 4 and nfe[("rf-solver", "2")] == 8 and nfe[("fireflow", "2")] == 6
