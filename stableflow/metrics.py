@@ -23,6 +23,7 @@ weights load from the Hugging Face cache first, with one clear error when they a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -117,15 +118,19 @@ def ssim(a, b, keep: np.ndarray | None = None) -> float:
     return _torchmetrics().structural_similarity_index_measure(*pair, data_range=1.0).item()
 
 
+@functools.cache
 def load_lpips(net: str = "squeeze") -> torch.nn.Module:
-    """torchmetrics' LPIPS (the reference's SqueezeNet), inputs in [-1, 1]."""
+    """torchmetrics' LPIPS (the reference's SqueezeNet), inputs in [-1, 1]; loaded once."""
     _torchmetrics()
     try:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-    except ImportError:
-        raise UserError(f"LPIPS needs torchvision besides torchmetrics: {BENCH_EXTRAS}") from None
-    try:
+
         return LearnedPerceptualImagePatchSimilarity(net_type=net).eval()
+    except ImportError:
+        raise UserError(
+            "LPIPS needs torchvision besides torchmetrics: install the torchvision that matches your torch "
+            "(https://pytorch.org), or leave LPIPS out"
+        ) from None
     except (OSError, RuntimeError) as e:  # torchvision fetches the backbone's weights on first use
         raise UserError(
             f"cannot load LPIPS' {net} backbone ({str(e).splitlines()[0]}): its weights come from torchvision's "
@@ -146,8 +151,9 @@ def lpips(a, b, keep: np.ndarray | None = None, net: torch.nn.Module | None = No
 # ----------------------------------------------------------------------------------------------- structure distance
 
 
+@functools.cache
 def load_dino(name: str = DINO) -> torch.nn.Module:
-    """DINO ViT-B/8 as a transformers ViTModel, from the HF cache first."""
+    """DINO ViT-B/8 as a transformers ViTModel, from the HF cache first; loaded once."""
     from transformers import ViTModel
 
     load = lambda **hub: ViTModel.from_pretrained(name, add_pooling_layer=False, **hub)

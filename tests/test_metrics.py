@@ -55,6 +55,17 @@ def test_mse_and_psnr_by_hand_over_the_whole_frame():
     assert math.isnan(metrics.psnr(a, b, np.zeros((2, 2))))
 
 
+def test_psnr_and_mse_agree_with_torchmetrics():
+    from torchmetrics.functional import mean_squared_error
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    rng = np.random.default_rng(5)
+    a, b = image(rng.integers(0, 256, (9, 7, 3))), image(rng.integers(0, 256, (9, 7, 3)))
+    t = lambda x: torch.from_numpy(x.astype(np.float32) / 255).permute(2, 0, 1)[None].contiguous()
+    assert metrics.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(t(a), t(b), data_range=1.0).item(), rel=1e-5)
+    assert metrics.mse(a, b) == pytest.approx(mean_squared_error(t(a), t(b)).item(), rel=1e-5)
+
+
 def test_ssim_of_two_flat_images_is_the_luminance_term():
     """Flat images x = 0.2, y = 0.6: no variance, so SSIM = (2xy + C1) / (x^2 + y^2 + C1), C1 = 0.01^2. (In float32,
     as the reference computes, E[x^2] - E[x]^2 leaves ~1e-8 of variance against C2 = 9e-4: 1e-4 of slack.)"""
