@@ -92,6 +92,16 @@ def test_stable_flow_on_a_generated_case_has_the_case_source_as_its_reference(ti
     assert torch.allclose(out.latent, plain[0], atol=1e-6) and out.nfe == 8
 
 
+def test_stable_flow_ablations(tiny_models):
+    vital = stable_flow.default_vital_layers(2, 4)
+    a = lambda name: stable_flow.ablation(tiny_models, name)
+    assert a("no-injection").layers == [] and a("all-layers").layers == list(range(6))
+    assert sorted(a("non-vital").layers + vital) == list(range(6)) and not set(a("non-vital").layers) & set(vital)
+    assert a("no-nudging").nudge == 1 and a("no-nudging").layers == vital
+    with pytest.raises(UserError, match="unknown Stable Flow ablation"):
+        a("attention-extension")
+
+
 @pytest.mark.parametrize(
     "method,nfe", [("rf-solver-edit", 2 * 15 + 2 * 2 * 15), ("fireflow", 9 + 2 * 9), ("flowedit", 48), ("sdedit", 17)]
 )

@@ -8,7 +8,7 @@ combination is not in the paper. A generated case uses the case's own source ste
 the case's source image.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flux.errors import UserError
 from flux.pipeline import FluxModels
@@ -38,9 +38,33 @@ class StableFlowParams:
     solver: str = "euler"
 
 
-def edit(models: FluxModels, case: Case, params: StableFlowParams) -> Edited:
+ABLATIONS = ("no-injection", "all-layers", "non-vital", "no-nudging")
+
+
+def vital_layers(models: FluxModels, params: StableFlowParams) -> list[int]:
     p = models.model.params
-    layers = default_vital_layers(p.depth, p.depth_single_blocks) if params.layers is None else list(params.layers)
+    return default_vital_layers(p.depth, p.depth_single_blocks) if params.layers is None else list(params.layers)
+
+
+def ablation(models: FluxModels, name: str, params: StableFlowParams | None = None) -> StableFlowParams:
+    """The paper's ablations of `params` (default: the release's settings): injection in no layer, in every layer, in
+    the layers that are not vital, or no latent nudging."""
+    params = params or StableFlowParams()
+    vital = vital_layers(models, params)
+    every = list(range(models.model.num_layers))
+    changes = {
+        "no-injection": dict(layers=[]),
+        "all-layers": dict(layers=every),
+        "non-vital": dict(layers=[i for i in every if i not in vital]),
+        "no-nudging": dict(nudge=1.0),
+    }
+    if name not in changes:
+        raise UserError(f"unknown Stable Flow ablation {name!r}: use one of {', '.join(ABLATIONS)}")
+    return replace(params, layers=vital, **changes[name]) if name == "no-nudging" else replace(params, **changes[name])
+
+
+def edit(models: FluxModels, case: Case, params: StableFlowParams) -> Edited:
+    layers = vital_layers(models, params)
     spec = case.spec
     if case.generated:
         if params.solver != "euler":
