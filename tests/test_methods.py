@@ -103,10 +103,17 @@ def test_stable_flow_ablations(tiny_models):
 
 
 @pytest.mark.parametrize(
-    "method,nfe", [("rf-solver-edit", 2 * 15 + 2 * 2 * 15), ("fireflow", 9 + 2 * 9), ("flowedit", 48), ("sdedit", 17)]
+    "method,nfe",
+    [
+        (lambda m: invert_edit.rf_solver_edit_params(m, steps=3), 2 * 3 + 2 * 2 * 3),  # inversion, then 2 samples
+        (lambda m: invert_edit.fireflow_params(m, steps=3), 4 + 2 * 4),
+        (lambda m: "flowedit", 2 * 24),  # published defaults: source and target velocity in 24 of 28 steps
+        (lambda m: "sdedit", 17),  # round(28 * 0.6)
+    ],
+    ids=["rf-solver-edit", "fireflow", "flowedit", "sdedit"],
 )
-def test_published_defaults_and_their_nfe(tiny_models, real, method, nfe):
-    assert edit(tiny_models, real, method).nfe == nfe
+def test_reported_nfe(tiny_models, real, method, nfe):
+    assert edit(tiny_models, real, method(tiny_models)).nfe == nfe
 
 
 def test_rf_solver_edit_shares_the_values_of_the_late_single_blocks(tiny_models):
