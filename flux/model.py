@@ -4,7 +4,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .modules.layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .modules.layers import (
+    DoubleStreamBlock,
+    EmbedND,
+    KVSource,
+    LastLayer,
+    MLPEmbedder,
+    SingleStreamBlock,
+    timestep_embedding,
+)
 
 
 @dataclass
@@ -29,11 +37,14 @@ class Injection:
     """Stable Flow's attention injection, for one forward call.
 
     In every layer of `layers` (global indices), sample b attends with the image-token keys and
-    values of sample `source[b]`; `source[b] == b` leaves sample b untouched.
+    values of sample `source[b]`; `source[b] == b` leaves sample b untouched. `keys=False` takes the values only and
+    `text=True` the text tokens' too: RF-Solver-Edit's and FireFlow's sharing of the whole V in late single blocks.
     """
 
     layers: frozenset[int]
     source: tuple[int, ...]
+    keys: bool = True
+    text: bool = False
 
     @classmethod
     def from_reference(cls, layers: Collection[int], batch_size: int, reference: int = 0) -> "Injection":
@@ -149,7 +160,7 @@ class Flux(nn.Module):
         masks = _to_device(torch.tensor(flags).view(self.num_layers, batch, 1, 1), device)
         return [_LayerSkip(any(f), all(f), masks[layer]) for layer, f in enumerate(flags)]
 
-    def _kv_source(self, inject: Injection | None, batch: int, device: torch.device) -> Tensor | None:
+    def _kv_source(self, inject: Injection | None, batch: int, device: torch.device) -> KVSource | None:
         if inject is None:
             return None
         if len(inject.source) != batch:
@@ -157,7 +168,7 @@ class Flux(nn.Module):
         if any(not 0 <= s < batch for s in inject.source):
             raise ValueError(f"inject.source {inject.source} names samples outside the batch of {batch}")
         self.check_layers(inject.layers, "inject")
-        return _to_device(torch.tensor(inject.source, dtype=torch.long), device)
+        return KVSource(_to_device(torch.tensor(inject.source, dtype=torch.long), device), inject.keys, inject.text)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

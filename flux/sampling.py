@@ -109,9 +109,10 @@ class Step:
     t: float
     t_prev: float
     latent: Tensor  # x_t, the packed latent the model saw
-    velocity: Tensor  # v = model(x_t, t)
-    x0: Tensor  # predicted clean latent x_t - t * v
-    next_latent: Tensor  # x_{t_prev} = x_t + (t_prev - t) * v
+    velocity: Tensor  # the velocity the step moved with: model(x_t, t) for Euler, the midpoint's for the others
+    x0: Tensor  # predicted clean latent x_t - t * velocity
+    next_latent: Tensor  # x_{t_prev} = x_t + (t_prev - t) * velocity
+    nfe: int = 0  # model evaluations of this loop so far, this step's included
 
 
 StepCallback = Callable[[Step], Tensor | None]
@@ -131,6 +132,23 @@ def guidance_vector(guidance: float | Sequence[float] | Tensor, batch: int, devi
 StepRange = tuple[int, int]
 """Steps start <= i < end of a loop (0-based), e.g. the steps in which `inject` is active."""
 
+SOLVERS = ("euler", "rf-solver", "fireflow")
+"""ODE solvers of denoise and invert. euler: one model call a step, first order. rf-solver (Wang et al., arXiv
+2411.04746): a second-order Taylor step whose velocity derivative is a finite difference against a midpoint
+evaluation, two calls a step. fireflow (Deng et al., arXiv 2412.07517): the midpoint step, reusing the previous step's
+midpoint velocity as this step's start velocity, so one call a step (plus one for the first step)."""
+
+
+def solver_nfe(solver: str, steps: int) -> int:
+    """Model evaluations of `steps` steps of `solver` (the loops count them too: Step.nfe)."""
+    return {"euler": steps, "rf-solver": 2 * steps, "fireflow": steps + 1}[check_solver(solver)] if steps else 0
+
+
+def check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    return solver
+
 
 def denoise(
     model: Flux,
@@ -146,14 +164,16 @@ def denoise(
     inject: Injection | None = None,
     callback: StepCallback | None = None,
     inject_steps: StepRange | None = None,
+    solver: str = "euler",
 ) -> Tensor:
-    """Euler integration of the flow from timesteps[0] to timesteps[-1].
+    """Integration of the flow from timesteps[0] to timesteps[-1] with `solver` (SOLVERS; Euler: the official
+    sampler).
 
-    `skip` and `inject` apply to every model call, `inject` only in the steps of `inject_steps` if given;
-    `callback` sees every step and may replace the next latent.
+    `skip` and `inject` apply to every model call, `inject` only in the steps of `inject_steps` if given (both calls
+    of a second-order step); `callback` sees every step and may replace the next latent.
     """
     steps = list(itertools.pairwise(timesteps))
-    return _euler(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps)
+    return _solve(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver)
 
 
 def invert(
@@ -169,18 +189,22 @@ def invert(
     inject: Injection | None = None,
     callback: StepCallback | None = None,
     inject_steps: StepRange | None = None,
+    solver: str = "euler",
 ) -> Tensor:
-    """The Euler loop run backwards, image -> noise: from timesteps[-1] (clean) to timesteps[0] (noise).
+    """The solver's loop run backwards, image -> noise: from timesteps[-1] (clean) to timesteps[0] (noise).
 
-    Each step takes the velocity at the next, noisier time, x <- x + (t_next - t) * v(x, t_next) (Stable Flow's
-    inverse Euler; the velocity at t itself would leave the error of one step behind at every level). Hooks as in
-    `denoise`; the callback's Step runs from t to t_prev = t_next, upwards.
+    Euler takes the velocity at the next, noisier time, x <- x + (t_next - t) * v(x, t_next) (Stable Flow's inverse
+    Euler; the velocity at t itself would leave the error of one step behind at every level). The second-order
+    solvers start at the velocity at t, as their official inversions do. Hooks as in `denoise`; the callback's Step
+    runs from t to t_prev = t_next, upwards.
     """
     steps = list(itertools.pairwise(timesteps[::-1]))
-    return _euler(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, True)
+    return _solve(
+        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, True
+    )
 
 
-def _euler(
+def _solve(
     model: Flux,
     img: Tensor,
     img_ids: Tensor,
@@ -193,26 +217,44 @@ def _euler(
     inject: Injection | None,
     callback: StepCallback | None,
     inject_steps: StepRange | None,
+    solver: str = "euler",
     velocity_at_target: bool = False,
 ) -> Tensor:
-    """x <- x + (t_to - t_from) * v over `steps` (t_from, t_to); v is taken at t_from (sampling) or, for the
-    inversion, at t_to."""
+    """x <- x + (t_to - t_from) * v over `steps` (t_from, t_to), v as `solver` makes it. Euler's v is taken at t_from
+    (sampling) or, with velocity_at_target (Stable Flow's inversion), at t_to."""
+    check_solver(solver)
     guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
-    for i, (t_from, t_to) in enumerate(steps):
-        t_vec = torch.full((img.shape[0],), t_to if velocity_at_target else t_from, dtype=img.dtype, device=img.device)
-        pred = model(
-            img=img,
+    nfe = 0
+
+    def velocity(x: Tensor, t: float, i: int) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        return model(
+            img=x,
             img_ids=img_ids,
             txt=txt,
             txt_ids=txt_ids,
             y=vec,
-            timesteps=t_vec,
+            timesteps=torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device),
             guidance=guidance_vec,
             skip=skip,
             inject=inject if inject_steps is None or inject_steps[0] <= i < inject_steps[1] else None,
         )
-        next_img = img + (t_to - t_from) * pred
-        img = _after_step(callback, Step(i, t_from, t_to, img, pred, img - t_from * pred, next_img))
+
+    reused = None  # FireFlow: the previous step's midpoint velocity, this step's start velocity
+    for i, (t_from, t_to) in enumerate(steps):
+        h = t_to - t_from
+        if solver == "euler":
+            v = velocity(img, t_to if velocity_at_target else t_from, i)
+        else:
+            v0 = reused if reused is not None else velocity(img, t_from, i)
+            v_mid = velocity(img + h / 2 * v0, t_from + h / 2, i)
+            if solver == "rf-solver":
+                # The paper's step x + h v + h^2/2 v', with v' = (v_mid - v0) / (h/2): algebraically the midpoint step.
+                v = v0 + h / 2 * ((v_mid - v0) / (h / 2))
+            else:
+                v = reused = v_mid
+        img = _after_step(callback, Step(i, t_from, t_to, img, v, img - t_from * v, img + h * v, nfe))
     return img
 
 

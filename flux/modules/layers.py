@@ -109,16 +109,28 @@ class Modulation(nn.Module):
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
 
-def take_image_kv(k: Tensor, v: Tensor, txt_len: int, kv_source: Tensor | None) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class KVSource:
+    """Which sample each sample takes attention keys/values from, and which of them (flux.model.Injection)."""
+
+    index: Tensor  # (B,) sample b takes from sample index[b]
+    keys: bool = True  # False: the values only (RF-Solver-Edit's and FireFlow's sharing)
+    text: bool = False  # True: the text tokens' too, the whole joint sequence
+
+
+def take_image_kv(k: Tensor, v: Tensor, txt_len: int, kv_source: "Tensor | KVSource | None") -> tuple[Tensor, Tensor]:
     """Stable Flow's injection: sample b's image-token keys/values become those of sample kv_source[b].
 
-    Text tokens (the first txt_len of the joint sequence) keep each sample's own K/V; queries are untouched.
+    Text tokens (the first txt_len of the joint sequence) keep each sample's own K/V; queries are untouched. A
+    KVSource may take the values only, or the text tokens' too.
     """
     if kv_source is None:
         return k, v
-    k = torch.cat([k[:, :, :txt_len], k[kv_source, :, txt_len:]], dim=2)
-    v = torch.cat([v[:, :, :txt_len], v[kv_source, :, txt_len:]], dim=2)
-    return k, v
+    if not isinstance(kv_source, KVSource):
+        kv_source = KVSource(kv_source)
+    start = 0 if kv_source.text else txt_len
+    take = lambda x: torch.cat([x[:, :, :start], x[kv_source.index, :, start:]], dim=2)
+    return (take(k) if kv_source.keys else k), take(v)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -147,7 +159,7 @@ class DoubleStreamBlock(nn.Module):
         )
 
     def forward(
-        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, kv_source: Tensor | None = None
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, kv_source: "Tensor | KVSource | None" = None
     ) -> tuple[Tensor, Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
@@ -186,7 +198,9 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, txt_len: int = 0, kv_source: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, vec: Tensor, pe: Tensor, txt_len: int = 0, kv_source: "Tensor | KVSource | None" = None
+    ) -> Tensor:
         mod, _ = self.modulation(vec)
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp_hidden = self.project_in(x_mod)
