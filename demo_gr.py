@@ -295,13 +295,14 @@ def browser_edit(url: str, image: str | None = None, screenshot: str | None = No
 
 
 def serve(args: argparse.Namespace, block: bool = True):
-    """Load the model once, build the page and start serving it; returns (blocks, url)."""
+    """Load the model once, build the page and start serving it; returns the page, its URL, the models and the
+    job lock (the tests look at what ran when)."""
     from stableflow.app import AppConfig, Jobs
 
     app = AppConfig(args.name, args.device, args.offload, args.output_dir)
     print(f"loading {app.model} on {args.device} ({app.dtype}) ...", flush=True)
-    models = app.load()
-    demo = page(app, models, Jobs())
+    models, jobs = app.load(), Jobs()
+    demo = page(app, models, jobs)
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(
         server_name=args.host,
@@ -311,7 +312,7 @@ def serve(args: argparse.Namespace, block: bool = True):
         allowed_paths=[str(Path(app.output_dir).expanduser().resolve().parent)],
         show_error=True,
     )
-    return demo, url
+    return demo, url, models, jobs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     args.name = args.name or default_model()
     try:
         if args.screenshot:
-            demo, url = serve(args, block=False)
+            demo, url, _, _ = serve(args, block=False)
             browser_edit(url, screenshot=args.screenshot)
             demo.close()
             print(f"wrote {args.screenshot}")

@@ -221,12 +221,12 @@ class Job:
 
 class Jobs:
     """One job on the models at a time. The page's queue orders the jobs and shows each waiting one its place; the
-    lock here is the guarantee, whatever calls in. `log` keeps (owner, start, end) of every job, for the tests."""
+    lock here is the guarantee, whatever calls in. `log` keeps every finished or stopped job, for the tests."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.current: Job | None = None
-        self.log: list[tuple[str, float, float]] = []
+        self.log: list[tuple[Job, float, float]] = []  # (job, start, end) in time.monotonic seconds
 
     @contextmanager
     def run(self, owner: str, total: int, report: Report) -> Iterator[Job]:
@@ -237,7 +237,7 @@ class Jobs:
                 yield job
             finally:
                 self.current = None
-                self.log.append((owner, start, time.monotonic()))
+                self.log.append((job, start, time.monotonic()))
 
     def cancel(self, owner: str) -> bool:
         """Stop `owner`'s running job at its next step; False when none of its jobs is running."""
