@@ -79,8 +79,8 @@ def page(app, models, jobs):
                         g_width = gr.Number(gen0.width, label="width (multiple of 16)", precision=0)
                         g_height = gr.Number(gen0.height, label="height (multiple of 16)", precision=0)
                     with gr.Row():
-                        g_steps = gr.Number(gen0.steps, label="steps (empty: the model's)", precision=0)
-                        g_guidance = gr.Number(gen0.guidance, label="guidance (empty: the model's)")
+                        g_steps = gr.Number(work.steps_of(gen0)[0], label="steps", precision=0)
+                        g_guidance = gr.Number(work.steps_of(gen0)[1], label="guidance")
                     with gr.Row():
                         g_run = gr.Button("Generate", variant="primary", elem_id="generate-run")
                         g_cancel = gr.Button("Cancel", elem_id="generate-cancel")
@@ -110,8 +110,8 @@ def page(app, models, jobs):
                         e_height = gr.Number(edit0.height, label="height (generated)", precision=0)
                         e_size = gr.Number(real0.size, label="shorter side (real; fitted to 16s)", precision=0)
                     with gr.Row():
-                        e_steps = gr.Number(None, label="steps (empty: 15 generated, 50 real)", precision=0)
-                        e_guidance = gr.Number(None, label="guidance (empty: 3.5 generated, 3 real)")
+                        e_steps = gr.Number(edit0.num_steps, label="steps", precision=0)
+                        e_guidance = gr.Number(edit0.edit_guidance, label="guidance")
                         e_nudge = gr.Number(real0.nudge, label="nudge (real)")
                         e_source_guidance = gr.Number(real0.source_guidance, label="source guidance (real)")
                     e_layers = gr.Textbox(
@@ -146,7 +146,7 @@ def page(app, models, jobs):
                         b_width = gr.Number(bypass0.width, label="width", precision=0)
                         b_height = gr.Number(bypass0.height, label="height", precision=0)
                         b_steps = gr.Number(bypass0.steps, label="steps", precision=0)
-                        b_guidance = gr.Number(bypass0.guidance, label="guidance (empty: the model's)")
+                        b_guidance = gr.Number(work.steps_of(bypass0)[1], label="guidance")
                     b_layers = gr.CheckboxGroup(work.layer_choices(app.model), label="layers to bypass")
                     with gr.Row():
                         b_run = gr.Button("Bypass", variant="primary", elem_id="layers-run")
@@ -214,6 +214,10 @@ def page(app, models, jobs):
             result = work.run_bypass(models, jobs, owner(request), cfg, reporter(progress))
             return result.gallery(), f"{cfg.width}x{cfg.height}, {cfg.steps} steps", result
 
+        def mode(upload):  # an upload or its removal: the release's steps and guidance for that kind of edit
+            cfg = real0 if upload else edit0
+            return cfg.num_steps, cfg.edit_guidance
+
         def cancel(request: gr.Request):
             if jobs.cancel(owner(request)):
                 return "cancelling: the job stops at its next step and writes nothing"
@@ -234,6 +238,7 @@ def page(app, models, jobs):
         e_inputs = [e_upload, e_source, e_edits, e_seed, e_width, e_height, e_size, e_steps, e_guidance, e_nudge]
         e_inputs += [e_source_guidance, e_layers, e_inject, e_plain]
         e_outputs = [e_gallery, e_gallery_plain, e_status, e_state]
+        e_upload.change(mode, e_upload, [e_steps, e_guidance], queue=False)
         e_event = e_run.click(edit, e_inputs, e_outputs, api_name="edit", **model_events)
         b_inputs = [b_prompt, b_seed, b_width, b_height, b_steps, b_guidance, b_layers]
         b_event = b_run.click(bypass, b_inputs, [b_gallery, b_status, b_state], api_name="bypass", **model_events)
@@ -260,6 +265,7 @@ def browser_edit(url: str, image: str | None = None, screenshot: str | None = No
     import shutil
 
     from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -280,13 +286,18 @@ def browser_edit(url: str, image: str | None = None, screenshot: str | None = No
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-upload input[type=file]"))[0].send_keys(
                 str(Path(image).resolve())
             )
-            wait.until(lambda d: str(Path(image).name) in d.find_element(By.ID, "edit-upload").text)
+            wait.until(lambda d: Path(image).stem in d.find_element(By.ID, "edit-upload").text)  # uploaded
         driver.find_element(By.ID, "edit-run").click()
-        pictures = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-gallery img"))
-        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#edit-gallery .progress-text, .eta-bar"))
+        try:
+            wait.until(lambda d: "edit(s) at" in d.find_element(By.ID, "edit-status").text)  # written when done
+        except TimeoutException:
+            driver.save_screenshot(str(Path(screenshot or "app_failure.png").with_suffix(".failed.png")))
+            raise
+        pictures = driver.find_elements(By.CSS_SELECTOR, "#edit-gallery img")
         if screenshot is not None:
             height = driver.execute_script("return document.body.scrollHeight")
             driver.set_window_size(1400, min(height + 40, 2400))
+            driver.execute_script("window.scrollTo(0, 0)")
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(screenshot))
         return len(pictures)

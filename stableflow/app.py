@@ -265,14 +265,14 @@ class Result:
         return [(im, self.captions[n]) for n, im in self.images.items()]
 
 
-def _steps(cfg: Any) -> tuple[int, float]:
+def steps_of(cfg: Any) -> tuple[int, float]:
     """Steps and guidance as demo_0 and demo_1 resolve them (None: the model's defaults)."""
     spec = model_spec(cfg.model)
     return cfg.steps or spec.num_steps, spec.guidance if cfg.guidance is None else cfg.guidance
 
 
 def run_generate(models: FluxModels, jobs: Jobs, owner: str, cfg: Text2ImgConfig, report: Report) -> Result:
-    steps, guidance = _steps(cfg)
+    steps, guidance = steps_of(cfg)
     with jobs.run(owner, steps, report) as job:
         job.stage("generating")
         image = models.generate([cfg.prompt], [cfg.seed], cfg.width, cfg.height, steps, guidance, callback=job.step)
@@ -322,7 +322,7 @@ def run_edit(
 
 def run_bypass(models: FluxModels, jobs: Jobs, owner: str, cfg: TrajectoryConfig, report: Report) -> Result:
     """The prompt's reference and the same noise with `cfg.skip_layers` bypassed at every step (demo_2's skip)."""
-    _, guidance = _steps(cfg)
+    _, guidance = steps_of(cfg)
     with jobs.run(owner, 2 * cfg.steps, report) as job:
         pictures = []
         for what, skip in (("reference", None), (f"bypassing {cfg.skip_layers}", [frozenset(cfg.skip_layers)])):
@@ -390,9 +390,9 @@ def _config_in(cfg: Any, out: Path) -> Any:
 
 def _metadata(cfg: Any, name: str) -> dict:
     if isinstance(cfg, Text2ImgConfig):
-        return image_metadata(cfg, cfg.prompt, cfg.seed, *_steps(cfg))
+        return image_metadata(cfg, cfg.prompt, cfg.seed, *steps_of(cfg))
     bypass = cfg if name == "bypass.png" else demo_config(TrajectoryConfig, _dict(cfg) | {"skip_layers": []})
-    return sample_metadata(bypass, cfg.prompt, cfg.seed, _steps(cfg)[1])
+    return sample_metadata(bypass, cfg.prompt, cfg.seed, steps_of(cfg)[1])
 
 
 def _dict(cfg: Any) -> dict:
