@@ -121,17 +121,29 @@ def page(app, models, jobs):
                         elem_id="edit-layers",
                     )
                     e_inject = gr.Textbox("", label="inject steps: start, end (empty: every step)")
-                    e_plain = gr.Checkbox(False, label="also run the same edits without injection")
+                    e_plain = gr.Checkbox(
+                        False, label="also run the same edits without injection", elem_id="edit-plain"
+                    )
                     with gr.Row():
                         e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                         e_cancel = gr.Button("Cancel", elem_id="edit-cancel")
                         e_save = gr.Button("Save", elem_id="edit-save")
                 with gr.Column():
                     e_gallery = gr.Gallery(
-                        label="with injection", columns=4, height="auto", format="png", elem_id="edit-gallery"
+                        label="with injection",
+                        columns=4,
+                        height="auto",
+                        format="png",
+                        object_fit="contain",
+                        elem_id="edit-gallery",
                     )
                     e_gallery_plain = gr.Gallery(
-                        label="without injection", columns=4, height="auto", format="png", visible=False
+                        label="without injection",
+                        columns=4,
+                        height="auto",
+                        format="png",
+                        object_fit="contain",
+                        visible=False,
                     )
                     e_status = gr.Markdown(elem_id="edit-status")
                     e_file = gr.File(label="config (python demo_4_edit.py config.json)", interactive=False)
@@ -153,7 +165,9 @@ def page(app, models, jobs):
                         b_cancel = gr.Button("Cancel", elem_id="layers-cancel")
                         b_save = gr.Button("Save", elem_id="layers-save")
                 with gr.Column():
-                    b_gallery = gr.Gallery(label="reference and bypassed", columns=2, height="auto", format="png")
+                    b_gallery = gr.Gallery(
+                        label="reference and bypassed", columns=2, height="auto", format="png", object_fit="contain"
+                    )
                     b_status = gr.Markdown()
                     b_file = gr.File(label="config (python demo_1_layer.py config.json)", interactive=False)
             b_state = gr.State(None)
@@ -258,10 +272,13 @@ def page(app, models, jobs):
     return demo
 
 
-def browser_edit(url: str, image: str | None = None, screenshot: str | None = None, timeout: float = 300) -> int:
+def browser_edit(
+    url: str, image: str | None = None, screenshot: str | None = None, plain: bool = False, timeout: float = 300
+) -> int:
     """Open the page in headless Chromium (the system's chromium and chromedriver, driven by selenium), upload
-    `image` (None: edit a generated reference), run the edit with the page's values and wait for the result; save a
-    screenshot of the page if asked. Returns the number of pictures the result shows."""
+    `image` (None: edit a generated reference), run the edit with the page's values (`plain`: also without
+    injection) and wait for the result; save a screenshot of the page if asked. Returns the number of pictures the
+    result shows."""
     import shutil
 
     from selenium import webdriver
@@ -287,6 +304,8 @@ def browser_edit(url: str, image: str | None = None, screenshot: str | None = No
                 str(Path(image).resolve())
             )
             wait.until(lambda d: Path(image).stem in d.find_element(By.ID, "edit-upload").text)  # uploaded
+        if plain:
+            driver.find_element(By.CSS_SELECTOR, "#edit-plain input[type=checkbox]").click()
         driver.find_element(By.ID, "edit-run").click()
         try:
             wait.until(lambda d: "edit(s) at" in d.find_element(By.ID, "edit-status").text)  # written when done
@@ -295,8 +314,8 @@ def browser_edit(url: str, image: str | None = None, screenshot: str | None = No
             raise
         pictures = driver.find_elements(By.CSS_SELECTOR, "#edit-gallery img")
         if screenshot is not None:
-            height = driver.execute_script("return document.body.scrollHeight")
-            driver.set_window_size(1400, min(height + 40, 2400))
+            height = driver.execute_script("return document.documentElement.scrollHeight")
+            driver.set_window_size(1400, min(height + 200, 2400))
             driver.execute_script("window.scrollTo(0, 0)")
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(screenshot))
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.screenshot:
             demo, url, _, _ = serve(args, block=False)
-            browser_edit(url, screenshot=args.screenshot)
+            browser_edit(url, screenshot=args.screenshot, plain=True)
             demo.close()
             print(f"wrote {args.screenshot}")
         else:
