@@ -232,6 +232,22 @@ def test_starting_layers_are_demo_3s_for_this_model_else_the_releases(tmp_path):
         work.read_vitality(tmp_path / "demo_3_dino", "flux-tiny")
 
 
+@pytest.mark.slow
+def test_layers_tab_shows_a_demo_3_folder_and_hands_its_layers_to_the_edit_tab(client, run_script, tmp_path):
+    sweep, scored = tmp_path / "demo_2_skip", tmp_path / "demo_3_dino"
+    assert run_script("demo_2_skip.py", "configs/tiny/demo_2_skip.json", f"output_dir={sweep}").returncode == 0
+    r = run_script("demo_3_dino.py", "configs/tiny/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={scored}")
+    assert r.returncode == 0, r.stderr
+    vital = json.loads((scored / "vital_layers.json").read_text())["vital_layers"]
+    summary, plot, sheet = client.predict(str(scored), api_name="/vitality")
+    assert f"vital layers {vital}" in summary
+    assert np.array_equal(pixels(plot), pixels(scored / "vitality.png"))
+    assert np.array_equal(pixels(sheet), pixels(scored / "contact_sheet.png"))
+    assert work.parse_layers(client.predict(api_name="/use_vitality")["value"]) == vital
+    with pytest.raises(AppError, match="holds no vital_layers.json"):
+        client.predict(str(sweep), api_name="/vitality")
+
+
 def test_without_gradio_one_line_says_how_to_install(run_script, tmp_path):
     (tmp_path / "gradio").mkdir()
     (tmp_path / "gradio" / "__init__.py").write_text("raise ImportError('No module named gradio')\n")
