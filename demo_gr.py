@@ -62,8 +62,30 @@ def page(app, models, jobs):
     real0 = app.shipped(EditConfig, "demo_4_edit_real")
     layers0, layers_from = work.default_layers(app)
     bypass0 = app.shipped(TrajectoryConfig, "demo_1_layer")
-    first = lambda p: p if isinstance(p, str) else p[0]
     model_events = {"concurrency_limit": 1, "concurrency_id": "model"}  # one job on the model; the others queue
+
+    def picture_fields(cfg) -> list:
+        """Prompt, seed, size, steps and guidance boxes, starting from a demo's config."""
+        prompt = gr.Textbox(cfg.prompt if isinstance(cfg.prompt, str) else cfg.prompt[0], label="prompt", lines=2)
+        steps, guidance = work.steps_of(cfg)
+        with gr.Row():
+            return [
+                prompt,
+                gr.Number(cfg.seeds()[0], label="seed", precision=0, minimum=0),
+                gr.Number(cfg.width, label="width (multiple of 16)", precision=0),
+                gr.Number(cfg.height, label="height (multiple of 16)", precision=0),
+                gr.Number(steps, label="steps", precision=0),
+                gr.Number(guidance, label="guidance"),
+            ]
+
+    def buttons(label: str, kind: str) -> tuple:
+        """Run, Cancel and Save, in a row."""
+        with gr.Row():
+            return (
+                gr.Button(label, variant="primary", elem_id=f"{kind}-run"),
+                gr.Button("Cancel", elem_id=f"{kind}-cancel"),
+                gr.Button("Save", elem_id=f"{kind}-save"),
+            )
 
     with gr.Blocks(title=f"Stable Flow · {app.model}") as demo:
         gr.Markdown(
@@ -73,18 +95,8 @@ def page(app, models, jobs):
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 with gr.Column():
-                    g_prompt = gr.Textbox(first(gen0.prompt), label="prompt", lines=2)
-                    with gr.Row():
-                        g_seed = gr.Number(first(gen0.seeds()), label="seed", precision=0, minimum=0)
-                        g_width = gr.Number(gen0.width, label="width (multiple of 16)", precision=0)
-                        g_height = gr.Number(gen0.height, label="height (multiple of 16)", precision=0)
-                    with gr.Row():
-                        g_steps = gr.Number(work.steps_of(gen0)[0], label="steps", precision=0)
-                        g_guidance = gr.Number(work.steps_of(gen0)[1], label="guidance")
-                    with gr.Row():
-                        g_run = gr.Button("Generate", variant="primary", elem_id="generate-run")
-                        g_cancel = gr.Button("Cancel", elem_id="generate-cancel")
-                        g_save = gr.Button("Save", elem_id="generate-save")
+                    g_inputs = picture_fields(gen0)
+                    g_run, g_cancel, g_save = buttons("Generate", "generate")
                 with gr.Column():
                     g_image = gr.Image(
                         label="image", type="pil", format="png", interactive=False, elem_id="generate-image"
@@ -124,10 +136,7 @@ def page(app, models, jobs):
                     e_plain = gr.Checkbox(
                         False, label="also run the same edits without injection", elem_id="edit-plain"
                     )
-                    with gr.Row():
-                        e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
-                        e_cancel = gr.Button("Cancel", elem_id="edit-cancel")
-                        e_save = gr.Button("Save", elem_id="edit-save")
+                    e_run, e_cancel, e_save = buttons("Edit", "edit")
                 with gr.Column():
                     e_gallery = gr.Gallery(
                         label="with injection",
@@ -152,18 +161,9 @@ def page(app, models, jobs):
         with gr.Tab("Layers", id="layers"):
             with gr.Row():
                 with gr.Column():
-                    b_prompt = gr.Textbox(first(bypass0.prompt), label="prompt", lines=2)
-                    with gr.Row():
-                        b_seed = gr.Number(first(bypass0.seeds()), label="seed", precision=0, minimum=0)
-                        b_width = gr.Number(bypass0.width, label="width", precision=0)
-                        b_height = gr.Number(bypass0.height, label="height", precision=0)
-                        b_steps = gr.Number(bypass0.steps, label="steps", precision=0)
-                        b_guidance = gr.Number(work.steps_of(bypass0)[1], label="guidance")
+                    b_inputs = picture_fields(bypass0)
                     b_layers = gr.CheckboxGroup(work.layer_choices(app.model), label="layers to bypass")
-                    with gr.Row():
-                        b_run = gr.Button("Bypass", variant="primary", elem_id="layers-run")
-                        b_cancel = gr.Button("Cancel", elem_id="layers-cancel")
-                        b_save = gr.Button("Save", elem_id="layers-save")
+                    b_run, b_cancel, b_save = buttons("Bypass", "layers")
                 with gr.Column():
                     b_gallery = gr.Gallery(
                         label="reference and bypassed", columns=2, height="auto", format="png", object_fit="contain"
@@ -247,15 +247,15 @@ def page(app, models, jobs):
                 raise gr.Error("load a demo_3 folder first")
             return gr.Textbox(value=", ".join(map(str, v.layers)), info=f"from {v.folder}")
 
-        g_inputs = [g_prompt, g_seed, g_width, g_height, g_steps, g_guidance]
         g_event = g_run.click(generate, g_inputs, [g_image, g_status, g_state], api_name="generate", **model_events)
         e_inputs = [e_upload, e_source, e_edits, e_seed, e_width, e_height, e_size, e_steps, e_guidance, e_nudge]
         e_inputs += [e_source_guidance, e_layers, e_inject, e_plain]
         e_outputs = [e_gallery, e_gallery_plain, e_status, e_state]
         e_upload.change(mode, e_upload, [e_steps, e_guidance], queue=False)
         e_event = e_run.click(edit, e_inputs, e_outputs, api_name="edit", **model_events)
-        b_inputs = [b_prompt, b_seed, b_width, b_height, b_steps, b_guidance, b_layers]
-        b_event = b_run.click(bypass, b_inputs, [b_gallery, b_status, b_state], api_name="bypass", **model_events)
+        b_event = b_run.click(
+            bypass, b_inputs + [b_layers], [b_gallery, b_status, b_state], api_name="bypass", **model_events
+        )
         events = [g_event, e_event, b_event]
         for button, status in ((g_cancel, g_status), (e_cancel, e_status), (b_cancel, b_status)):
             button.click(
