@@ -21,6 +21,7 @@ def page(app, models, jobs):
     from flux.errors import UserError
     from stableflow import app as work
     from stableflow.edit import EditConfig
+    from stableflow.io import load_image
     from stableflow.text2img import Text2ImgConfig
     from stableflow.trajectory import TrajectoryConfig
 
@@ -178,8 +179,8 @@ def page(app, models, jobs):
                 v_use = gr.Button("Use its vital layers for editing")
             v_summary = gr.Markdown()
             with gr.Row():
-                v_plot = gr.Image(label="vitality.png", interactive=False)
-                v_sheet = gr.Image(label="contact_sheet.png", interactive=False)
+                v_plot = gr.Image(label="vitality.png", format="png", interactive=False)
+                v_sheet = gr.Image(label="contact_sheet.png", format="png", interactive=False)
             v_layers = gr.State(None)
 
         # --------------------------------------------------------------------------------------- the handlers
@@ -240,7 +241,7 @@ def page(app, models, jobs):
         @shown
         def load_vitality(folder):
             v = work.read_vitality(folder, app.model)
-            return v.summary, str(v.plot) if v.plot else None, str(v.contact_sheet) if v.contact_sheet else None, v
+            return v.summary, *(load_image(p) if p else None for p in (v.plot, v.contact_sheet)), v
 
         def use_vitality(v):
             if v is None:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -226,7 +227,7 @@ class Jobs:
     def __init__(self):
         self._lock = threading.Lock()
         self.current: Job | None = None
-        self.log: list[tuple[Job, float, float]] = []  # (job, start, end) in time.monotonic seconds
+        self.log: deque[tuple[Job, float, float]] = deque(maxlen=100)  # (job, start, end), time.monotonic seconds
 
     @contextmanager
     def run(self, owner: str, total: int, report: Report) -> Iterator[Job]:
@@ -274,7 +275,7 @@ def steps_of(cfg: Any) -> tuple[int, float]:
 def run_generate(models: FluxModels, jobs: Jobs, owner: str, cfg: Text2ImgConfig, report: Report) -> Result:
     steps, guidance = steps_of(cfg)
     with jobs.run(owner, steps, report) as job:
-        job.stage("generating")
+        job.stage("1 image")
         image = models.generate([cfg.prompt], [cfg.seed], cfg.width, cfg.height, steps, guidance, callback=job.step)
     name = image_name(0, cfg.seed)
     return Result(cfg, {name: tensor_to_pil(image[0])}, {name: f"seed {cfg.seed}: {cfg.prompt}"})
@@ -310,12 +311,10 @@ def run_edit(
     total = edit_steps(cfg) + (edit_steps(plain) if plain is not None else 0)
     with jobs.run(owner, total, report) as job:
         n = len(cfg.edits)
-        job.stage(
-            f"{'inverting and ' * cfg.real}editing: {n} edit{'s' * (n > 1)} with injection in {cfg.injection_layers[0]}"
-        )
+        job.stage(f"{'inversion, ' * cfg.real}reference and {n} edit{'s' * (n > 1)}, injection in {cfg.vital_layers}")
         result = _edit(models, cfg, job)
         if plain is not None:
-            job.stage(f"the same {n} edit{'s' * (n > 1)} without injection")
+            job.stage(f"reference and {n} edit{'s' * (n > 1)} without injection")
             result.plain = _edit(models, plain, job)
     return result
 
@@ -325,7 +324,8 @@ def run_bypass(models: FluxModels, jobs: Jobs, owner: str, cfg: TrajectoryConfig
     _, guidance = steps_of(cfg)
     with jobs.run(owner, 2 * cfg.steps, report) as job:
         pictures = []
-        for what, skip in (("reference", None), (f"bypassing {cfg.skip_layers}", [frozenset(cfg.skip_layers)])):
+        bypassed = (f"image 2 of 2, layers {cfg.skip_layers} bypassed", [frozenset(cfg.skip_layers)])
+        for what, skip in (("image 1 of 2, the reference", None), bypassed):
             job.stage(what)
             pictures.append(
                 models.generate(

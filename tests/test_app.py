@@ -194,7 +194,7 @@ def test_one_job_at_a_time_the_second_waits_with_its_place(served):
     finally:
         served.jobs._lock.release()
     a.result(timeout=60), b.result(timeout=60)
-    (job_a, start_a, end_a), (job_b, start_b, end_b) = served.jobs.log[-2:]
+    (job_a, start_a, end_a), (job_b, start_b, end_b) = list(served.jobs.log)[-2:]
     assert job_a.owner != job_b.owner and end_a <= start_b  # one after the other, never together
 
 
