@@ -187,7 +187,7 @@ def page(app, models, jobs):
 
         @shown
         def generate(prompt, seed, width, height, steps, guidance, request: gr.Request, progress=gr.Progress()):
-            cfg = work.generate_config(app, prompt, seed, width, height, none(steps), none(guidance))
+            cfg = work.generate_config(app, work.PictureForm(prompt, seed, width, height, none(steps), none(guidance)))
             result = work.run_generate(models, jobs, owner(request), cfg, reporter(progress))
             ((image, caption),) = result.gallery()
             return image, f"{caption} ({cfg.width}x{cfg.height})", result
@@ -205,8 +205,8 @@ def page(app, models, jobs):
                 none(size),
                 none(steps),
                 none(guidance),
-                work.parse_layers(layers, "injection layers"),
-                work.parse_layers(inject, "inject steps") or None,
+                work.parse_numbers(layers, "injection layers"),
+                work.parse_numbers(inject, "inject steps") or None,
                 none(nudge),
                 none(source_guidance),
             )
@@ -225,7 +225,8 @@ def page(app, models, jobs):
 
         @shown
         def bypass(prompt, seed, width, height, steps, guidance, layers, request: gr.Request, progress=gr.Progress()):
-            cfg = work.bypass_config(app, prompt, seed, width, height, steps, none(guidance), sorted(layers or []))
+            form = work.PictureForm(prompt, seed, width, height, none(steps), none(guidance))
+            cfg = work.bypass_config(app, form, sorted(layers or []))
             result = work.run_bypass(models, jobs, owner(request), cfg, reporter(progress))
             return result.gallery(), f"{cfg.width}x{cfg.height}, {cfg.steps} steps", result
 

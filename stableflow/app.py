@@ -109,12 +109,12 @@ def demo_config(cls: type, values: dict[str, Any]) -> Any:
             raise UserError("\n".join(e.problems)) from None
 
 
-def parse_layers(text: str, what: str = "layers") -> list[int]:
-    """'0, 1 17' -> [0, 1, 17]; an empty text is no layer. Range checks are the configs'."""
+def parse_numbers(text: str, what: str) -> list[int]:
+    """'0, 1 17' -> [0, 1, 17] (layers, or inject steps); an empty text is an empty list. Ranges are the configs'."""
     words = [w for w in re.split(r"[\s,;\[\]]+", text or "") if w]
     bad = [w for w in words if not re.fullmatch(r"-?\d+", w)]
     if bad:
-        raise UserError(f"{what}: {', '.join(repr(w) for w in bad)} is not a layer index: write numbers, e.g. 0, 1, 17")
+        raise UserError(f"{what}: {', '.join(map(repr, bad))} is not a whole number: write numbers, e.g. 0, 1, 17")
     return [int(w) for w in words]
 
 
@@ -127,10 +127,21 @@ def layer_choices(model: str) -> list[tuple[str, int]]:
 # ----------------------------------------------------------------------------------------------- requests
 
 
-def generate_config(app: AppConfig, prompt: str, seed: int, width: int, height: int, steps, guidance) -> Text2ImgConfig:
-    """demo_0's config of one picture (steps, guidance None: the model's defaults)."""
-    values = {"prompt": prompt, "seed": seed, "width": width, "height": height, "steps": steps, "guidance": guidance}
-    return demo_config(Text2ImgConfig, app.base() | values | {"output_dir": app.output_dir})
+@dataclass
+class PictureForm:
+    """One prompt's picture: the Generate and Layers tabs' fields (steps, guidance None: the model's defaults)."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int | None = None
+    guidance: float | None = None
+
+
+def generate_config(app: AppConfig, form: PictureForm) -> Text2ImgConfig:
+    """demo_0's config of one picture."""
+    return demo_config(Text2ImgConfig, app.base() | vars(form) | {"output_dir": app.output_dir})
 
 
 @dataclass
@@ -180,12 +191,10 @@ def default_layers(app: AppConfig) -> tuple[list[int], str]:
     return EditConfig(model=app.model, output_dir=app.output_dir).injection_layers
 
 
-def bypass_config(
-    app: AppConfig, prompt: str, seed: int, width: int, height: int, steps: int, guidance, layers: list[int]
-) -> TrajectoryConfig:
+def bypass_config(app: AppConfig, form: PictureForm, layers: list[int]) -> TrajectoryConfig:
     """demo_1's config of one prompt with `layers` bypassed at every step (its final image is the bypass result)."""
-    values = {"prompt": prompt, "seed": seed, "width": width, "height": height, "steps": steps, "guidance": guidance}
-    return demo_config(TrajectoryConfig, app.base() | values | {"skip_layers": layers, "output_dir": app.output_dir})
+    values = vars(form) | {"skip_layers": layers, "output_dir": app.output_dir}
+    return demo_config(TrajectoryConfig, app.base() | {k: v for k, v in values.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------- jobs

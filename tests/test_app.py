@@ -167,7 +167,7 @@ def test_bad_input_gets_the_demos_message_in_the_page(client, served, tmp_path):
         client.predict("a red fox", 0, 40, 32, 3, None, api_name="/generate")
     with pytest.raises(AppError, match=r"layer 9 out of range: this model has layers 0\.\.5"):
         edit(client, layers="0, 9")
-    with pytest.raises(AppError, match="'x' is not a layer index"):
+    with pytest.raises(AppError, match="injection layers: 'x' is not a whole number"):
         edit(client, layers="0, x")
     with pytest.raises(AppError, match="nothing to save yet"):
         Client(served.url, verbose=False).predict(api_name="/save_edit")
@@ -247,7 +247,7 @@ def test_layers_tab_shows_a_demo_3_folder_and_hands_its_layers_to_the_edit_tab(c
     assert f"vital layers {vital}" in summary
     assert np.array_equal(pixels(plot), pixels(scored / "vitality.png"))
     assert np.array_equal(pixels(sheet), pixels(scored / "contact_sheet.png"))
-    assert work.parse_layers(client.predict(api_name="/use_vitality")["value"]) == vital
+    assert work.parse_numbers(client.predict(api_name="/use_vitality")["value"], "layers") == vital
     with pytest.raises(AppError, match="holds no vital_layers.json"):
         client.predict(str(sweep), api_name="/vitality")
 
