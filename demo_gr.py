@@ -68,13 +68,13 @@ def page(app, models, jobs):
     def picture_fields(cfg) -> list:
         """Prompt, seed, size, steps and guidance boxes, starting from a demo's config."""
         prompt = gr.Textbox(cfg.prompt if isinstance(cfg.prompt, str) else cfg.prompt[0], label="prompt", lines=2)
-        steps, guidance = work.steps_of(cfg)
+        (width, height), steps, guidance = cfg.image_size, cfg.num_steps, cfg.guidance_value
         with gr.Row():
             return [
                 prompt,
                 gr.Number(cfg.seeds()[0], label="seed", precision=0, minimum=0),
-                gr.Number(cfg.width, label="width (multiple of 16)", precision=0),
-                gr.Number(cfg.height, label="height (multiple of 16)", precision=0),
+                gr.Number(width, label="width (multiple of 16)", precision=0),
+                gr.Number(height, label="height (multiple of 16)", precision=0),
                 gr.Number(steps, label="steps", precision=0),
                 gr.Number(guidance, label="guidance"),
             ]
@@ -119,12 +119,12 @@ def page(app, models, jobs):
                     e_edits = gr.Textbox("\n".join(edit0.edits), label="edit prompts, one a line", lines=3)
                     with gr.Row():
                         e_seed = gr.Number(edit0.seed, label="seed (generated)", precision=0, minimum=0)
-                        e_width = gr.Number(edit0.width, label="width (generated)", precision=0)
-                        e_height = gr.Number(edit0.height, label="height (generated)", precision=0)
+                        e_width = gr.Number(edit0.image_size[0], label="width (generated)", precision=0)
+                        e_height = gr.Number(edit0.image_size[1], label="height (generated)", precision=0)
                         e_size = gr.Number(real0.size, label="shorter side (real; fitted to 16s)", precision=0)
                     with gr.Row():
                         e_steps = gr.Number(edit0.num_steps, label="steps", precision=0)
-                        e_guidance = gr.Number(edit0.edit_guidance, label="guidance")
+                        e_guidance = gr.Number(edit0.guidance_value, label="guidance")
                         e_nudge = gr.Number(real0.nudge, label="nudge (real)")
                         e_source_guidance = gr.Number(real0.source_guidance, label="source guidance (real)")
                     e_layers = gr.Textbox(
@@ -190,7 +190,7 @@ def page(app, models, jobs):
             cfg = work.generate_config(app, work.PictureForm(prompt, seed, width, height, none(steps), none(guidance)))
             result = work.run_generate(models, jobs, owner(request), cfg, reporter(progress))
             ((image, caption),) = result.gallery()
-            return image, f"{caption} ({cfg.width}x{cfg.height})", result
+            return image, f"{caption} ({'x'.join(map(str, cfg.image_size))})", result
 
         @shown
         def edit(upload, source, edits, seed, width, height, size, steps, guidance, nudge, source_guidance, layers,
@@ -213,7 +213,7 @@ def page(app, models, jobs):
             cfg, source_of_layers = work.edit_config(app, form)
             without = work.edit_config(app, work.EditForm(**{**vars(form), "layers": []}))[0] if plain else None
             result = work.run_edit(models, jobs, owner(request), cfg, without, reporter(progress))
-            w, h = cfg.input_image.size if cfg.real else (cfg.width, cfg.height)
+            w, h = cfg.image_size
             note = f"{len(cfg.edits)} edit(s) at {w}x{h}, {cfg.num_steps} steps, injection in layers {cfg.vital_layers}"
             note += f" ({source_of_layers})" if source_of_layers != "given" else ""
             return (
@@ -228,11 +228,11 @@ def page(app, models, jobs):
             form = work.PictureForm(prompt, seed, width, height, none(steps), none(guidance))
             cfg = work.bypass_config(app, form, sorted(layers or []))
             result = work.run_bypass(models, jobs, owner(request), cfg, reporter(progress))
-            return result.gallery(), f"{cfg.width}x{cfg.height}, {cfg.steps} steps", result
+            return result.gallery(), f"{'x'.join(map(str, cfg.image_size))}, {cfg.num_steps} steps", result
 
         def mode(upload):  # an upload or its removal: the release's steps and guidance for that kind of edit
             cfg = real0 if upload else edit0
-            return cfg.num_steps, cfg.edit_guidance
+            return cfg.num_steps, cfg.guidance_value
 
         def cancel(request: gr.Request):
             if jobs.cancel(owner(request)):

@@ -39,12 +39,12 @@ from .edit import (
     edit_real,
     edit_settings,
     pil_to_tensor,
-    png_metadata,
     reference_files,
 )
 from .io import atomic_write_text, save_png, tensor_to_pil
-from .text2img import Text2ImgConfig, image_metadata, image_name
-from .trajectory import TrajectoryConfig, sample_metadata
+from .runs import settings_of
+from .text2img import Text2ImgConfig, image_name
+from .trajectory import TrajectoryConfig
 
 if TYPE_CHECKING:
     from flux.pipeline import FluxModels
@@ -275,17 +275,12 @@ class Result:
         return [(im, self.captions[n]) for n, im in self.images.items()]
 
 
-def steps_of(cfg: Any) -> tuple[int, float]:
-    """Steps and guidance as demo_0 and demo_1 resolve them (None: the model's defaults)."""
-    spec = model_spec(cfg.model)
-    return cfg.steps or spec.num_steps, spec.guidance if cfg.guidance is None else cfg.guidance
-
-
 def run_generate(models: FluxModels, jobs: Jobs, owner: str, cfg: Text2ImgConfig, report: Report) -> Result:
-    steps, guidance = steps_of(cfg)
-    with jobs.run(owner, steps, report) as job:
+    with jobs.run(owner, cfg.num_steps, report) as job:
         job.stage("1 image")
-        image = models.generate([cfg.prompt], [cfg.seed], cfg.width, cfg.height, steps, guidance, callback=job.step)
+        image = models.generate(
+            [cfg.prompt], [cfg.seed], *cfg.image_size, cfg.num_steps, cfg.guidance_value, callback=job.step
+        )
     name = image_name(0, cfg.seed)
     return Result(cfg, {name: tensor_to_pil(image[0])}, {name: f"seed {cfg.seed}: {cfg.prompt}"})
 
@@ -297,7 +292,7 @@ def _edit(models: FluxModels, cfg: EditConfig, job: Job) -> Result:
         image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge)
         result = edit_real(models, request, image, callback=job.step)
     else:
-        result = edit_generated(models, request, cfg.seed, cfg.width, cfg.height, callback=job.step)
+        result = edit_generated(models, request, cfg.seed, *cfg.image_size, callback=job.step)
     names = [edit_file(i, p) for i, p in enumerate(cfg.edits)]
     refs = reference_files(cfg)
     pictures = ([cfg.input_image] if cfg.real else []) + [tensor_to_pil(result.reference)]
@@ -330,15 +325,20 @@ def run_edit(
 
 def run_bypass(models: FluxModels, jobs: Jobs, owner: str, cfg: TrajectoryConfig, report: Report) -> Result:
     """The prompt's reference and the same noise with `cfg.skip_layers` bypassed at every step (demo_2's skip)."""
-    _, guidance = steps_of(cfg)
-    with jobs.run(owner, 2 * cfg.steps, report) as job:
+    with jobs.run(owner, 2 * cfg.num_steps, report) as job:
         pictures = []
         bypassed = (f"image 2 of 2, layers {cfg.skip_layers} bypassed", [frozenset(cfg.skip_layers)])
         for what, skip in (("image 1 of 2, the reference", None), bypassed):
             job.stage(what)
             pictures.append(
                 models.generate(
-                    [cfg.prompt], [cfg.seed], cfg.width, cfg.height, cfg.steps, guidance, skip, callback=job.step
+                    [cfg.prompt],
+                    [cfg.seed],
+                    *cfg.image_size,
+                    cfg.num_steps,
+                    cfg.guidance_value,
+                    skip,
+                    callback=job.step,
                 )[0]
             )
     depth = model_spec(cfg.model).params.depth
@@ -398,10 +398,11 @@ def _config_in(cfg: Any, out: Path) -> Any:
 
 
 def _metadata(cfg: Any, name: str) -> dict:
+    """The record demo_0 (an image) or demo_1 (a sample's final.png: the reference bypasses nothing) writes."""
+    own = {"prompt": cfg.prompt, "seed": cfg.seed}
     if isinstance(cfg, Text2ImgConfig):
-        return image_metadata(cfg, cfg.prompt, cfg.seed, *steps_of(cfg))
-    bypass = cfg if name == "bypass.png" else demo_config(TrajectoryConfig, _dict(cfg) | {"skip_layers": []})
-    return sample_metadata(bypass, cfg.prompt, cfg.seed, steps_of(cfg)[1])
+        return settings_of(cfg) | own
+    return settings_of(cfg) | {"skip_layers": sorted(cfg.skip_layers) if name == "bypass.png" else []} | own
 
 
 def _dict(cfg: Any) -> dict:
@@ -413,10 +414,13 @@ def _save_edit(result: Result, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(EditConfig, _dict(_config_in(result.config, out)) | {"output_dir": str(out)})
-    names = [edit_file(i, p) for i, p in enumerate(cfg.edits)]
+    prompts = {n: cfg.source_prompt for n in reference_files(cfg)} | {
+        edit_file(i, p): p for i, p in enumerate(cfg.edits)
+    }
     settings = edit_settings(cfg)
-    for name, image in result.images.items():
-        save_png(out / name, image, png_metadata(cfg, settings, name, names))
+    for name, image in result.images.items():  # demo_4's record, and what its input.png adds
+        extra = {"image": cfg.image, "size": cfg.size or 0} if name == "input.png" else {}
+        save_png(out / name, image, settings | {"prompt": prompts[name]} | extra)
     demo_4_edit.main(cfg)
     return [out / n for n in result.images] + [out / "grid.png", out / "results.json"]
 
