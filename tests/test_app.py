@@ -74,6 +74,12 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def record(path) -> dict:
+    """A PNG's text chunks: the settings the demos record in it."""
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
 def saved(client: Client, kind: str) -> Path:
     """Save the session's last result; the folder it went to (the config offered for download lies in it)."""
     message, config = client.predict(api_name=f"/save_{kind}")
@@ -95,6 +101,7 @@ def test_generate_is_demo_0s_picture_and_saves_in_its_format(client, served, tmp
     (fresh,) = demo_0_test.main(cfg, served.models)
     assert np.array_equal(pixels(fresh), pixels(folder / fresh.name))
     assert np.array_equal(pixels(fresh), pixels(shown))
+    assert record(folder / fresh.name) == record(fresh)  # the demo's record, key for key
 
 
 def test_edit_generated_with_and_without_injection(client, served, tmp_path, capsys):
@@ -117,6 +124,7 @@ def test_edit_generated_with_and_without_injection(client, served, tmp_path, cap
         demo_4_edit.main(cfg, served.models)
         for name in ("reference.png", "edit_00_a-white-fox-in-the-snow.png", "edit_01_a-red-fox-on-the-grass.png"):
             assert np.array_equal(pixels(sub / name), pixels(Path(cfg.output_dir) / name)), name
+            assert record(sub / name) == record(Path(cfg.output_dir) / name), name
     shown = [pixels(t["image"]) for t in injected]
     assert all(
         np.array_equal(a, pixels(folder / n))
@@ -137,6 +145,7 @@ def test_edit_an_uploaded_image(client, served, tmp_path):
     demo_4_edit.main(cfg, served.models)
     for name in ("input.png", "reconstruction.png", "edit_00_a-green-ring.png"):
         assert np.array_equal(pixels(folder / name), pixels(tmp_path / name)), name
+        assert record(folder / name) == record(tmp_path / name), name
 
 
 def test_bypass_a_layer(client, served, tmp_path):
