@@ -115,7 +115,9 @@ def page(app, models, jobs):
                         type="filepath",
                         elem_id="edit-upload",
                     )
-                    e_source = gr.Textbox(edit0.source_prompt, label="source prompt (describes the reference)")
+                    e_source = gr.Textbox(
+                        edit0.source_prompt, label="source prompt (describes the reference)", elem_id="edit-source"
+                    )
                     e_edits = gr.Textbox("\n".join(edit0.edits), label="edit prompts, one a line", lines=3)
                     with gr.Row():
                         e_seed = gr.Number(edit0.seed, label="seed (generated)", precision=0, minimum=0)
@@ -138,6 +140,13 @@ def page(app, models, jobs):
                         False, label="also run the same edits without injection", elem_id="edit-plain"
                     )
                     e_run, e_cancel, e_save = buttons("Edit", "edit")
+                    if examples := work.EDIT_EXAMPLES.get(app.model):
+                        gr.Examples(
+                            [[source, "\n".join(edits), seed] for source, edits, seed in examples],
+                            [e_source, e_edits, e_seed],
+                            label=f"examples: click one to fill the prompts and seed ({app.model})",
+                            elem_id="edit-examples",
+                        )
                 with gr.Column():
                     e_gallery = gr.Gallery(
                         label="with injection",
@@ -275,12 +284,17 @@ def page(app, models, jobs):
 
 
 def browser_edit(
-    url: str, image: str | None = None, screenshot: str | None = None, plain: bool = False, timeout: float = 300
+    url: str,
+    image: str | None = None,
+    screenshot: str | None = None,
+    plain: bool = False,
+    example: int | None = None,
+    timeout: float = 300,
 ) -> int:
     """Open the page in headless Chromium (the system's chromium and chromedriver, driven by selenium), upload
-    `image` (None: edit a generated reference), run the edit with the page's values (`plain`: also without
-    injection) and wait for the result; save a screenshot of the page if asked. Returns the number of pictures the
-    result shows."""
+    `image` (None: edit a generated reference) or click the edit tab's `example`, run the edit with the page's
+    values (`plain`: also without injection) and wait for the result; save a screenshot of the page if asked.
+    Returns the number of pictures the result shows."""
     import shutil
 
     from selenium import webdriver
@@ -306,6 +320,14 @@ def browser_edit(
                 str(Path(image).resolve())
             )
             wait.until(lambda d: Path(image).stem in d.find_element(By.ID, "edit-upload").text)  # uploaded
+        if example is not None:
+            rows = wait.until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-examples tbody tr, #edit-examples button")
+            )
+            source = driver.find_element(By.CSS_SELECTOR, "#edit-source textarea")
+            before = source.get_attribute("value")
+            rows[example].click()
+            wait.until(lambda d: source.get_attribute("value") != before)  # the example's prompts are in the page
         if plain:
             driver.find_element(By.CSS_SELECTOR, "#edit-plain input[type=checkbox]").click()
         driver.find_element(By.ID, "edit-run").click()
@@ -366,13 +388,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
     from flux.errors import UserError
-    from stableflow.app import default_model
+    from stableflow import app as work
 
-    args.name = args.name or default_model()
+    args.name = args.name or work.default_model()
     try:
         if args.screenshot:
             demo, url, _, _ = serve(args, block=False)
-            browser_edit(url, screenshot=args.screenshot, plain=True)
+            example = 0 if work.EDIT_EXAMPLES.get(args.name) else None  # the first example, where the model has one
+            browser_edit(url, screenshot=args.screenshot, plain=True, example=example)
             demo.close()
             print(f"wrote {args.screenshot}")
         else:

@@ -52,6 +52,29 @@ if TYPE_CHECKING:
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHORT = {"flux-mini": "mini", "flux-tiny": "tiny"}  # their shipped configs' folder, under configs/ and outputs/
+# The Edit tab's examples, (source prompt, edit prompts, seed): for flux-mini, captions of its world (mini.world: one
+# to three objects) edited as mini.edits does (recolour one object, change the background), on seeds whose
+# reference shows its caption.
+EDIT_EXAMPLES = {
+    "flux-mini": [
+        (
+            "a blue star and an orange star on a gray background",
+            [
+                "a blue star and a yellow star on a gray background",
+                "a blue star and an orange star on a white background",
+            ],
+            0,
+        ),
+        (
+            "a red circle in the center and a large orange star on a gray background",
+            [
+                "a green circle in the center and a large orange star on a gray background",
+                "a red circle in the center and a large orange star on a black background",
+            ],
+            1,
+        ),
+    ]
+}
 
 
 def default_model() -> str:

@@ -245,6 +245,14 @@ def test_starting_layers_are_demo_3s_for_this_model_else_the_releases(tmp_path):
         work.read_vitality(tmp_path / "demo_3_dino", "flux-tiny")
 
 
+def test_flux_minis_examples_are_captions_of_its_world():
+    from mini.world import caption, parse_caption
+
+    for source, edits, _ in work.EDIT_EXAMPLES["flux-mini"]:
+        for text in (source, *edits):
+            assert caption(parse_caption(text)) == text  # the world's own wording: flux-mini learned only that
+
+
 @pytest.mark.slow
 def test_layers_tab_shows_a_demo_3_folder_and_hands_its_layers_to_the_edit_tab(client, run_script, tmp_path):
     sweep, scored = tmp_path / "demo_2_skip", tmp_path / "demo_3_dino"
