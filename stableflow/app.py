@@ -175,8 +175,8 @@ class EditForm:
     source_prompt: str
     edits: list[str]
     seed: int = 0
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # None: the model's native size, as the configs take it
+    height: int | None = None
     image: str | None = None
     size: int | None = 1024
     steps: int | None = None
