@@ -1,11 +1,11 @@
 """Find FLUX's vital layers: similarity of every layer-bypassed image (demo_2_skip.py) to its reference.
 
     python demo_3_dino.py configs/demo_3_dino.json            # score a sweep -> vital_layers.json, CSV, plots
-    python demo_3_dino.py configs/mini/demo_3_dino.json       # flux-mini's sweep, scored with SSIM (no weights)
+    python demo_3_dino.py configs/mini/demo_3_dino.json       # flux-mini's sweep, scored by its world's detector
     python demo_3_dino.py image_a=a.png image_b=b.png         # plain mode: similarity of two images
     python demo_3_dino.py folder_a=runA folder_b=runB         # plain mode: of same-named images in two folders
 
-The metric is DINOv2's (the paper's) or SSIM. Re-running after more sweep images arrive embeds only the new ones
+The metric is DINOv2's (the paper's), SSIM, or on flux-mini its world's detector (mini-detector, semantic as DINOv2). Re-running after more sweep images arrive embeds only the new ones
 (DINOv2 features are cached inside the sweep folder).
 """
 
@@ -28,6 +28,7 @@ from stableflow.vitality import (
     selection_dict,
     similarities,
 )
+from stableflow.world_similarity import detector_pairs, require_world_model
 
 
 def main(cfg: DinoConfig) -> None:
@@ -39,6 +40,8 @@ def main(cfg: DinoConfig) -> None:
     cache_file = dino.cache_path(cfg.sweep_dir, cfg.dino_model, cfg.cache_dir)
     sweep = scan_sweep(cfg.sweep_dir, cfg.num_double, exclude=[Path(cfg.output_dir), cache_file.parent])
     sweep.require_pairs()
+    if cfg.metric == "mini-detector":
+        require_world_model((sweep.manifest or {}).get("model"), f"sweep {sweep.root}")
     report.print_missing(sweep)
 
     # Compare each ablated image with its reference; DINOv2 embeds every image once (cached across runs).
@@ -81,9 +84,11 @@ def main(cfg: DinoConfig) -> None:
 
 
 def similarity_of(cfg: DinoConfig, device, cache: dino.FeatureCache | None = None) -> dino.Similarity:
-    """The chosen metric as a function of image pairs: DINOv2 (loaded here) or SSIM (no weights)."""
+    """The chosen metric as a function of image pairs: DINOv2 (loaded here), SSIM or the world's detector."""
     if cfg.metric == "ssim":
         return ssim_pairs
+    if cfg.metric == "mini-detector":
+        return detector_pairs
     embedder = dino.DinoEmbedder(dino.load_dino(cfg.dino_model, device), device, cfg.batch_size, cfg.num_workers)
     return dino.dino_similarity(embedder, cache, progress=sys.stderr.isatty())
 

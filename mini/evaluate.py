@@ -104,24 +104,23 @@ def layer_sets(models: FluxModels, vital: list[int]) -> dict[str, list[int]]:
 
 
 def ablation_generated(models: FluxModels, vital: list[int], cases: int, seed: int) -> dict:
-    """Per family and layer set: success and untouched IoU of same-seed edits of generated references."""
+    """Per family and layer set: success and untouched IoU of same-seed edits of generated references. References
+    are drawn first (alone, batched) and only the right ones are edited: the others cannot measure an edit."""
     sets = layer_sets(models, vital)
     out = {}
     for family in FAMILIES:
         grades = {c: [] for c in CONFIGS}
-        refs_ok = 0
-        for k, (source, target, edit) in enumerate(edit_cases(cases, seed, family)):
-            results = {
-                c: edit_generated(models, EditRequest(source, [target], STEPS, 0.0, sets[c]), 1000 * seed + k, 128, 128)
-                for c in CONFIGS
-            }
-            ref = results["vital"].reference.float().cpu()
-            if not reference_ok(ref, edit):
-                continue
-            refs_ok += 1
+        todo = edit_cases(cases, seed, family)
+        seeds = [1000 * seed + k for k in range(len(todo))]
+        refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS).cpu()
+                          for i in range(0, len(todo), 32)])  # fmt: skip
+        right = [k for k, (det, (_, _, edit)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(det, edit)]
+        for k in right:
+            source, target, edit = todo[k]
             for c in CONFIGS:
-                grades[c].append(grade(ref, results[c].edits[0].float().cpu(), edit))
-        out[family] = {c: _summary(grades[c], refs_ok, cases) for c in CONFIGS}
+                r = edit_generated(models, EditRequest(source, [target], STEPS, 0.0, sets[c]), seeds[k], 128, 128)
+                grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
+        out[family] = {c: _summary(grades[c], len(right), cases) for c in CONFIGS}
         print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in CONFIGS), flush=True)
     return out
 

@@ -127,6 +127,8 @@ def rule_text(selection: dict) -> str:
 METRICS = {
     "dinov2": "cosine of DINOv2 CLS embeddings (pooler_output), ablated vs reference",
     "ssim": "SSIM of the 8-bit RGB images (11x11 Gaussian window, sigma 1.5), ablated vs reference",
+    "mini-detector": "mini.detect.semantic_similarity: mean over matched objects of mask IoU if colour and shape "
+    "agree (a missing or extra object 0), times 1 if the backgrounds agree, ablated vs reference",
 }
 
 
@@ -256,12 +258,13 @@ class DinoConfig:
         metadata={"help": "demo_2_skip.py output folder: <prompt_id>/ref.png, <prompt_id>/layer_XX.png, manifest.json"},
     )
     output_dir: str = field(default="outputs/demo_3_dino", metadata={"help": "folder for the outputs"})
-    metric: Literal["dinov2", "ssim"] = field(
+    metric: Literal["dinov2", "ssim", "mini-detector"] = field(
         default="dinov2",
         metadata={
             "help": "how an ablated image is compared with its reference: 'dinov2' (the paper's: cosine of DINOv2 "
-            "embeddings; for real models) or 'ssim' (structural similarity of the pixels: needs no weights; "
-            "meaningful on flux-mini's procedural images)"
+            "embeddings; for real models), 'ssim' (structural similarity of the pixels: needs no weights) or "
+            "'mini-detector' (flux-mini only: mini.detect's semantic similarity of the objects, their colours, "
+            "shapes and masks, and the background; a deleted or recoloured object counts as damage)"
         },
     )
     dino_model: str = field(
@@ -341,7 +344,7 @@ class DinoConfig:
 
     @property
     def scorer(self) -> str | None:
-        """The DINOv2 model the metric uses (None for SSIM, which needs no weights)."""
+        """The DINOv2 model the metric uses (None for the others, which need no weights)."""
         return self.dino_model if self.metric == "dinov2" else None
 
     def vital_rule(self) -> dict:

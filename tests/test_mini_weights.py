@@ -19,7 +19,7 @@ def test_manifest_hashes_match_the_files():
     assert set(manifest["sha256"]) == files
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((MINI / name).read_bytes()).hexdigest() == digest, name
-    assert sum((MINI / n).stat().st_size for n in files) <= 24 * 2**20
+    assert sum((MINI / n).stat().st_size for n in files) <= 32 * 2**20  # issue 18's budget
 
 
 def test_loads_through_the_strict_loader():
@@ -32,7 +32,7 @@ def test_loads_through_the_strict_loader():
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
     t5 = load_t5("cpu", spec.max_length, version=spec.t5_version, dtype=torch.float32)
     clip = load_clip("cpu", version=spec.clip_version, dtype=torch.float32)
-    prompt = ["a red circle at the top left on a white background"]
+    prompt = ["a red circle at the top left and a small blue ring on a white background"]
     txt, vec = t5(prompt), clip(prompt)
     assert txt.shape == (1, spec.max_length, spec.params.context_in_dim) and vec.shape == (1, spec.params.vec_in_dim)
     # One denoising step and a decode run and stay finite.
