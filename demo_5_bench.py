@@ -2,6 +2,7 @@
 
     python demo_5_bench.py configs/mini/demo_5_bench.json   # flux-mini's world: every method, detector-graded, CPU
     python demo_5_bench.py configs/demo_5_bench.json cases_path=/data/PIE-Bench   # FLUX.1 on your PIE-Bench copy
+    torchrun --nproc_per_node 8 demo_5_bench.py configs/demo_5_bench.json cases_path=...  # cases shared among GPUs
 
 Runs every case through every method (stableflow.methods, their published defaults) and writes
 <output_dir>/cases/<case>/source.png and <method>.png, metrics.csv (one row per case x method, NaNs kept),
@@ -12,6 +13,7 @@ computed again from the PNGs, so they are the same in the run that made an edit 
 
 import math
 import time
+from dataclasses import replace
 
 from flux.pipeline import FluxModels
 from stableflow.bench import (
@@ -32,6 +34,7 @@ from stableflow.io import atomic_write_text, load_image, make_grid
 from stableflow.methods import EditCase, edit, prepare
 from stableflow.metrics import clean_prompt
 from stableflow.runs import Output, Run, png_record, settings, weights
+from stableflow.sweep import Dist, sweep_device
 
 
 def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
@@ -62,10 +65,13 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
     tools = metric_tools(cfg, columns)  # a metric's network that cannot load fails before the work
 
     # The edits still missing, case by case: each case prepared once (prompts encoded, source latent) for all methods.
-    work = [c for c in cases if {source_of(c), *(edit_of(c, m) for m in names)} & todo]
+    # Under torchrun each process takes every WORLD_SIZE-th such case (as demo_2 does).
+    dist = Dist.from_env()
+    work = [c for c in cases if {source_of(c), *(edit_of(c, m) for m in names)} & todo][dist.rank :: dist.world_size]
+    made = sum(edit_of(c, m) in todo for c in work for m in names)
     if work:
-        models = models or load_models_for(cfg)
-        with run.working(sum(edit_of(c, m) in todo for c in work for m in names), "editing", "edit") as bar:
+        models = models or load_models_for(replace(cfg, device=sweep_device(cfg.device, dist)))
+        with run.working(made, f"{dist.tag}editing", "edit") as bar:
             for c in work:
                 spec = EditCase(
                     clean_prompt(c.source_prompt), clean_prompt(c.target_prompt),
@@ -81,6 +87,11 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
                         seconds = time.perf_counter() - start
                         run.save(edit_of(c, m), result.image, {"nfe": result.nfe, "seconds": round(seconds, 4)})
                         bar.update(1)
+
+    if dist.world_size > 1 and (left := len(Run(cfg.output_dir, outputs, run_settings).todo)):
+        print(f"{dist.tag}wrote {made} edit(s); {left} output(s) of other processes still missing: the last to finish "
+              "writes metrics.csv and summary.md (or re-run the same command)")  # fmt: skip
+        return {}
 
     # Every metric of every edit, from the PNGs (8-bit, as any re-run reads them).
     rows, sheet, labels = [], [], []
@@ -105,7 +116,6 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
     grid.save(run.folder / "contact_sheet.png")
 
     nan = sum(math.isnan(v) for r in rows for v in r.values() if isinstance(v, float))
-    made = len(todo & {o.name for o in outputs if "/source.png" not in o.name})
     body = {
         "cases": len(cases),
         "skipped": found.skipped,
@@ -118,7 +128,7 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
     run.write_json("run.json", body)
     skipped = f", {len(found.skipped)} bad case(s) skipped" if found.skipped else ""
     print(
-        f"wrote {made} edit(s) of {len(cases)} cases x {len(names)} methods, metrics.csv ({len(rows)} rows, {nan} NaN "
+        f"{dist.tag}wrote {made} edit(s) of {len(cases)} cases x {len(names)} methods, metrics.csv ({len(rows)} rows, {nan} NaN "
         f"metric(s) kept), summary.md, tradeoff.png and contact_sheet.png to {run.folder}{skipped}{run.repairs()}"
     )
     return body

@@ -212,3 +212,16 @@ def test_bad_cases_are_reported_and_skipped_not_raised(run_script, tmp_path):
     assert "skipped case lost: missing image" in done.stdout and "skipped case big-mask: ValueError mask" in done.stdout
     assert "wrote 1 edit(s) of 1 cases x 1 methods" in done.stdout and "2 bad case(s) skipped" in done.stdout
     assert json.loads((out / "run.json").read_text())["skipped"][0].startswith("lost: missing image")
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_cases_and_the_last_writes_the_table(run_script, tmp_path):
+    out = tmp_path / "bench"
+    args = ("demo_5_bench.py", "configs/tiny/demo_5_bench.json", f"output_dir={out}", 'methods=["sdedit","fireflow"]')
+    first = run_script(*args, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert first.returncode == 0, first.stderr
+    assert "[rank 1/2] wrote 2 edit(s); 4 output(s) of other processes still missing" in first.stdout
+    assert not (out / "metrics.csv").exists() and sorted(p.name for p in (out / "cases").iterdir()) == ["fox-grass"]
+    last = run_script(*args, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert last.returncode == 0, last.stderr
+    assert "[rank 0/2] wrote 4 edit(s) of 3 cases x 2 methods, metrics.csv (6 rows" in last.stdout
