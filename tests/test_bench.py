@@ -220,7 +220,7 @@ def test_torchrun_ranks_share_the_cases_and_the_last_writes_the_table(run_script
     args = ("demo_5_bench.py", "configs/tiny/demo_5_bench.json", f"output_dir={out}", 'methods=["sdedit","fireflow"]')
     first = run_script(*args, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert first.returncode == 0, first.stderr
-    assert "[rank 1/2] wrote 2 edit(s); 4 output(s) of other processes still missing" in first.stdout
+    assert "[rank 1/2] wrote 2 edit(s); 6 output(s) of other processes still missing" in first.stdout
     assert not (out / "metrics.csv").exists() and sorted(p.name for p in (out / "cases").iterdir()) == ["fox-grass"]
     last = run_script(*args, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert last.returncode == 0, last.stderr
