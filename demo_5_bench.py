@@ -65,9 +65,9 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
     tools = metric_tools(cfg, columns)  # a metric's network that cannot load fails before the work
 
     # The edits still missing, case by case: each case prepared once (prompts encoded, source latent) for all methods.
-    # Under torchrun each process takes every WORLD_SIZE-th such case (as demo_2 does).
+    # Under torchrun each process takes every WORLD_SIZE-th case (as demo_2 does) and makes what is missing of them.
     dist = Dist.from_env()
-    work = [c for c in cases if {source_of(c), *(edit_of(c, m) for m in names)} & todo][dist.rank :: dist.world_size]
+    work = [c for c in cases[dist.rank :: dist.world_size] if {source_of(c), *(edit_of(c, m) for m in names)} & todo]
     made = sum(edit_of(c, m) in todo for c in work for m in names)
     if work:
         models = models or load_models_for(replace(cfg, device=sweep_device(cfg.device, dist)))
