@@ -112,7 +112,14 @@ class BenchConfig(BaseConfig):
         default=None,
         metadata={"help": "generated sources' height (null: native)", "min": 16, "max": 4096, "multiple_of": 16},
     )
-    source_steps: int = field(default=28, metadata={"help": "generated sources' denoising steps", "min": 1})
+    source_steps: int = field(
+        default=28,
+        metadata={
+            "help": "generated sources' denoising steps (Stable Flow regenerates its reference with its own steps: "
+            "keep 'steps' null or equal to this, or its reference differs from the source)",
+            "min": 1,
+        },
+    )
     metrics: list[str] = field(
         default_factory=lambda: list(ALL_METRICS),
         metadata={"help": f"metrics of every case ({', '.join(ALL_METRICS)}); world cases add {WORLD_METRICS}"},
@@ -217,6 +224,14 @@ def _check(case: BenchCase) -> str | None:
     return None
 
 
+def _keep(case: BenchCase, cases: list[BenchCase], skipped: list[str]) -> None:
+    why = _check(case)
+    if why is None:
+        cases.append(case)
+    else:
+        skipped.append(f"{case.id}: {why}")
+
+
 def _open(path: Path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -254,7 +269,7 @@ def read_pie(root: Path) -> CaseSet:
         except (KeyError, TypeError, ValueError, OSError, UserError) as err:
             skipped.append(f"{key}: {type(err).__name__} {err}")
             continue
-        (cases.append(case) if (why := _check(case)) is None else skipped.append(f"{key}: {why}"))
+        _keep(case, cases, skipped)
     return CaseSet(cases, skipped)
 
 
@@ -296,7 +311,7 @@ def read_list(path: Path, size: tuple[int, int]) -> CaseSet:
         except (KeyError, TypeError, ValueError, OSError, UserError, AttributeError) as err:
             skipped.append(f"{cid}: {type(err).__name__} {err}")
             continue
-        (cases.append(case) if (why := _check(case)) is None else skipped.append(f"{cid}: {why}"))
+        _keep(case, cases, skipped)
     return CaseSet(cases, skipped)
 
 
@@ -381,9 +396,12 @@ def model_shape(model: str) -> SimpleNamespace:
 def method_params(models: Any, name: str, steps: int | None, layers: list[int] | None) -> object:
     """A method's params by name (METHOD_NAMES), its published defaults, with the bench's steps and vital layers."""
     base = StableFlowParams(layers=layers)
-    params = ablation(models, name.split("/")[1], base) if "/" in name else DEFAULTS[name](models)
-    if isinstance(params, StableFlowParams) and "/" not in name:
+    if name == "stable-flow":
         params = base
+    elif name.startswith("stable-flow/"):
+        params = ablation(models, name.removeprefix("stable-flow/"), base)
+    else:
+        params = DEFAULTS[name](models)
     if steps is None:
         return params
     if isinstance(params, FlowEditParams):
