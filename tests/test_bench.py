@@ -225,3 +225,41 @@ def test_torchrun_ranks_share_the_cases_and_the_last_writes_the_table(run_script
     last = run_script(*args, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert last.returncode == 0, last.stderr
     assert "[rank 0/2] wrote 4 edit(s) of 3 cases x 2 methods, metrics.csv (6 rows" in last.stdout
+
+
+def test_method_params_apply_the_bench_steps_in_each_methods_own_terms():
+    from stableflow.bench import METHOD_NAMES, method_params, model_shape
+    from stableflow.methods.flowedit import FlowEditParams
+
+    shape = model_shape("flux-tiny")
+    every = {m: method_params(shape, m, 7, None) for m in METHOD_NAMES}
+    assert every["flowedit"] == FlowEditParams(steps=7, n_max=6)  # 24 of 28 steps -> 6 of 7
+    assert every["fireflow"].inject == 1 and every["rf-solver-edit"].inject == 3 and every["sdedit"].steps == 7
+    assert every["stable-flow/no-injection"].layers == [] and every["stable-flow/no-nudging"].nudge == 1.0
+    assert len(every["stable-flow/all-layers"].layers) == shape.model.num_layers
+    assert method_params(shape, "stable-flow", None, [0, 2]).layers == [0, 2]
+    assert method_params(shape, "fireflow", 8, None) == method_params(shape, "fireflow", None, None)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_it_stopped(repo_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    args = [sys.executable, "demo_5_bench.py", "configs/tiny/demo_5_bench.json", f"output_dir={out}", "steps=12"]
+    args += ["source_steps=12"]
+    proc = subprocess.Popen(args, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("cases/*/sdedit.png")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    made = len(list(out.glob("cases/*/*.png")))
+    assert 0 < made < 30 and not (out / "metrics.csv").exists()
+    done = subprocess.run(args, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "metrics.csv (27 rows" in done.stdout and "wrote 27 edit(s)" not in done.stdout
