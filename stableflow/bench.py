@@ -242,6 +242,8 @@ def read_pie(root: Path) -> CaseSet:
     mapping = root / "mapping_file.json"
     try:
         entries = json.loads(mapping.read_text())
+        if not isinstance(entries, dict):
+            raise ValueError("not a JSON object of cases by id")
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot read PIE-Bench's {mapping} ({e}): give the folder that holds mapping_file.json"

@@ -138,6 +138,9 @@ def test_a_source_without_measurable_cases_is_refused_before_anything_runs(tmp_p
         read_list(tmp_path / "bad.json", (32, 32))
     with pytest.raises(UserError, match="mapping_file.json"):
         read_pie(tmp_path)
+    (tmp_path / "mapping_file.json").write_text("[]")
+    with pytest.raises(UserError, match="not a JSON object of cases by id"):
+        read_pie(tmp_path)
 
 
 def test_config_names_unknown_methods_and_metrics():
