@@ -153,11 +153,6 @@ class BenchConfig(BaseConfig):
             lambda: [f"'metrics' names unknown {m!r}: use {', '.join(ALL_METRICS)}" for m in bad(self.metrics, ALL_METRICS)],
             lambda: [f"'world_families' names unknown {f!r}: use {', '.join(FAMILIES)}" for f in bad(self.world_families, FAMILIES)],
             lambda: (
-                [f"'cases_path' is needed for cases={self.cases}: the PIE-Bench folder or the JSON list"]
-                if self.cases != "world" and not self.cases_path
-                else []
-            ),
-            lambda: (
                 [f"'tradeoff' needs two of the metrics {self.columns(self.cases == 'world')}, got {self.tradeoff}"]
                 if len(self.tradeoff) != 2 or bad(self.tradeoff, self.columns(self.cases == "world"))
                 else []
@@ -361,9 +356,11 @@ def read_world(families: list[str], per_family: int, seed: int) -> CaseSet:
 def read_cases(cfg: BenchConfig) -> CaseSet:
     """The config's cases, checked; refuses when none is left to measure."""
     path = Path(cfg.cases_path or "").expanduser()
-    if cfg.cases != "world" and not path.exists():  # read here, not by the config check: the shipped config's
+    if cfg.cases != "world" and (
+        not cfg.cases_path or not path.exists()
+    ):  # read here, not by the config check: the shipped config's
         raise UserError(  # placeholder path must load
-            f"cases_path {cfg.cases_path} does not exist: give "
+            f"cases_path {cfg.cases_path or 'is not set'}{' does not exist' if cfg.cases_path else ''}: give "
             + ("your PIE-Bench folder (mapping_file.json + annotation_images/; cure-lab/PnPInversion distributes it "
                "by form)" if cfg.cases == "pie" else "the JSON list of cases")
         )  # fmt: skip
