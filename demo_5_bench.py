@@ -128,8 +128,8 @@ def main(cfg: BenchConfig, models: FluxModels | None = None) -> dict:
     run.write_json("run.json", body)
     skipped = f", {len(found.skipped)} bad case(s) skipped" if found.skipped else ""
     print(
-        f"{dist.tag}wrote {made} edit(s) of {len(cases)} cases x {len(names)} methods, metrics.csv ({len(rows)} rows, {nan} NaN "
-        f"metric(s) kept), summary.md, tradeoff.png and contact_sheet.png to {run.folder}{skipped}{run.repairs()}"
+        f"{dist.tag}wrote {made} edit(s) of {len(cases)} cases x {len(names)} methods, metrics.csv ({len(rows)} rows, "
+        f"{nan} NaN metric(s) kept), summary.md, tradeoff.png and contact_sheet.png to {run.folder}{skipped}{run.repairs()}"
     )
     return body
 

@@ -146,18 +146,21 @@ class BenchConfig(BaseConfig):
         from mini.edits import FAMILIES
 
         bad = lambda names, known: [n for n in names if n not in known]
+        unknown = lambda key, known: [
+            f"'{key}' names unknown {n!r}: use {', '.join(known)}" for n in bad(getattr(self, key), known)
+        ]
+        columns = self.columns(self.cases == "world")
         return check_rules(
             super().check,
-            lambda: [f"'methods' names unknown {m!r}: use {', '.join(METHOD_NAMES)}" for m in bad(self.methods, METHOD_NAMES)],
+            lambda: unknown("methods", METHOD_NAMES) + unknown("metrics", ALL_METRICS),
+            lambda: unknown("world_families", FAMILIES),
             lambda: ["'methods' is empty: name at least one"] if not self.methods else [],
-            lambda: [f"'metrics' names unknown {m!r}: use {', '.join(ALL_METRICS)}" for m in bad(self.metrics, ALL_METRICS)],
-            lambda: [f"'world_families' names unknown {f!r}: use {', '.join(FAMILIES)}" for f in bad(self.world_families, FAMILIES)],
             lambda: (
-                [f"'tradeoff' needs two of the metrics {self.columns(self.cases == 'world')}, got {self.tradeoff}"]
-                if len(self.tradeoff) != 2 or bad(self.tradeoff, self.columns(self.cases == "world"))
+                [f"'tradeoff' needs two of the metrics {columns}, got {self.tradeoff}"]
+                if len(self.tradeoff) != 2 or bad(self.tradeoff, columns)
                 else []
             ),
-        )  # fmt: skip
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- cases
