@@ -106,12 +106,17 @@ def make_edit(scene: Scene | str, family: str, rng: random.Random) -> Edit:
     return Edit(family, src, Scene(tuple(objs), src.background).sorted(), o.colour, new)
 
 
+def source_scenes(n: int, seed: int, family: str, split: str = "test") -> list[Scene]:
+    """The n whole scenes (every place and size) that `edit_cases` edits, in its order: its ground truth."""
+    scenes = [s for s in sample_scenes(4 * n + 16, seed, split) if family != "addition" or len(s.objects) < MAX_OBJECTS]
+    return scenes[:n]
+
+
 def edit_cases(n: int, seed: int, family: str, split: str = "test") -> list[tuple[str, str, Edit]]:
     """n (source caption, edit caption, edit) of one family, the same for the same arguments. Source scenes come
     from `mini.world.sample_scenes(., seed, split)`; an addition draws only scenes with room for one more object."""
     rng = random.Random(f"{seed}-{family}-{split}")
-    scenes = [s for s in sample_scenes(4 * n + 16, seed, split) if family != "addition" or len(s.objects) < MAX_OBJECTS]
-    edits = [make_edit(s, family, rng) for s in scenes[:n]]
+    edits = [make_edit(s, family, rng) for s in source_scenes(n, seed, family, split)]
     return [(e.source_caption, e.edit_caption, e) for e in edits]
 
 

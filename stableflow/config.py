@@ -840,6 +840,7 @@ DEMO_CONFIGS = {
     "demo_2_skip": ("stableflow.sweep", "SkipConfig"),
     "demo_3_dino": ("stableflow.vitality", "DinoConfig"),
     "demo_4_edit": ("stableflow.edit", "EditConfig"),
+    "demo_5_bench": ("stableflow.bench", "BenchConfig"),
 }
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "configs" / "schema"
 
