@@ -25,6 +25,7 @@ def mini():
     return load_models("flux-mini", "cpu", torch.float32)
 
 
+@pytest.mark.slow
 def test_autoencoder_reconstructs_world_scenes(mini):
     x = render(sample_scenes(64, 11, "heldout"))
     db = psnr(mini.decode(mini.encode_image(x)), x)

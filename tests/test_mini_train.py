@@ -23,6 +23,7 @@ def _tensors(state: dict) -> dict:
     return {f"{part}.{k}": v for part in ("model", "ema") for k, v in state[part].items()}
 
 
+@pytest.mark.slow
 def test_stages_checkpoint_and_resume(tmp_path):
     small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
     # AE: 2 steps, then resume to 4, against 4 straight: the same weights, EMA, optimizer state and RNG.
@@ -101,6 +102,7 @@ def test_world_tokens_equal_the_tokenizers(tmp_path):
     assert torch.equal(clip_ids, clip_tok(captions, max_length=77, **kw)["input_ids"])
 
 
+@pytest.mark.slow
 def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path):
     """`compact` drops the optimizer and rounds the EMA to bf16; `flow --resume` from it continues the step count,
     the model exactly, and warms the learning rate up again."""
