@@ -125,13 +125,18 @@ def ablation_generated(models: FluxModels, vital: list[int], cases: int, seed: i
     return out
 
 
+def _real_family(k: int, scene) -> str:
+    """The families in turn; a full scene has no room for an addition, so it is recoloured instead."""
+    family = FAMILIES[k % len(FAMILIES)]
+    return "attribute" if family == "addition" and len(scene.objects) >= MAX_OBJECTS else family
+
+
 def ablation_real(models: FluxModels, vital: list[int], cases: int, seed: int, steps: int) -> dict:
     """Rendered world pictures, inverted and edited with the vital layers, with and without latent nudging; graded
     against the input picture (an exact rendering of the source caption), plus the reconstruction's PSNR."""
     rng = random.Random(f"real-{seed}")
     scenes = sample_scenes(cases, seed + 7, "test")
-    edits = [make_edit(s, FAMILIES[k % len(FAMILIES)] if len(s.objects) < MAX_OBJECTS or FAMILIES[k % len(FAMILIES)]
-                       != "addition" else "attribute", rng) for k, s in enumerate(scenes)]  # fmt: skip
+    edits = [make_edit(s, _real_family(k, s), rng) for k, s in enumerate(scenes)]
     pictures = render(scenes)
     out = {}
     for key, nudge in (("nudge", NUDGE), ("no nudge", 1.0)):
