@@ -584,4 +584,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. every checkpoint in the folder damaged: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
