@@ -49,7 +49,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from flux.assets.make_tiny_tokenizers import bytes_to_unicode, learn_bpe
+from flux.assets.make_tiny_tokenizers import write_clip_tokenizer
 from flux.errors import UserError
 from flux.model import Flux
 from flux.modules.autoencoder import AutoEncoder
@@ -89,14 +89,8 @@ def make_tokenizers(out: Path) -> Path:
     (out / "t5" / "spiece.model").write_bytes(spiece.getvalue())
     T5Tokenizer.from_pretrained(str(out / "t5"), model_max_length=SPEC.max_length, legacy=True, extra_ids=0
                                 ).save_pretrained(str(out / "t5"))  # fmt: skip
-    # CLIP: byte-level BPE whose merges build every vocabulary word into one token.
-    merges = learn_bpe(collections.Counter(VOCABULARY), 10_000)
-    alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (out / "clip" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out / "clip" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    CLIPTokenizer.from_pretrained(str(out / "clip"), model_max_length=77).save_pretrained(str(out / "clip"))
+    # CLIP: byte-level BPE whose merges build every vocabulary word into one token (merge until none is left).
+    write_clip_tokenizer(out / "clip", collections.Counter(VOCABULARY), 10_000, 77)
     return out
 
 

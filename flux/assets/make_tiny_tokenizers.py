@@ -140,18 +140,23 @@ def learn_bpe(words: collections.Counter, num_merges: int) -> list[tuple[str, st
     return merges
 
 
-def train_clip(out: Path) -> None:
+def write_clip_tokenizer(out: Path, words: collections.Counter, num_merges: int, max_length: int) -> None:
+    """A CLIP tokenizer (vocab.json, merges.txt and the derived files) whose BPE merges are learned on `words`."""
     out.mkdir(parents=True, exist_ok=True)
-    # CLIP's pre-tokenizer: lower case, letters runs, single digits, punctuation runs.
-    words = collections.Counter(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", CORPUS.lower()))
-    merges = learn_bpe(words, CLIP_NUM_MERGES)
+    merges = learn_bpe(words, num_merges)
     # Vocabulary in CLIP's order: 256 byte symbols, the same with </w>, the merges, then the two specials.
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    CLIPTokenizer.from_pretrained(str(out), model_max_length=MAX_LENGTH_CLIP).save_pretrained(str(out))
+    CLIPTokenizer.from_pretrained(str(out), model_max_length=max_length).save_pretrained(str(out))
+
+
+def train_clip(out: Path) -> None:
+    # CLIP's pre-tokenizer: lower case, letters runs, single digits, punctuation runs.
+    words = collections.Counter(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", CORPUS.lower()))
+    write_clip_tokenizer(out, words, CLIP_NUM_MERGES, MAX_LENGTH_CLIP)
 
 
 if __name__ == "__main__":
