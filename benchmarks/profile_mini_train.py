@@ -24,7 +24,16 @@ from common import sync
 # `common` puts the repository on sys.path, so the project's imports stay below it.
 # isort: split
 from flux.sampling import image_ids, pack
-from mini.train import FlowStack, WorldTokens, ema_update, flow_loss, load_trained_ae, make_tokenizers, sample_t
+from mini.train import (
+    FlowStack,
+    WorldTokens,
+    ema_update,
+    flow_loss,
+    fresh_batch,
+    load_trained_ae,
+    make_tokenizers,
+    sample_t,
+)
 from mini.world import render_batch, sample_batch
 
 
@@ -81,7 +90,7 @@ def whole_step(stack, ae, tokens, opt, ema, batch: int, dev: torch.device, reps:
             sync(dev)
             t0 = time.perf_counter()
         with autocast:
-            loss, _, _ = flow_loss(stack, ae, tokens, g_cpu, g_dev, batch)
+            loss, _, _ = flow_loss(stack, *fresh_batch(ae, tokens, g_cpu, batch), g_dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)

@@ -11,7 +11,7 @@ v = eps - x0 (MSE), t ~ logit-normal(0, 1) pushed through the sampler's own time
 
 Every stage is seeded and resumable: a checkpoint holds the model, its EMA, the optimizer, the step and both RNG
 states, written atomically in byte shards of < 16 MiB (small enough for the GPU machine to return), so a stage
-continues exactly where it stopped, also in a later device call; `compact` makes one that fits the device's upload
+continues exactly where it stopped, also in a later device call (with `--pool`, in all but which scenes come next); `compact` makes one that fits the device's upload
 for a later session (the optimizer's moments restart from it).
 """
 
@@ -291,16 +291,43 @@ def ae_loss(ae: AutoEncoder, x: Tensor, g: torch.Generator, kl_weight: float) ->
     return F.l1_loss(rec, x) + mse + kl_weight * kl, mse
 
 
-def flow_loss(stack: FlowStack, ae: AutoEncoder, tokens: WorldTokens, g_cpu, g_dev, batch: int):
-    """FLUX's rectified-flow loss on a fresh batch of world images; returns (loss, per-sample loss, t)."""
-    dev = tokens.device
-    scenes = sample_batch(batch, g_cpu, "train")
+def fresh_batch(ae: AutoEncoder, tokens: WorldTokens, g_cpu: torch.Generator, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """n new world scenes: their normalised latents (n, 16, 16, 16) and T5 / CLIP token ids."""
+    scenes = sample_batch(n, g_cpu, "train")
     with torch.no_grad():
-        x0 = ae.encode(render_batch(scenes, dev)).float()  # normalised latents (B, 16, 16, 16)
+        x0 = ae.encode(render_batch(scenes, tokens.device)).float()
+    return x0, *tokens(scenes)
+
+
+class LatentPool:
+    """Encoded scenes kept on the device, so a step costs the transformer alone: rendering and the AE encode took a
+    third of an H100 step at batch 512 (benchmarks/profile_mini_train.py). Each step replaces `refresh` random
+    entries with new scenes, so the pool keeps drawing from the whole world instead of cycling through epochs. A
+    resumed run draws a new pool: resume is exact in weights, optimizer and step, not in which scenes come next."""
+
+    def __init__(self, ae: AutoEncoder, tokens: WorldTokens, g_cpu: torch.Generator, size: int, refresh: int):
+        self.ae, self.tokens, self.g_cpu, self.refresh = ae, tokens, g_cpu, refresh
+        parts = [fresh_batch(ae, tokens, g_cpu, min(2048, size - i)) for i in range(0, size, 2048)]
+        self.x0, self.t5, self.clip = (torch.cat(p) for p in zip(*parts, strict=True))
+        self.x0 = self.x0.to(torch.bfloat16)  # halves the pool; bf16's rounding (0.4%) is far below the flow loss
+
+    def draw(self, n: int, g_dev: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        dev = self.x0.device
+        if self.refresh:
+            slots = torch.randint(len(self.x0), (self.refresh,), generator=g_dev, device=dev)
+            x0, t5, clip = fresh_batch(self.ae, self.tokens, self.g_cpu, self.refresh)
+            self.x0[slots], self.t5[slots], self.clip[slots] = x0.to(self.x0.dtype), t5, clip
+        i = torch.randint(len(self.x0), (n,), generator=g_dev, device=dev)
+        return self.x0[i].float(), self.t5[i], self.clip[i]
+
+
+def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator):
+    """FLUX's rectified-flow loss on a batch of latents and captions; returns (loss, per-sample loss, t)."""
+    dev, batch = x0.device, len(x0)
     eps = torch.randn(x0.shape, generator=g_dev, device=dev)
     t = sample_t(batch, g_dev, dev)
     xt = t[:, None, None, None] * eps + (1 - t[:, None, None, None]) * x0
-    txt, vec = stack.encode(*tokens(scenes))
+    txt, vec = stack.encode(t5_ids, clip_ids)
     pred = stack.flow(
         img=pack(xt),
         img_ids=image_ids(batch, 8, 8, dev),
@@ -379,6 +406,11 @@ def train(stage: str, args: argparse.Namespace) -> None:
         if not args.steps:
             raise SystemExit("--anneal needs --steps")
         hp["anneal"] = (step, step + args.steps)
+    pool = None
+    if stage == "flow" and args.pool:
+        with autocast:
+            pool = LatentPool(ae, tokens, g_cpu, args.pool, args.refresh)
+        print(f"[flow] pool of {args.pool:,} encoded scenes, {args.refresh} replaced a step", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{stage}] {n_params:,} parameters on {device}, batch {hp['batch']}, lr {hp['lr']}", flush=True)
     target = step + args.steps if args.steps else None
@@ -392,7 +424,8 @@ def train(stage: str, args: argparse.Namespace) -> None:
                 x = render_batch(sample_batch(hp["batch"], g_cpu, "train"), device)
                 loss, mse = ae_loss(model, x, g_dev, hp["kl"])
             else:
-                loss, per, t = flow_loss(model, ae, tokens, g_cpu, g_dev, hp["batch"])
+                data = pool.draw(hp["batch"], g_dev) if pool else fresh_batch(ae, tokens, g_cpu, hp["batch"])
+                loss, per, t = flow_loss(model, *data, g_dev)
                 mse = loss.detach()
                 b = (t * 4).long().clamp(max=3).cpu()
                 acc["bucket"].index_add_(0, b, per.float().cpu())
@@ -556,6 +589,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dest", help="compact: folder for the compact flow checkpoint")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--init", help="ae: start from these AE weights (same architecture) instead of random")
+    p.add_argument("--pool", type=int, default=0, help="flow: keep this many encoded scenes on the device (0: none)")
+    p.add_argument("--refresh", type=int, default=64, help="flow: new scenes into the pool each step")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")

@@ -8,9 +8,12 @@ import torch
 from flux.errors import UserError
 from mini.train import (
     SPEC,
+    LatentPool,
     WorldTokens,
+    fresh_batch,
     load_checkpoint,
     load_tokenizers,
+    load_trained_ae,
     lr_at,
     main,
     make_tokenizers,
@@ -121,3 +124,20 @@ def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path):
     assert state["step"] == 3 and state["hparams"]["warmup_from"] == 2
     assert all(int(s["step"]) == 1 for s in state["opt"]["state"].values())  # Adam restarted
     assert lr_at(2, state["hparams"]) == lr_at(0, {**state["hparams"], "warmup_from": 0})
+
+
+def test_latent_pool_holds_encoded_scenes_and_refreshes_them(repo_root, tmp_path):
+    """The pool's entries are exactly what `fresh_batch` makes from the same scene stream (latents rounded to bf16);
+    a draw is rows of the pool; each draw replaces at most `refresh` entries, with new scenes."""
+    ckpt = repo_root / "mini" / "checkpoint"
+    ae, tokens = load_trained_ae(ckpt, torch.device("cpu")), WorldTokens(ckpt / "tokenizers", torch.device("cpu"))
+    pool = LatentPool(ae, tokens, torch.Generator().manual_seed(5), size=6, refresh=2)
+    x0, t5, clip = fresh_batch(ae, tokens, torch.Generator().manual_seed(5), 6)
+    assert torch.equal(pool.x0, x0.to(torch.bfloat16)) and torch.equal(pool.t5, t5) and torch.equal(pool.clip, clip)
+    before = pool.x0.clone()
+    dx, dt5, dclip = pool.draw(4, torch.Generator().manual_seed(0))
+    changed = (pool.x0 != before).flatten(1).any(1)
+    assert 1 <= int(changed.sum()) <= 2
+    for x, a, b in zip(dx, dt5, dclip, strict=True):  # each drawn sample is one row of the pool
+        row = [i for i in range(6) if torch.equal(pool.x0[i].float(), x)]
+        assert row and torch.equal(pool.t5[row[0]], a) and torch.equal(pool.clip[row[0]], b)
