@@ -54,7 +54,7 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
         with run.working(request.steps * (len(chunks) + real), "editing") as bar:
             steps = {"callback": lambda step: bar.update(1), "free_text_encoders": True}
             if real:
-                image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge)
+                image = RealImage(pil_to_tensor(cfg.input_image), cfg.source_guidance, cfg.nudge, cfg.solver)
                 result = edit_real(models, request, image, **steps)
             else:
                 result = edit_generated(models, request, cfg.seed, *cfg.image_size, **steps)

@@ -166,8 +166,9 @@ class FluxModels:
         inject: Injection | None = None,
         callback: StepCallback | None = None,
         inject_steps: StepRange | None = None,
+        solver: str = "euler",
     ) -> Tensor:
-        """Sample packed latents from (B, 16, h, w) noise; returns (B, 16, h, w)."""
+        """Sample packed latents from (B, 16, h, w) noise with `solver` (flux.sampling.SOLVERS); returns (B, 16, h, w)."""
         b, _, h, w = noise.shape
         if len(text) != b:
             raise ValueError(f"{len(text)} prompts for {b} latents")
@@ -185,6 +186,7 @@ class FluxModels:
                 inject=inject,
                 callback=callback,
                 inject_steps=inject_steps,
+                solver=solver,
             )
         return unpack(x, h * 8, w * 8)
 

@@ -7,7 +7,8 @@ every step (or the steps of `inject_steps`), each edit attends with the referenc
 Real images: the input is VAE-encoded (latent mean), nudged (x lambda), inverted to noise with the inverse Euler ODE
 (flux.sampling.invert) under the source prompt; all samples then start from that noise, and after every step the
 reference's latent is overwritten with the inversion latent of the same noise level, so the edits inject the K/V of
-the real image's path.
+the real image's path. The inversion and the denoising may use a second-order solver instead of Euler (RealImage's
+`solver`: RF-Solver's or FireFlow's midpoint steps, flux.sampling.SOLVERS), a combination not in the paper.
 
 demo_4_edit.py is the experiment; this module holds its pieces and EditConfig, the demo's keys.
 """
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -27,7 +29,7 @@ from flux.accel import attention_backend
 from flux.errors import UserError
 from flux.model import Injection, check_layers, layer_name
 from flux.pipeline import FluxModels, Text, check_size
-from flux.sampling import Step, StepRange, image_ids, pack, unpack
+from flux.sampling import SOLVERS, Step, StepRange, image_ids, pack, unpack
 from flux.util import model_spec
 
 from . import TINY_RANDOM, runs
@@ -123,6 +125,7 @@ class RealImage:
     pixels: Tensor
     source_guidance: float = SOURCE_GUIDANCE  # of the inversion and the reference (reconstruction) sample
     nudge: float = NUDGE  # the VAE latent is multiplied by it before inversion
+    solver: str = "euler"  # of the inversion and the denoising (flux.sampling.SOLVERS)
 
 
 @dataclass
@@ -208,6 +211,7 @@ def _denoise_chunks(
     reference_guidance: float,
     overwrite: Callable[[Step], Tensor | None] | None,
     callback: ProgressCallback | None,
+    solver: str = "euler",
 ) -> tuple[Tensor, list[list[int]], float]:
     """Denoise [reference, edits...] (text rows 0, 1..N) from `start` (1, 16, h, w), chunk by chunk."""
     chunks = edit_chunks(len(text) - 1, request.batch_size)
@@ -231,6 +235,7 @@ def _denoise_chunks(
             inject=inject,
             callback=step_hook,
             inject_steps=request.inject_steps,
+            solver=solver,
         )
         if reference is None:
             reference = out[0]
@@ -300,7 +305,7 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
 
 @dataclass
 class Inversion:
-    """The inverse-Euler path of one latent. timesteps run 1 -> 0 (the denoising order); latents[i] is the packed
+    """The inversion path of one latent (inverse Euler, or another solver's). timesteps run 1 -> 0 (the denoising order); latents[i] is the packed
     latent (1, L, 64) at noise level timesteps[i]: latents[-1] the clean (nudged) input, latents[0] the noise."""
 
     timesteps: list[float]
@@ -319,8 +324,10 @@ def invert(
     timesteps: list[float],
     guidance: float = SOURCE_GUIDANCE,
     callback: ProgressCallback | None = None,
+    solver: str = "euler",
 ) -> Inversion:
-    """flux.sampling.invert of one latent (1, 16, h, w) under one prompt, keeping every level of the path."""
+    """flux.sampling.invert of one latent (1, 16, h, w) under one prompt with `solver`, keeping every level of the
+    path."""
     if latent.shape[0] != 1 or len(text) != 1:
         raise ValueError("invert takes one latent and one prompt")
     _, _, h, w = latent.shape
@@ -342,6 +349,7 @@ def invert(
             timesteps,
             guidance,
             callback=record,
+            solver=solver,
         )
     return Inversion(list(timesteps), latents[::-1])
 
@@ -361,13 +369,15 @@ def edit_real(
     latent, decoded: what the edits are anchored to.
     """
     request = _checked(models, request)
+    if image.solver not in SOLVERS:
+        raise UserError(f"unknown solver {image.solver!r}: use one of {', '.join(SOLVERS)}")
     pixels = image.pixels[0] if image.pixels.ndim == 4 else image.pixels
     height, width = pixels.shape[-2:]
     check_size(width, height)
     text = _encode_prompts(models, [request.source_prompt, *request.edits], free_text_encoders)
     latent = models.encode_image(pixels[None]) * image.nudge
     timesteps = models.schedule(request.steps, width, height)
-    inversion = invert(models, latent, text.select([0]), timesteps, image.source_guidance, callback)
+    inversion = invert(models, latent, text.select([0]), timesteps, image.source_guidance, callback, image.solver)
 
     def overwrite_reference(step: Step) -> Tensor:
         # Step i moves t_i -> t_{i+1}; latents[i + 1] is the inversion at exactly that noise level.
@@ -377,7 +387,7 @@ def edit_real(
 
     start = unpack(inversion.noise, height, width).to(models.dtype)
     latents, chunks, drift = _denoise_chunks(
-        models, request, text, start, timesteps, image.source_guidance, overwrite_reference, callback
+        models, request, text, start, timesteps, image.source_guidance, overwrite_reference, callback, image.solver
     )
     images = models.decode(latents)
     return EditResult(
@@ -447,6 +457,13 @@ class EditConfig(SamplingConfig):
             "(1: off)",
             "min": 0.1,
             "max": 10,
+        },
+    )
+    solver: Literal["euler", "rf-solver", "fireflow"] = field(
+        default="euler",
+        metadata={
+            "help": "real image: ODE solver of the inversion and the edits: euler (the paper's), rf-solver or fireflow "
+            "(second-order midpoint steps: 2 and about 1 model calls a step); a generated image uses euler"
         },
     )
     vital_layers: list[int] | None = field(
@@ -542,6 +559,11 @@ class EditConfig(SamplingConfig):
             for i, e in enumerate(self.edits)
             if not e.strip()
         ]
+        if self.solver != "euler" and not self.real:
+            problems.append(
+                f"'solver' {self.solver} applies to real images: set 'image' to edit one, or solver to euler for a "
+                "generated image"
+            )
         for check in (
             lambda: self.injection_layers,
             lambda: check_inject_steps(self.inject_steps, self.num_steps),
@@ -589,6 +611,7 @@ def edit_settings(cfg: EditConfig) -> dict:
         own |= {
             "input_sha256": hashlib.sha256(cfg.input_image.tobytes()).hexdigest(),
             "nudge": cfg.nudge,
+            "solver": cfg.solver,
             "source_guidance": runs.guidance_used(cfg.model, cfg.source_guidance),
         }
     else:

@@ -18,6 +18,7 @@ from PIL import Image
 
 import demo_4_edit
 from demo_4_edit import main as run
+from flux import sampling
 from flux.errors import UserError
 from flux.model import Injection
 from flux.sampling import image_ids, pack, unpack
@@ -329,6 +330,49 @@ def test_real_edit_chunks_share_one_reference_path(tiny_models):
         assert_same(chunked.latents[i], whole.latents[i])
 
 
+@pytest.mark.parametrize("solver", ["rf-solver", "fireflow"])
+def test_real_edit_with_another_solver_is_flux_sampling_with_that_solver(tiny_models, solver):
+    """The solver reaches both loops: the edit equals flux.sampling's invert and denoise called directly with it
+    (the reference overwritten with the inversion level, injection from sample 0), and differs from Euler's."""
+    m, layers = tiny_models, [0, 5]
+    request = EditRequest("a red house", ["a white house"], STEPS, 3.0, layers=layers)
+    calls = []
+    hook = m.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        result = edit_real(m, request, RealImage(_house(), nudge=1.15, solver=solver))
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * sampling.solver_nfe(solver, STEPS)  # inversion, then [reference, edit] denoising
+
+    text, pixels = m.encode(["a red house", "a white house"]), _house()
+    h, w = pixels.shape[-2:]
+    ts = m.schedule(STEPS, w, h)
+    levels = [pack(m.encode_image(pixels[None]) * 1.15)]
+    src = text.select([0])
+    ids = lambda b: image_ids(b, h // 16, w // 16, m.device)
+    sampling.invert(
+        m.model, levels[0], ids(1), src.txt, src.txt_ids, src.vec, ts, 1.0,
+        callback=lambda s: levels.append(s.next_latent), solver=solver,
+    )  # fmt: skip
+    levels = levels[::-1]  # noise first
+
+    def overwrite(step):
+        out = step.next_latent.clone()
+        out[0] = levels[step.index + 1][0]
+        return out
+
+    with torch.inference_mode():
+        direct = sampling.denoise(
+            m.model, levels[0].repeat(2, 1, 1), ids(2), text.txt, text.txt_ids, text.vec, ts, [1.0, 3.0],
+            inject=Injection.from_reference(layers, 2), callback=overwrite, solver=solver,
+        )  # fmt: skip
+    assert_same(result.latents, unpack(direct, h, w))
+    euler = edit_real(m, request, RealImage(_house(), nudge=1.15))
+    assert (result.latents[1] - euler.latents[1]).abs().max() > 1e-2
+    with pytest.raises(UserError, match="unknown solver 'rk4'"):
+        edit_real(m, request, RealImage(_house(), solver="rk4"))
+
+
 # ----------------------------------------------------------------------------------------------- scores
 
 
@@ -422,6 +466,8 @@ BAD_INPUTS = [
     ("demo_4_edit.json", ["inject_steps=[3, 3]"], "inject_steps"),
     ("demo_4_edit.json", ["inject_steps=[1]"], "inject_steps"),
     ("demo_4_edit_real.json", ["steps=null", "inject_steps=[0, 51]"], r"steps \(50\)"),
+    ("demo_4_edit_real.json", ["solver=rf_solver"], r"'solver' must be one of .* did you mean \"rf-solver\""),
+    ("demo_4_edit.json", ["solver=fireflow"], "'solver' fireflow applies to real images"),
 ]
 
 

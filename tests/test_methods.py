@@ -73,16 +73,17 @@ def test_flowedit_one_step_by_hand(tiny_models, real):
     assert torch.allclose(got.latent.float(), want[0], atol=1e-5) and got.nfe == 2
 
 
-def test_the_inversion_core_with_stable_flows_settings_is_stable_flows_real_image_edit(tiny_models, real):
-    """invert_edit with Euler, the vital layers' image K/V at every step and nudging reproduces stableflow.edit's
-    edit_real (reached through the stable_flow wrapper): the core others build on is pinned by the reference path."""
+@pytest.mark.parametrize("solver", ["euler", "rf-solver", "fireflow"])
+def test_the_inversion_core_with_stable_flows_settings_is_stable_flows_real_image_edit(tiny_models, real, solver):
+    """invert_edit with the vital layers' image K/V at every step and nudging reproduces stableflow.edit's edit_real
+    (reached through the stable_flow wrapper) with each solver: two implementations of the same path agree."""
     p = tiny_models.model.params
     layers = stable_flow.default_vital_layers(p.depth, p.depth_single_blocks)
-    reference = edit(tiny_models, real, stable_flow.StableFlowParams(steps=4, guidance=3.0))
-    core = invert_edit.InvertEditParams("euler", 4, 3.0, layers, 4, keys=True, text=False, nudge=1.15)
+    reference = edit(tiny_models, real, stable_flow.StableFlowParams(steps=4, guidance=3.0, solver=solver))
+    core = invert_edit.InvertEditParams(solver, 4, 3.0, layers, 4, keys=True, text=False, nudge=1.15)
     ours = edit(tiny_models, real, core)
     assert torch.allclose(ours.latent, reference.latent, atol=1e-5)
-    assert ours.nfe == reference.nfe == 4 + 2 * 4
+    assert ours.nfe == reference.nfe == {"euler": 4 + 2 * 4, "rf-solver": 8 + 2 * 8, "fireflow": 5 + 2 * 5}[solver]
 
 
 def test_stable_flow_on_a_generated_case_has_the_case_source_as_its_reference(tiny_models, case):

@@ -260,3 +260,24 @@ def test_demo_0_records_guidance_and_refuses_a_change(tmp_path, tiny_models, cap
     assert read_png_metadata(out / "img_000_seed0.png")["guidance"] == "3.5"
     assert demo("demo_0", out, tiny_models, "steps=1", "guidance=5") == 2
     assert "guidance 3.5 -> 5.0" in capsys.readouterr().err
+
+
+def test_demo_4_records_the_real_image_solver_and_refuses_a_change(tmp_path, tiny_models, capsys):
+    out = tmp_path / "real"
+    small = [str(TINY / "demo_4_edit_real.json"), f"output_dir={out}", 'edits=["a white house"]', "steps=2"]
+
+    def real(*overrides: str) -> int:
+        with pytest.raises(SystemExit) as e:
+            run_demo(EditConfig, lambda cfg: demo_4_edit.main(cfg, tiny_models) and None, [*small, *overrides])
+            raise SystemExit(0)
+        return e.value.code
+
+    assert real("scores=false") == 0
+    assert read_png_metadata(out / "reconstruction.png")["solver"] == "euler"
+    assert json.loads((out / "results.json").read_text())["settings"]["solver"] == "euler"
+    before = files(out)
+    capsys.readouterr()
+    assert real("scores=false", "solver=rf-solver") == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (" in err and "solver euler -> rf-solver" in err, err
+    assert files(out) == before  # nothing rewritten, nothing added

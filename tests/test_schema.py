@@ -77,6 +77,9 @@ def test_schema_rejects_typos_and_out_of_range_values():
     assert errors(schema, {"device": "gpu"}) == ["'gpu' does not match '^(?:auto|cpu|mps|cuda(:\\\\d+)?)$'"]
     assert errors(schema, {"resident_gb": -1}) == ["-1 is less than the minimum of 0"]
     assert len(jsonschema.Draft202012Validator(schema).iter_errors({"compile": "yes"}).__next__().context) == 2
+    _, schema = schema_of(CONFIGS / "demo_4_edit_real.json")
+    assert errors(schema, {"solver": "rf-solver"}) == []
+    assert errors(schema, {"solver": "rf_solver"}) == ["'rf_solver' is not one of ['euler', 'rf-solver', 'fireflow']"]
 
 
 def bounded_fields():

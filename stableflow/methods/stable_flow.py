@@ -1,17 +1,16 @@
 """Stable Flow (stableflow.edit) behind the methods' interface, and its ablations as settings: no injection
 (layers=[]), all layers, non-vital layers, no nudging (nudge=1).
 
-With the Euler solver it calls stableflow.edit itself (edit_generated for a generated source, edit_real for an
-input image). With a second-order solver the real-image path runs on invert_edit with Stable Flow's injection (the
-image tokens' K and V in the vital layers at every step, the reference overwritten with the inversion level) — that
-combination is not in the paper. A generated case uses the case's own source steps and guidance, so the reference is
-the case's source image.
+It calls stableflow.edit itself: edit_generated for a generated source (Euler only), edit_real for an input image
+with any of flux.sampling's solvers (a second-order one is demo_4's `solver` option, a combination not in the paper).
+A generated case uses the case's own source steps and guidance, so the reference is the case's source image.
 """
 
 from dataclasses import dataclass, replace
 
 from flux.errors import UserError
 from flux.pipeline import FluxModels
+from flux.sampling import solver_nfe
 
 from ..edit import (
     NUDGE,
@@ -24,7 +23,6 @@ from ..edit import (
     edit_generated,
     edit_real,
 )
-from . import invert_edit
 from .common import Case, Edited
 
 
@@ -76,11 +74,6 @@ def edit(models: FluxModels, case: Case, params: StableFlowParams) -> Edited:
         return Edited(result.edits[0], result.latents[1], 2 * steps)
     steps = params.steps or REAL_STEPS
     guidance = REAL_GUIDANCE if params.guidance is None else params.guidance
-    if params.solver == "euler":
-        request = EditRequest(spec.source_prompt, [spec.target_prompt], steps, guidance, layers)
-        result = edit_real(models, request, RealImage(case.image, params.source_guidance, params.nudge))
-        return Edited(result.edits[0], result.latents[1], steps + 2 * steps)
-    settings = invert_edit.InvertEditParams(
-        params.solver, steps, guidance, layers, steps, True, False, params.source_guidance, params.nudge
-    )
-    return invert_edit.edit(models, case, settings)
+    request = EditRequest(spec.source_prompt, [spec.target_prompt], steps, guidance, layers)
+    result = edit_real(models, request, RealImage(case.image, params.source_guidance, params.nudge, params.solver))
+    return Edited(result.edits[0], result.latents[1], 3 * solver_nfe(params.solver, steps))  # inversion, 2 samples
