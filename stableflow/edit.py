@@ -305,8 +305,9 @@ def pil_to_tensor(image: Image.Image) -> Tensor:
 
 @dataclass
 class Inversion:
-    """The inversion path of one latent (inverse Euler, or another solver's). timesteps run 1 -> 0 (the denoising order); latents[i] is the packed
-    latent (1, L, 64) at noise level timesteps[i]: latents[-1] the clean (nudged) input, latents[0] the noise."""
+    """The inversion path of one latent (inverse Euler, or another solver's). timesteps run 1 -> 0 (the denoising
+    order); latents[i] is the packed latent (1, L, 64) at noise level timesteps[i]: latents[-1] the clean (nudged)
+    input, latents[0] the noise."""
 
     timesteps: list[float]
     latents: list[Tensor]
