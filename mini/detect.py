@@ -169,7 +169,9 @@ def cues(cover: np.ndarray, cx: float, cy: float) -> dict[str, float]:
     crop, m = cover[y0 : ys.max() + 1, x0 : xs.max() + 1], m[y0 : ys.max() + 1, x0 : xs.max() + 1]
     sym = _symmetry(crop, cx - x0, cy - y0)
     area = float(m.sum())
-    hole = _hole(m, min(int(cx - x0), m.shape[1] - 1), min(int(cy - y0), m.shape[0] - 1))
+    # The centroid weighs the soft edge too, so a deformed object's can fall outside its mask's box: probe the box's
+    # nearest pixel, which lies on the border and so encloses no hole.
+    hole = _hole(m, int(np.clip(cx - x0, 0, m.shape[1] - 1)), int(np.clip(cy - y0, 0, m.shape[0] - 1)))
     return {"hole": hole / area, "solidity": area / _hull_area(m), **{f"sym{k}": sym[k] / _REF[k] for k in sym}}
 
 

@@ -283,3 +283,18 @@ def test_semantic_similarity_sees_meaning():
     moved = render([Scene((red, blue, Obj("star", "green", "bottom", "large")), "gray")])[0]
     assert semantic_similarity(three, moved) == pytest.approx(2 / 3, abs=0.02)
     assert semantic_similarity(three, degrade(three[None], "blur")[0]) >= 0.85
+
+
+def test_centroid_outside_the_mask_box_is_no_hole():
+    """A generated blob's soft coverage can pull its centroid outside its mask's bounding box (seen in the ablation on
+    flux-mini 2); the hole probe then looks at the box's nearest border pixel, which encloses nothing."""
+    from mini.detect import cues
+
+    cover = np.zeros((128, 128), np.float32)
+    cover[40:51, 40:51] = 1.0  # the mask: an 11x11 square
+    cover[:, :31] = 0.49  # a wide faint smear left of it, under the mask threshold
+    yy, xx = np.mgrid[:128, :128]
+    cx, cy = float((cover * (xx + 0.5)).sum() / cover.sum()), float((cover * (yy + 0.5)).sum() / cover.sum())
+    assert cx < 40  # left of the box
+    c = cues(cover, cx, cy)
+    assert c["hole"] == 0 and c["solidity"] == pytest.approx(1.0)
