@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python demo_2_skip.py configs/mini/demo_2_skip.json
 python demo_3_dino.py configs/mini/demo_3_dino.json
-python demo_3_dino.py configs/mini/demo_3_ssim.json  # the layers demo_4's mini configs and the ablation use
+python demo_3_dino.py configs/mini/demo_3_dino_ssim.json  # the layers demo_4's mini configs and the ablation use
 python demo_4_edit.py configs/mini/demo_4_edit.json
 python demo_4_edit.py configs/mini/demo_4_edit_real.json
 python -m mini.evaluate --n 100 --out outputs/mini_eval

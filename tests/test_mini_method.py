@@ -86,7 +86,7 @@ def test_ablation_finds_a_minority_of_vital_layers(vitality):
 
 
 # demo_3's detector metric calls all 12 layers vital on flux-mini 2 (test above), which would make "vital" the same
-# as "all"; the ablation contrasts the minority SSIM finds (configs/mini/demo_3_ssim.json), as the README's table does.
+# as "all"; the ablation contrasts the minority SSIM finds (configs/mini/demo_3_dino_ssim.json), as the README does.
 SSIM_VITAL = [0, 1, 3]
 
 
