@@ -11,8 +11,7 @@ python demo_4_edit.py configs/mini/demo_4_edit_real.json
 python -m mini.evaluate --n 100 --out outputs/mini_eval
 # demo_3's detector metric calls all 12 layers vital on this model (vital = all); the README's table contrasts the
 # minority SSIM finds with the others instead.
-python -m mini.evaluate --ablation --cases 64 --vital-layers outputs/mini/demo_3_ssim/vital_layers.json \
-    --out outputs/mini_eval
+python -m mini.evaluate --ablation --cases 64 --out outputs/mini_eval
 cp outputs/mini_eval/heldout.png docs/images/mini_text2img.png
 cp outputs/mini/demo_3_dino/vitality.png docs/images/mini_vitality.png
 cp outputs/mini/demo_4_edit/grid.png docs/images/mini_edit.png

@@ -1,7 +1,7 @@
 """Measure the shipped flux-mini through the toolkit's own loading, sampling and editing path, graded by mini.detect.
 
     python -m mini.evaluate [--n 100] [--device cpu]                 # AE and text to image
-    python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_dino/vital_layers.json]
+    python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_ssim/vital_layers.json]
 
 Text to image: `load_models("flux-mini").generate` (20 steps) for n heldout prompts (each holds a colour x shape or
 shape x place pair never trained on) and n train-split prompts of unseen seeds; per object (matched by colour):
@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cases", type=int, default=32, help="ablation: cases per edit family")
     p.add_argument("--real-cases", type=int, default=20, help="ablation: real-image cases")
     p.add_argument("--real-steps", type=int, default=30)
-    p.add_argument("--vital-layers", default="outputs/mini/demo_3_dino/vital_layers.json",
-                   help="demo_3's result, or a comma-separated list of layers")  # fmt: skip
+    p.add_argument("--vital-layers", default="outputs/mini/demo_3_ssim/vital_layers.json",
+                   help="demo_3's result (default: configs/mini/demo_3_dino_ssim.json's, as the mini demo_4 configs "
+                   "use), or a comma-separated list of layers")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
