@@ -11,8 +11,8 @@ v = eps - x0 (MSE), t ~ logit-normal(0, 1) pushed through the sampler's own time
 
 Every stage is seeded and resumable: a checkpoint holds the model, its EMA, the optimizer, the step and both RNG
 states, written atomically in byte shards of < 16 MiB (small enough for the GPU machine to return), so a stage
-continues exactly where it stopped, also in a later device call (with `--pool`, in all but which scenes come next); `compact` makes one that fits the device's upload
-for a later session (the optimizer's moments restart from it).
+continues exactly where it stopped, also in a later device call (with `--pool`, in all but which scenes come next);
+`compact` makes one that fits the device's upload for a later session (the optimizer's moments restart from it).
 """
 
 from __future__ import annotations
