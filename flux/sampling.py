@@ -144,9 +144,10 @@ def solver_nfe(solver: str, steps: int) -> int:
     return {"euler": steps, "rf-solver": 2 * steps, "fireflow": steps + 1}[check_solver(solver)] if steps else 0
 
 
-def check_solver(solver: str) -> str:
+def check_solver(solver: str, error: type[Exception] = ValueError) -> str:
+    """`solver` if it is one of SOLVERS; else `error` (UserError where the name came from the user) naming them."""
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+        raise error(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
     return solver
 
 

@@ -29,7 +29,7 @@ from flux.accel import attention_backend
 from flux.errors import UserError
 from flux.model import Injection, check_layers, layer_name
 from flux.pipeline import FluxModels, Text, check_size
-from flux.sampling import SOLVERS, Step, StepRange, image_ids, pack, unpack
+from flux.sampling import SOLVERS, Step, StepRange, check_solver, image_ids, pack, unpack
 from flux.util import model_spec
 
 from . import TINY_RANDOM, runs
@@ -370,8 +370,7 @@ def edit_real(
     latent, decoded: what the edits are anchored to.
     """
     request = _checked(models, request)
-    if image.solver not in SOLVERS:
-        raise UserError(f"unknown solver {image.solver!r}: use one of {', '.join(SOLVERS)}")
+    check_solver(image.solver, UserError)
     pixels = image.pixels[0] if image.pixels.ndim == 4 else image.pixels
     height, width = pixels.shape[-2:]
     check_size(width, height)
@@ -460,7 +459,7 @@ class EditConfig(SamplingConfig):
             "max": 10,
         },
     )
-    solver: Literal["euler", "rf-solver", "fireflow"] = field(
+    solver: Literal[SOLVERS] = field(  # flux.sampling's list, so a new solver needs no second edit here
         default="euler",
         metadata={
             "help": "real image: ODE solver of the inversion and the edits: euler (the paper's), rf-solver or fireflow "

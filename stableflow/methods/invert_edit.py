@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from flux.errors import UserError
 from flux.model import Injection
 from flux.pipeline import FluxModels
-from flux.sampling import SOLVERS, Step
+from flux.sampling import Step, check_solver
 
 from .common import Case, Edited, finish, single_blocks, solve
 
@@ -54,8 +54,7 @@ def fireflow_params(models: FluxModels, steps: int = 8, inject: int = 1, guidanc
 
 
 def edit(models: FluxModels, case: Case, params: InvertEditParams) -> Edited:
-    if params.solver not in SOLVERS:
-        raise UserError(f"unknown solver {params.solver!r}: use one of {', '.join(SOLVERS)}")
+    check_solver(params.solver, UserError)
     if not 0 <= params.inject <= params.steps:
         raise UserError(f"inject {params.inject} must be in 0..steps ({params.steps}): the steps that share attention")
     timesteps = case.schedule(models, params.steps)
