@@ -36,6 +36,8 @@ def main(cfg: EditConfig, models: FluxModels | None = None) -> dict:
     real = cfg.real
     layers, layers_from = cfg.injection_layers  # the vital layers: a list, demo_3's file or the release's default
     print(f"vital layers {layers} ({layers_from})", flush=True)
+    if real:
+        print(f"real image: inverted and edited with solver {cfg.solver}, latent nudged x{cfg.nudge:g}", flush=True)
     settings = edit_settings(cfg)  # what decides the pictures; every PNG records it with its own prompt
     names, refs = [edit_file(i, p) for i, p in enumerate(cfg.edits)], reference_files(cfg)
     prompts = {n: cfg.source_prompt for n in refs} | dict(zip(names, cfg.edits))
