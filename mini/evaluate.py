@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from flux.errors import UserError
 from flux.pipeline import FluxModels, load_models
-from flux.util import ASSETS
+from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, REAL_GUIDANCE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
 
 from .detect import detect_batch
@@ -209,17 +211,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/mini_eval", help="folder for the JSON, figure and table")
     p.add_argument("--update-manifest", action="store_true", help="store the result in flux/assets/mini/manifest.json")
     args = p.parse_args(argv)
+    if args.ablation:  # read before the models load, so a missing or wrong file fails at once
+        params = model_spec("flux-mini").params
+        if all(c.isdigit() or c == "," for c in args.vital_layers):
+            vital = [int(x) for x in args.vital_layers.split(",")]
+        else:
+            vital = read_vital_layers(args.vital_layers, params.depth, params.depth_single_blocks)
 
     t0 = time.time()
     models = load_models("flux-mini", device=args.device, dtype=torch.float32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablation:
-        params = models.model.params
-        if all(c.isdigit() or c == "," for c in args.vital_layers):
-            vital = [int(x) for x in args.vital_layers.split(",")]
-        else:
-            vital = read_vital_layers(args.vital_layers, params.depth, params.depth_single_blocks)
         result = {"ablation": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
         result["ablation"]["generated"] = ablation_generated(models, vital, args.cases, args.seed)
         result["ablation"]["real"] = ablation_real(models, vital, args.real_cases, args.seed, args.real_steps)
@@ -260,4 +263,8 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # e.g. no vital_layers.json yet: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

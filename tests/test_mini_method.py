@@ -149,3 +149,10 @@ def test_real_image_edits_hold_and_nudging_helps(ablation):
     nudge, plain = ablation["real"]["nudge"], ablation["real"]["no nudge"]
     assert nudge["success"] >= 0.80 and nudge["untouched_iou"] >= 0.85
     assert nudge["success"] > plain["success"]
+
+
+def test_ablation_without_vital_layers_file_is_one_clear_error(run_script, tmp_path):
+    """No vital_layers.json yet: one line naming the file and the fix, exit 2, before any model loads."""
+    r = run_script("-m", "mini.evaluate", "--ablation", "--vital-layers", str(tmp_path / "none.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "none.json does not exist: run demo_3_dino.py" in r.stderr and "weights:" not in r.stdout
