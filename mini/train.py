@@ -394,6 +394,8 @@ def train(stage: str, args: argparse.Namespace) -> None:
         print(f"[{stage}] resumed at step {step}", flush=True)
     elif args.resume:
         print(f"[{stage}] no checkpoint in {out}: starting fresh", flush=True)
+    if args.compile and stage == "flow":  # in place: the state dict's keys (and so checkpoints) stay the same
+        model.flow.compile()
 
     def checkpoint() -> None:
         save_checkpoint(out, {
@@ -591,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", help="ae: start from these AE weights (same architecture) instead of random")
     p.add_argument("--pool", type=int, default=0, help="flow: keep this many encoded scenes on the device (0: none)")
     p.add_argument("--refresh", type=int, default=64, help="flow: new scenes into the pool each step")
+    p.add_argument("--compile", action="store_true", help="flow: torch.compile the transformer (CUDA)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")
