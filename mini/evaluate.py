@@ -2,6 +2,7 @@
 
     python -m mini.evaluate [--n 100] [--device cpu]                 # AE and text to image
     python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_ssim/vital_layers.json]
+    python -m mini.evaluate --layer-sweep [--cases 32]                # injection in each layer alone
 
 Text to image: `load_models("flux-mini").generate` (20 steps) for n heldout prompts (each holds a colour x shape or
 shape x place pair never trained on) and n train-split prompts of unseen seeds; per object (matched by colour):
@@ -11,7 +12,8 @@ The ablation (Stable Flow, Sec. 5): for each edit family of mini.edits, the same
 injection in (a) the vital layers (demo_3's vital_layers.json, or a list), (b) none, (c) all layers, (d) the layers
 that are not vital; each graded for edit success and untouched-object mask IoU on the references that are right.
 Real images (rendered world pictures): inverted and edited with the vital layers, with and without latent nudging.
-Writes a JSON record, a figure and a markdown table (the README's).
+The layer sweep edits the same cases with injection in no layer and in each layer alone: which layers hold what.
+Each writes a JSON record, a figure and a markdown table (the README's).
 """
 
 from __future__ import annotations
@@ -105,13 +107,19 @@ def layer_sets(models: FluxModels, vital: list[int]) -> dict[str, list[int]]:
     return {"vital": vital, "none": [], "all": every, "non-vital": [i for i in every if i not in vital]}
 
 
-def ablation_generated(models: FluxModels, vital: list[int], cases: int, seed: int) -> dict:
-    """Per family and layer set: success and untouched IoU of same-seed edits of generated references. References
-    are drawn first (alone, batched) and only the right ones are edited: the others cannot measure an edit."""
-    sets = layer_sets(models, vital)
+def single_layers(models: FluxModels) -> dict[str, list[int]]:
+    """No injection, then injection in each layer alone: where in the network injection holds a layout."""
+    every = range(models.model.params.depth + models.model.params.depth_single_blocks)
+    return {"none": [], **{f"layer {i}": [i] for i in every}}
+
+
+def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int) -> dict:
+    """Per family and injection layer set (`layer_sets`, `single_layers`): success and untouched IoU of same-seed
+    edits of generated references. References are drawn first (alone, batched) and only the right ones are edited:
+    the others cannot measure an edit."""
     out = {}
     for family in FAMILIES:
-        grades = {c: [] for c in CONFIGS}
+        grades = {c: [] for c in sets}
         todo = edit_cases(cases, seed, family)
         seeds = [1000 * seed + k for k in range(len(todo))]
         refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS).cpu()
@@ -119,11 +127,11 @@ def ablation_generated(models: FluxModels, vital: list[int], cases: int, seed: i
         right = [k for k, (det, (_, _, edit)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(det, edit)]
         for k in right:
             source, target, edit = todo[k]
-            for c in CONFIGS:
-                r = edit_generated(models, EditRequest(source, [target], STEPS, 0.0, sets[c]), seeds[k], 128, 128)
+            for c, layers in sets.items():
+                r = edit_generated(models, EditRequest(source, [target], STEPS, 0.0, layers), seeds[k], 128, 128)
                 grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
-        out[family] = {c: _summary(grades[c], len(right), cases) for c in CONFIGS}
-        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in CONFIGS), flush=True)
+        out[family] = {c: _summary(grades[c], len(right), cases) for c in sets}
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in sets), flush=True)
     return out
 
 
@@ -182,6 +190,40 @@ def figure(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_figure(sweep: dict, path: Path) -> None:
+    """Each family's edit success against untouched-object IoU, one point per injected layer (and none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(3.2 * len(FAMILIES), 3.4), sharey=True)
+    for ax, f in zip(axes, FAMILIES):
+        for c, s in sweep["generated"][f].items():
+            x, y = s["untouched_iou"] or 0.0, s["success"]
+            ax.scatter(x, y, c="k" if c == "none" else "C0", s=14)
+            ax.annotate(c.removeprefix("layer "), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        ax.set_title(f, fontsize=9)
+        ax.set_xlabel("untouched-object IoU")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].set_ylabel("edit success")
+    fig.suptitle("flux-mini: injection in one layer at a time (black: none)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_table(sweep: dict) -> str:
+    gen = sweep["generated"]
+    rows = ["| injection | " + " | ".join(f"{f} ({gen[f]['none']['references_right']} refs)" for f in FAMILIES) + " |",
+            "|---|" + "---|" * len(FAMILIES)]  # fmt: skip
+    for c in gen[FAMILIES[0]]:
+        rows.append(f"| {c} | " + " | ".join(_fmt(gen[f][c]) for f in FAMILIES) + " |")
+    return "\n".join(rows)
+
+
 def table(result: dict) -> str:
     gen = result["ablation"]["generated"]
     rows = ["| edit family | " + " | ".join(f"{c}: success / IoU" for c in CONFIGS) + " |",
@@ -198,7 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100, help="prompts per split (heldout and train)")
     p.add_argument("--ae-n", type=int, default=200, help="images for the AE's PSNR")
-    p.add_argument("--ablation", action="store_true", help="run the editing ablation instead")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ablation", action="store_true", help="run the editing ablation instead")
+    mode.add_argument("--layer-sweep", action="store_true", help="edit with injection in each layer alone instead")
     p.add_argument("--cases", type=int, default=32, help="ablation: cases per edit family")
     p.add_argument("--real-cases", type=int, default=20, help="ablation: real-image cases")
     p.add_argument("--real-steps", type=int, default=30)
@@ -224,11 +268,17 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.ablation:
         result = {"ablation": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
-        result["ablation"]["generated"] = ablation_generated(models, vital, args.cases, args.seed)
+        result["ablation"]["generated"] = ablation_generated(models, layer_sets(models, vital), args.cases, args.seed)
         result["ablation"]["real"] = ablation_real(models, vital, args.real_cases, args.seed, args.real_steps)
         figure(result, out / "ablation.png")
         (out / "ablation.md").write_text(table(result) + "\n")
         name = "ablation.json"
+    elif args.layer_sweep:
+        result = {"layer_sweep": {"steps": STEPS, "cases_per_family": args.cases}}
+        result["layer_sweep"]["generated"] = ablation_generated(models, single_layers(models), args.cases, args.seed)
+        sweep_figure(result["layer_sweep"], out / "layer_sweep.png")
+        (out / "layer_sweep.md").write_text(sweep_table(result["layer_sweep"]) + "\n")
+        name = "layer_sweep.json"
     else:
         result = {"ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch)}
         result["heldout"], images = text2img(models, "heldout", args.n, args.seed, args.batch)

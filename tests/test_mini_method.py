@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from mini.evaluate import ablation_generated, ablation_real, psnr, text2img
+from mini.evaluate import ablation_generated, ablation_real, layer_sets, psnr, text2img
 from mini.world import render, sample_scenes
 
 # Measured by `python -m mini.evaluate` / `--ablation` with the shipped weights (README); guards sit under them.
-MEASURED_TEXT2IMG = {"colour": 0.936, "shape": 0.678, "place": 0.831, "count": 0.79, "background": 1.0}
+MEASURED_TEXT2IMG = {"colour": 0.97, "shape": 0.841, "place": 0.94, "count": 0.94, "background": 1.0}
 TEXT2IMG_TARGETS = {"colour": 0.95, "shape": 0.90, "place": 0.90, "count": 0.95}
 
 
@@ -45,11 +45,16 @@ def test_text_to_image_regression_guard(heldout):
         assert heldout[attr] >= measured - 0.06, (attr, heldout[attr])
 
 
+_MISSED = pytest.mark.xfail(
+    strict=True,
+    reason="flux-mini 2 after 18.9k training steps (loss 0.054): held-out "
+    "shape 84.1%, count 94% (train split 97.8% / 98%); colour and named place are met",
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("attr", sorted(TEXT2IMG_TARGETS))
-@pytest.mark.xfail(strict=True, reason="flux-mini 2 has had 8.8k training steps (loss 0.083; flux-mini 1 reached "
-                   "0.049 at 20.7k): held-out colour 93.6%, shape 68%, named place 83%, count 79% (train split "
-                   "97/91/90/92%)")  # fmt: skip
+@pytest.mark.parametrize("attr", ["colour", "place", pytest.param("shape", marks=_MISSED),
+                                  pytest.param("count", marks=_MISSED)])  # fmt: skip
 def test_text_to_image_targets(heldout, attr):
     assert heldout[attr] >= TEXT2IMG_TARGETS[attr]
 
@@ -75,12 +80,12 @@ def test_vitality_scores_every_layer(vitality):
     assert sorted(layers) == list(range(12)) and vitality["metric"] == "mini-detector"
     assert vitality["vital_layer_names"] and len(vitality["vital_layer_names"]) == len(vitality["vital_layers"])
     # As in FLUX (the paper's layer 0), the first double block is the most vital: its bypass destroys the picture.
-    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.8  # measured 0.96 on 16 prompts
+    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.8  # measured 0.93 on 16 prompts
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the detector's similarity finds all 12 layers vital at tau 0.1 (vitality "
-                   "0.14-0.96 on 16 prompts): any bypass changes some object this model draws")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="the detector's similarity finds 11 of 12 layers vital at tau 0.1 (vitality "
+                   "0.07-0.93 on 16 prompts): any bypass but the last changes some object this model draws")  # fmt: skip
 def test_ablation_finds_a_minority_of_vital_layers(vitality):
     assert 1 <= len(vitality["vital_layers"]) <= 12 / 3
 
@@ -95,7 +100,7 @@ def ablation(mini):
     """Each edit family under injection in the vital layers, none, all and the non-vital ones (12 cases a family:
     the README's table uses 64), and real world pictures with and without nudging."""
     return {
-        "generated": ablation_generated(mini, SSIM_VITAL, 12, 1),
+        "generated": ablation_generated(mini, layer_sets(mini, SSIM_VITAL), 12, 1),
         "real": ablation_real(mini, SSIM_VITAL, 6, 1, 30),
     }
 
@@ -111,9 +116,9 @@ def test_real_images_reconstruct(ablation):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="without injection, untouched objects keep mean IoU 0.67 over the README's 64 "
-                   "cases a family (0.80 on these 12; background changes 0.28): the trained model keeps more of a "
-                   "same-seed layout than the target's 0.6")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="without injection, untouched objects keep mean IoU 0.69 over the README's 64 "
+                   "cases a family (background changes 0.28): the trained model keeps more of a same-seed layout "
+                   "than the target's 0.6")  # fmt: skip
 def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
     assert _mean(ablation, "none", "untouched_iou") <= 0.6
 
@@ -121,13 +126,13 @@ def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
 @pytest.mark.slow
 def test_vital_layers_let_edits_through_where_all_layers_do_not(ablation):
     """Injection in every layer reproduces the reference; in the vital ones the edit still happens (the paper's
-    ablation (c)). Measured: +45 points over the README's 64 cases a family, +46 on these 12."""
+    ablation (c)). Measured: +41 points over the README's 64 cases a family."""
     assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.30
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 70% of edits through "
-                   "(additions 37%, size 62%) and holds untouched objects at IoU 0.77, +0.10 over none")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 53% of edits through "
+                   "(additions 18%, size 20%) and holds untouched objects at IoU 0.79, +0.10 over none")  # fmt: skip
 def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through(ablation):
     gen = ablation["generated"]
     assert _mean(ablation, "vital", "untouched_iou") >= max(0.85, _mean(ablation, "none", "untouched_iou") + 0.25)
@@ -137,14 +142,14 @@ def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: injection in the nine non-vital layers blocks the "
-                   "edit (25% success) and so keeps more (IoU 0.83 against the vital layers' 0.77)")  # fmt: skip
+                   "edit (24% success) and so keeps more (IoU 0.84 against the vital layers' 0.79)")  # fmt: skip
 def test_vital_layers_hold_more_than_non_vital_ones(ablation):
     assert _mean(ablation, "vital", "untouched_iou") >= _mean(ablation, "non-vital", "untouched_iou") + 0.15
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 45% / IoU "
-                   "0.75 with nudging, 60% / 0.77 without: nudging does not help this model")  # fmt: skip
+                   "0.81 with nudging, 50% / 0.77 without: nudging holds more and edits less")  # fmt: skip
 def test_real_image_edits_hold_and_nudging_helps(ablation):
     nudge, plain = ablation["real"]["nudge"], ablation["real"]["no nudge"]
     assert nudge["success"] >= 0.80 and nudge["untouched_iou"] >= 0.85
@@ -156,3 +161,30 @@ def test_ablation_without_vital_layers_file_is_one_clear_error(run_script, tmp_p
     r = run_script("-m", "mini.evaluate", "--ablation", "--vital-layers", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "none.json does not exist: run demo_3_dino.py" in r.stderr and "weights:" not in r.stdout
+
+
+def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_path):
+    """The sweep's layer sets are no injection and each of flux-mini's 12 layers alone; its table has one row per set
+    and one column per family, each cell success/IoU of that family's summary (hand-built here)."""
+    from types import SimpleNamespace
+
+    from mini.edits import FAMILIES
+    from mini.evaluate import single_layers, sweep_figure, sweep_table
+
+    models = SimpleNamespace(model=SimpleNamespace(params=SimpleNamespace(depth=4, depth_single_blocks=8)))
+    sets = single_layers(models)
+    assert sets == {"none": [], **{f"layer {i}": [i] for i in range(12)}}
+    cell = {"references_right": 7, "success": 0.5, "untouched_iou": 0.25, "untouched_kept": 1.0, "cases": 8}
+    sweep = {"generated": {f: {c: {**cell, "success": i / 20} for i, c in enumerate(sets)} for f in FAMILIES}}
+    sweep["generated"]["background"]["layer 3"]["untouched_iou"] = None  # no untouched object: a dash
+    rows = sweep_table(sweep).splitlines()
+    assert rows[0] == "| injection | " + " | ".join(f"{f} (7 refs)" for f in FAMILIES) + " |"
+    assert len(rows) == 2 + 13 and rows[2].startswith("| none | 0%/0.25 |")
+    assert rows[2 + 4] == "| layer 3 | 20%/0.25 | 20%/0.25 | 20%/0.25 | 20%/- | 20%/0.25 |"
+    sweep_figure(sweep, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_ablation_and_layer_sweep_are_one_or_the_other(run_script):
+    r = run_script("-m", "mini.evaluate", "--ablation", "--layer-sweep")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr and "Traceback" not in r.stderr
