@@ -12,8 +12,10 @@ python -m mini.evaluate --n 100 --out outputs/mini_eval
 # demo_3's detector metric calls all 12 layers vital on this model (vital = all); the README's table contrasts the
 # minority SSIM finds with the others instead.
 python -m mini.evaluate --ablation --cases 64 --out outputs/mini_eval
+python -m mini.evaluate --layer-sweep --cases 16 --out outputs/mini_eval  # injection in one layer at a time
 cp outputs/mini_eval/heldout.png docs/images/mini_text2img.png
 cp outputs/mini/demo_3_dino/vitality.png docs/images/mini_vitality.png
 cp outputs/mini/demo_4_edit/grid.png docs/images/mini_edit.png
 cp outputs/mini/demo_4_edit_real/grid.png docs/images/mini_edit_real.png
 cp outputs/mini_eval/ablation.png docs/images/mini_ablation.png
+cp outputs/mini_eval/layer_sweep.png docs/images/mini_layer_sweep.png

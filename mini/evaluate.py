@@ -201,14 +201,15 @@ def sweep_figure(sweep: dict, path: Path) -> None:
     for ax, f in zip(axes, FAMILIES):
         for c, s in sweep["generated"][f].items():
             x, y = s["untouched_iou"] or 0.0, s["success"]
-            ax.scatter(x, y, c="k" if c == "none" else "C0", s=14)
+            none = c == "none"
+            ax.scatter(x, y, c="k" if none else "C0", s=40 if none else 14, marker="x" if none else "o", zorder=3)
             ax.annotate(c.removeprefix("layer "), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
         ax.set_title(f, fontsize=9)
         ax.set_xlabel("untouched-object IoU")
         ax.set_xlim(0, 1.05)
         ax.set_ylim(-0.05, 1.05)
     axes[0].set_ylabel("edit success")
-    fig.suptitle("flux-mini: injection in one layer at a time (black: none)")
+    fig.suptitle("flux-mini: injection in one layer at a time (x: none)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
