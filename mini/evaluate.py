@@ -182,9 +182,10 @@ def figure(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(FAMILIES)), FAMILIES)
         ax.set_ylim(0, 1)
         ax.set_title(label)
-    axes[0].legend(fontsize=8, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(CONFIGS))  # below: bars reach every height
     fig.suptitle(f"flux-mini: Stable Flow's ablation (vital layers {result['ablation']['vital_layers']})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
