@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from flux.errors import UserError
+from flux.model import check_layers
 from flux.pipeline import FluxModels, load_models
 from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, REAL_GUIDANCE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
@@ -103,14 +104,13 @@ def _summary(grades: list, refs_ok: int, cases: int) -> dict:
 
 
 def layer_sets(models: FluxModels, vital: list[int]) -> dict[str, list[int]]:
-    every = list(range(models.model.params.depth + models.model.params.depth_single_blocks))
+    every = list(range(models.model.num_layers))
     return {"vital": vital, "none": [], "all": every, "non-vital": [i for i in every if i not in vital]}
 
 
 def single_layers(models: FluxModels) -> dict[str, list[int]]:
     """No injection, then injection in each layer alone: where in the network injection holds a layout."""
-    every = range(models.model.params.depth + models.model.params.depth_single_blocks)
-    return {"none": [], **{f"layer {i}": [i] for i in every}}
+    return {"none": [], **{f"layer {i}": [i] for i in range(models.model.num_layers)}}
 
 
 def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int) -> dict:
@@ -260,7 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.ablation:  # read before the models load, so a missing or wrong file fails at once
         params = model_spec("flux-mini").params
         if all(c.isdigit() or c == "," for c in args.vital_layers):
-            vital = [int(x) for x in args.vital_layers.split(",")]
+            vital = [int(x) for x in args.vital_layers.split(",") if x]
+            try:  # the one range rule; a file is checked by read_vital_layers
+                check_layers(vital, params.depth + params.depth_single_blocks, "--vital-layers")
+            except ValueError as e:
+                raise UserError(str(e)) from None
         else:
             vital = read_vital_layers(args.vital_layers, params.depth, params.depth_single_blocks)
 

@@ -163,6 +163,14 @@ def test_ablation_without_vital_layers_file_is_one_clear_error(run_script, tmp_p
     assert "none.json does not exist: run demo_3_dino.py" in r.stderr and "weights:" not in r.stdout
 
 
+def test_ablation_with_a_layer_out_of_range_is_one_clear_error(run_script):
+    """A listed layer flux-mini lacks is refused by the model's range rule before any model loads."""
+    r = run_script("-m", "mini.evaluate", "--ablation", "--vital-layers", "0,12")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--vital-layers: layer 12 out of range: this model has layers 0..11" in r.stderr
+    assert "weights:" not in r.stdout
+
+
 def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_path):
     """The sweep's layer sets are no injection and each of flux-mini's 12 layers alone; its table has one row per set
     and one column per family, each cell success/IoU of that family's summary (hand-built here)."""
@@ -171,7 +179,7 @@ def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_pa
     from mini.edits import FAMILIES
     from mini.evaluate import single_layers, sweep_figure, sweep_table
 
-    models = SimpleNamespace(model=SimpleNamespace(params=SimpleNamespace(depth=4, depth_single_blocks=8)))
+    models = SimpleNamespace(model=SimpleNamespace(num_layers=12))
     sets = single_layers(models)
     assert sets == {"none": [], **{f"layer {i}": [i] for i in range(12)}}
     cell = {"references_right": 7, "success": 0.5, "untouched_iou": 0.25, "untouched_kept": 1.0, "cases": 8}
