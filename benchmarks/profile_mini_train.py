@@ -33,6 +33,7 @@ from mini.train import (
     load_trained_ae,
     make_tokenizers,
     sample_t,
+    update,
 )
 from mini.world import render_batch, sample_batch
 
@@ -91,11 +92,7 @@ def whole_step(stack, ae, tokens, opt, ema, batch: int, dev: torch.device, reps:
             t0 = time.perf_counter()
         with autocast:
             loss, _, _ = flow_loss(stack, *fresh_batch(ae, tokens, g_cpu, batch), g_dev)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(stack.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, stack, i, 0.999)
+        update(stack, opt, ema, loss, i, 0.999)
         loss.item()
     sync(dev)
     return 1000 * (time.perf_counter() - t0) / reps

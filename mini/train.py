@@ -273,6 +273,19 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
     torch._foreach_lerp_(e, m, 1 - d)
 
 
+def update(
+    model: nn.Module, opt: torch.optim.Optimizer, ema: nn.Module, loss: Tensor, step: int, decay: float
+) -> Tensor:
+    """One optimiser step on `loss`: backward, gradients clipped to norm 1, AdamW, then the EMA; returns the
+    gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, model, step, decay)
+    return grad_norm
+
+
 def sample_t(n: int, g: torch.Generator, device: torch.device) -> Tensor:
     """Logit-normal(0, 1) times, shifted as get_schedule(..., shift=True) shifts them for 128x128 (64 tokens)."""
     mu = get_lin_function()(64)
@@ -432,11 +445,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
                 b = (t * 4).long().clamp(max=3).cpu()
                 acc["bucket"].index_add_(0, b, per.float().cpu())
                 acc["bucket_n"].index_add_(0, b, torch.ones_like(per.cpu()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, model, step, hp["ema"])
+        grad_norm = update(model, opt, ema, loss, step, hp["ema"])
         step += 1
         run_steps += 1
         acc["loss"] += loss.item()

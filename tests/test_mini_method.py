@@ -14,7 +14,7 @@ from mini.evaluate import ablation_generated, ablation_real, layer_sets, psnr, t
 from mini.world import render, sample_scenes
 
 # Measured by `python -m mini.evaluate` / `--ablation` with the shipped weights (README); guards sit under them.
-MEASURED_TEXT2IMG = {"colour": 0.97, "shape": 0.841, "place": 0.94, "count": 0.94, "background": 1.0}
+MEASURED_TEXT2IMG = {"colour": 0.987, "shape": 0.948, "place": 0.988, "count": 0.97, "background": 1.0}
 TEXT2IMG_TARGETS = {"colour": 0.95, "shape": 0.90, "place": 0.90, "count": 0.95}
 
 
@@ -45,16 +45,8 @@ def test_text_to_image_regression_guard(heldout):
         assert heldout[attr] >= measured - 0.06, (attr, heldout[attr])
 
 
-_MISSED = pytest.mark.xfail(
-    strict=True,
-    reason="flux-mini 2 after 18.9k training steps (loss 0.054): held-out "
-    "shape 84.1%, count 94% (train split 97.8% / 98%); colour and named place are met",
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("attr", ["colour", "place", pytest.param("shape", marks=_MISSED),
-                                  pytest.param("count", marks=_MISSED)])  # fmt: skip
+@pytest.mark.parametrize("attr", ["colour", "shape", "place", "count"])
 def test_text_to_image_targets(heldout, attr):
     assert heldout[attr] >= TEXT2IMG_TARGETS[attr]
 

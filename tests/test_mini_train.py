@@ -141,3 +141,22 @@ def test_latent_pool_holds_encoded_scenes_and_refreshes_them(repo_root, tmp_path
     for x, a, b in zip(dx, dt5, dclip, strict=True):  # each drawn sample is one row of the pool
         row = [i for i in range(6) if torch.equal(pool.x0[i].float(), x)]
         assert row and torch.equal(pool.t5[row[0]], a) and torch.equal(pool.clip[row[0]], b)
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_checkpoint_keys(tmp_path, monkeypatch):
+    """`flow --compile` compiles the transformer in place (`nn.Module.compile`), so its checkpoint has the keys of an
+    uncompiled run (torch.compile's wrapper would prefix them `_orig_mod.`) and each side resumes from the other.
+    Dynamo traces for real here; only its backend is `eager`, as inductor takes minutes on a CPU."""
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
+    main(["ae", "--out", str(tmp_path / "a"), "--steps", "1", *small])
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", *small])
+    plain = load_checkpoint(tmp_path / "a" / "flow")
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", "--compile", *small])
+    compiled = load_checkpoint(tmp_path / "a" / "flow")
+    assert compiled["step"] == 2 and _tensors(compiled).keys() == _tensors(plain).keys()
+    assert not all(torch.equal(compiled["model"][k], v) for k, v in plain["model"].items())  # it trained
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", *small])
+    assert load_checkpoint(tmp_path / "a" / "flow")["step"] == 3
