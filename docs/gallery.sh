@@ -13,6 +13,8 @@ python -m mini.evaluate --n 100 --out outputs/mini_eval
 # minority SSIM finds with the others instead.
 python -m mini.evaluate --ablation --cases 64 --out outputs/mini_eval
 python -m mini.evaluate --layer-sweep --cases 16 --out outputs/mini_eval  # injection in one layer at a time
+python -m mini.evaluate --ablation --vital-layers 0,1 --cases 64 --out outputs/mini_eval_01  # the README's [0, 1] finding
+python -m mini.evaluate --conditioning --cases 16 --out outputs/mini_eval  # T5 tokens vs pooled vector
 cp outputs/mini_eval/heldout.png docs/images/mini_text2img.png
 cp outputs/mini/demo_3_dino/vitality.png docs/images/mini_vitality.png
 cp outputs/mini/demo_4_edit/grid.png docs/images/mini_edit.png

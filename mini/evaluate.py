@@ -3,6 +3,7 @@
     python -m mini.evaluate [--n 100] [--device cpu]                 # AE and text to image
     python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_ssim/vital_layers.json]
     python -m mini.evaluate --layer-sweep [--cases 32]                # injection in each layer alone
+    python -m mini.evaluate --conditioning [--cases 32]               # which conditioning moves the layout
 
 Text to image: `load_models("flux-mini").generate` (20 steps) for n heldout prompts (each holds a colour x shape or
 shape x place pair never trained on) and n train-split prompts of unseen seeds; per object (matched by colour):
@@ -13,6 +14,9 @@ injection in (a) the vital layers (demo_3's vital_layers.json, or a list), (b) n
 that are not vital; each graded for edit success and untouched-object mask IoU on the references that are right.
 Real images (rendered world pictures): inverted and edited with the vital layers, with and without latent nudging.
 The layer sweep edits the same cases with injection in no layer and in each layer alone: which layers hold what.
+The conditioning run edits them with injection in no, the vital or all layers, the edit sample conditioned on the
+edit caption, or on its T5 tokens with the source's pooled CLIP vector, or the reverse (`MIXES`): whether what moves
+a layout reaches the blocks through attention, which injection replaces, or through the pooled vector's modulation.
 Each writes a JSON record, a figure and a markdown table (the README's).
 """
 
@@ -28,8 +32,8 @@ from pathlib import Path
 import torch
 
 from flux.errors import UserError
-from flux.model import check_layers
-from flux.pipeline import FluxModels, load_models
+from flux.model import Injection, check_layers
+from flux.pipeline import FluxModels, Text, load_models
 from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, REAL_GUIDANCE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
 
@@ -120,11 +124,7 @@ def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: in
     out = {}
     for family in FAMILIES:
         grades = {c: [] for c in sets}
-        todo = edit_cases(cases, seed, family)
-        seeds = [1000 * seed + k for k in range(len(todo))]
-        refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS).cpu()
-                          for i in range(0, len(todo), 32)])  # fmt: skip
-        right = [k for k, (det, (_, _, edit)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(det, edit)]
+        todo, seeds, right = _cases(models, family, cases, seed)
         for k in right:
             source, target, edit = todo[k]
             for c, layers in sets.items():
@@ -132,6 +132,50 @@ def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: in
                 grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
         out[family] = {c: _summary(grades[c], len(right), cases) for c in sets}
         print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in sets), flush=True)
+    return out
+
+
+def _cases(models: FluxModels, family: str, cases: int, seed: int) -> tuple[list, list[int], list[int]]:
+    """A family's edit cases, their noise seeds, and the indices of those whose reference is right (alone, batched):
+    the others cannot measure an edit."""
+    todo = edit_cases(cases, seed, family)
+    seeds = [1000 * seed + k for k in range(len(todo))]
+    refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS).cpu()
+                      for i in range(0, len(todo), 32)])  # fmt: skip
+    return todo, seeds, [k for k, (d, (_, _, e)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(d, e)]
+
+
+# Where the edit sample's conditioning comes from, (T5 tokens, pooled CLIP vector): 0 the source caption, 1 the edit's.
+MIXES = {"edit caption": (1, 1), "source's pooled vector": (1, 0), "source's T5 tokens": (0, 1)}
+
+
+@torch.no_grad()
+def mixed_edits(models: FluxModels, source: str, target: str, seed: int, layers: list[int]) -> torch.Tensor:
+    """[reference, one edit per MIXES entry] from one noise, the edits taking the reference's image K/V in `layers`:
+    Stable Flow's batch (`edit_generated`), but the edit's T5 tokens and pooled vector can each come from either
+    caption. The pooled vector modulates every block, where image K/V injection does not reach."""
+    text = models.encode([source, target])
+    t5, vec = [0, *(a for a, _ in MIXES.values())], [0, *(b for _, b in MIXES.values())]
+    mixed = Text(text.txt[t5], text.txt_ids[t5], text.vec[vec])
+    inject = Injection.from_reference(layers, len(t5)) if layers else None
+    noise = models.noise([seed], 128, 128).repeat(len(t5), 1, 1, 1)
+    return models.decode(models.denoise(mixed, noise, models.schedule(STEPS, 128, 128), 0.0, inject=inject)).cpu()
+
+
+def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int) -> dict:
+    """Per family, layer set and MIXES entry: success and untouched IoU of the ablation's cases and seeds."""
+    out = {}
+    for family in FAMILIES:
+        grades = {(c, m): [] for c in sets for m in MIXES}
+        todo, seeds, right = _cases(models, family, cases, seed)
+        for k in right:
+            source, target, edit = todo[k]
+            for c, layers in sets.items():
+                images = mixed_edits(models, source, target, seeds[k], layers).float()
+                for m, image in zip(MIXES, images[1:]):
+                    grades[(c, m)].append(grade(images[0], image, edit))
+        out[family] = {f"{c}, {m}": _summary(g, len(right), cases) for (c, m), g in grades.items()}
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(s)}" for c, s in out[family].items()), flush=True)
     return out
 
 
@@ -219,7 +263,8 @@ def sweep_figure(sweep: dict, path: Path) -> None:
 
 def sweep_table(sweep: dict) -> str:
     gen = sweep["generated"]
-    rows = ["| injection | " + " | ".join(f"{f} ({gen[f]['none']['references_right']} refs)" for f in FAMILIES) + " |",
+    refs = {f: next(iter(gen[f].values()))["references_right"] for f in FAMILIES}
+    rows = ["| injection | " + " | ".join(f"{f} ({refs[f]} refs)" for f in FAMILIES) + " |",
             "|---|" + "---|" * len(FAMILIES)]  # fmt: skip
     for c in gen[FAMILIES[0]]:
         rows.append(f"| {c} | " + " | ".join(_fmt(gen[f][c]) for f in FAMILIES) + " |")
@@ -245,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablation", action="store_true", help="run the editing ablation instead")
     mode.add_argument("--layer-sweep", action="store_true", help="edit with injection in each layer alone instead")
+    mode.add_argument("--conditioning", action="store_true",
+                      help="edit with the edit's T5 tokens or pooled vector swapped for the source's instead")  # fmt: skip
     p.add_argument("--cases", type=int, default=32, help="ablation: cases per edit family")
     p.add_argument("--real-cases", type=int, default=20, help="ablation: real-image cases")
     p.add_argument("--real-steps", type=int, default=30)
@@ -257,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="outputs/mini_eval", help="folder for the JSON, figure and table")
     p.add_argument("--update-manifest", action="store_true", help="store the result in flux/assets/mini/manifest.json")
     args = p.parse_args(argv)
-    if args.ablation:  # read before the models load, so a missing or wrong file fails at once
+    if args.ablation or args.conditioning:  # read before the models load, so a missing or wrong file fails at once
         params = model_spec("flux-mini").params
         if all(c.isdigit() or c == "," for c in args.vital_layers):
             vital = [int(x) for x in args.vital_layers.split(",") if x]
@@ -279,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
         figure(result, out / "ablation.png")
         (out / "ablation.md").write_text(table(result) + "\n")
         name = "ablation.json"
+    elif args.conditioning:
+        sets = {c: v for c, v in layer_sets(models, vital).items() if c != "non-vital"}
+        result = {"conditioning": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
+        result["conditioning"]["generated"] = conditioning(models, sets, args.cases, args.seed)
+        (out / "conditioning.md").write_text(sweep_table(result["conditioning"]) + "\n")
+        name = "conditioning.json"
     elif args.layer_sweep:
         result = {"layer_sweep": {"steps": STEPS, "cases_per_family": args.cases}}
         result["layer_sweep"]["generated"] = ablation_generated(models, single_layers(models), args.cases, args.seed)

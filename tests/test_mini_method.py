@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from mini.evaluate import ablation_generated, ablation_real, layer_sets, psnr, text2img
+from mini.evaluate import MIXES, STEPS, ablation_generated, ablation_real, layer_sets, mixed_edits, psnr, text2img
 from mini.world import render, sample_scenes
+from stableflow.edit import EditRequest, edit_generated
 
 # Measured by `python -m mini.evaluate` / `--ablation` with the shipped weights (README); guards sit under them.
 MEASURED_TEXT2IMG = {"colour": 0.987, "shape": 0.948, "place": 0.988, "count": 0.97, "background": 1.0}
@@ -195,3 +196,15 @@ def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_pa
 def test_ablation_and_layer_sweep_are_one_or_the_other(run_script):
     r = run_script("-m", "mini.evaluate", "--ablation", "--layer-sweep")
     assert r.returncode == 2 and "not allowed with argument" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mixed_edits_edit_caption_sample_is_stable_flows_edit(mini):
+    """`--conditioning`'s "edit caption" sample is Stable Flow's edit (`edit_generated`, the same seed and layers), so
+    its other samples differ from that edit only in where their conditioning comes from."""
+    source = "a red circle and a blue square on a white background"
+    target = "a red circle and a blue square on a black background"
+    images = mixed_edits(mini, source, target, 5, [0, 1])
+    r = edit_generated(mini, EditRequest(source, [target], STEPS, 0.0, [0, 1]), 5, 128, 128)
+    assert len(images) == 1 + len(MIXES) and list(MIXES)[0] == "edit caption"
+    assert (images[0] - r.reference.cpu()).abs().max() < 1e-4 and (images[1] - r.edits[0].cpu()).abs().max() < 1e-4
+    assert all((images[i] - images[1]).abs().max() > 0.1 for i in (2, 3))  # each swap changes the picture
