@@ -47,7 +47,7 @@ def test_text_to_image_regression_guard(heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attr", ["colour", "shape", "place", "count"])
+@pytest.mark.parametrize("attr", sorted(TEXT2IMG_TARGETS))
 def test_text_to_image_targets(heldout, attr):
     assert heldout[attr] >= TEXT2IMG_TARGETS[attr]
 
