@@ -17,7 +17,7 @@ The layer sweep edits the same cases with injection in no layer and in each laye
 The conditioning run edits them with injection in no, the vital or all layers, the edit sample conditioned on the
 edit caption, or on its T5 tokens with the source's pooled CLIP vector, or the reverse (`MIXES`): whether what moves
 a layout reaches the blocks through attention, which injection replaces, or through the pooled vector's modulation.
-Each writes a JSON record, a figure and a markdown table (the README's).
+Each writes a JSON record, a markdown table (the README's) and, but for the conditioning run, a figure.
 """
 
 from __future__ import annotations
