@@ -15,6 +15,8 @@ its own. Grading (`grade`) compares the reference image with the edited one:
   size: same colour and shape), the new object is there (at its place, if named), or the background changed;
 - untouched_iou: mean mask IoU between reference and edit of every object the edit does not touch (matched by
   colour; a missing one counts 0), None when there is none;
+- open_iou: the same over the untouched objects whose place the source caption leaves open, the ones a same-seed
+  edit is free to move (a named place holds its object whatever the injection); None when there is none;
 - untouched_kept: every untouched object is still there with its colour and shape.
 
 Measure edit success only on references that are right (`reference_ok`): they show the source caption, and the
@@ -154,6 +156,7 @@ class EditGrade:
     success: bool
     untouched_iou: float | None  # None: the edit leaves no object untouched
     untouched_kept: bool
+    open_iou: float | None = None  # None: no untouched object's place is left open
 
 
 def grade(reference, edited, edit: Edit) -> EditGrade:
@@ -176,11 +179,19 @@ def grade(reference, edited, edit: Edit) -> EditGrade:
             success = now.shape == edit.new
         else:  # size: the same shape at the new size
             success = now.shape == was.shape and now.size == edit.new
-    ious, kept = [], True
-    for colour in edit.untouched:
-        a, b = ref.find(colour), out.find(colour)
+    ious, open_ious, kept = [], [], True
+    for o in edit.source.objects:
+        if o.colour not in edit.untouched:
+            continue
+        a, b = ref.find(o.colour), out.find(o.colour)
         if a is None:  # the reference lacks it: nothing to keep (reference_ok rules such references out)
             continue
         ious.append(mask_iou(a.mask, b.mask) if b is not None else 0.0)
+        if o.place is None:
+            open_ious.append(ious[-1])
         kept &= b is not None and b.shape == a.shape
-    return EditGrade(success, sum(ious) / len(ious) if ious else None, kept)
+    return EditGrade(success, _mean(ious), kept, _mean(open_ious))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

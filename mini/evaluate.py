@@ -97,12 +97,16 @@ def _hit(hits: dict, key: str, ok: bool) -> None:
 
 
 def _summary(grades: list, refs_ok: int, cases: int) -> dict:
-    ious = [g.untouched_iou for g in grades if g.untouched_iou is not None]
+    def mean(key: str) -> float | None:
+        vals = [getattr(g, key) for g in grades if getattr(g, key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
     return {
         "cases": cases,
         "references_right": refs_ok,
         "success": sum(g.success for g in grades) / max(len(grades), 1),
-        "untouched_iou": sum(ious) / len(ious) if ious else None,
+        "untouched_iou": mean("untouched_iou"),
+        "open_iou": mean("open_iou"),
         "untouched_kept": sum(g.untouched_kept for g in grades) / max(len(grades), 1),
     }
 
@@ -131,7 +135,7 @@ def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: in
                 r = edit_generated(models, EditRequest(source, [target], STEPS, 0.0, layers), seeds[k], 128, 128)
                 grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
         out[family] = {c: _summary(grades[c], len(right), cases) for c in sets}
-        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in sets), flush=True)
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c], True)}" for c in sets), flush=True)
     return out
 
 
@@ -175,7 +179,7 @@ def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, see
                 for m, image in zip(MIXES, images[1:]):
                     grades[(c, m)].append(grade(images[0], image, edit))
         out[family] = {f"{c}, {m}": _summary(g, len(right), cases) for (c, m), g in grades.items()}
-        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(s)}" for c, s in out[family].items()), flush=True)
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(s, True)}" for c, s in out[family].items()), flush=True)
     return out
 
 
@@ -201,13 +205,15 @@ def ablation_real(models: FluxModels, vital: list[int], cases: int, seed: int, s
             recon.append(float(psnr(r.reference.float().cpu()[None], picture[None])))
             grades.append(grade(picture, r.edits[0].float().cpu(), edit))
         out[key] = {**_summary(grades, len(edits), len(edits)), "reconstruction_db": sum(recon) / len(recon)}
-        print(f"real, {key:<9} {_fmt(out[key])}  reconstruction {out[key]['reconstruction_db']:.1f} dB", flush=True)
+        line = f"real, {key:<9} {_fmt(out[key], True)}  reconstruction {out[key]['reconstruction_db']:.1f} dB"
+        print(line, flush=True)
     return out
 
 
-def _fmt(s: dict) -> str:
-    iou = "-" if s["untouched_iou"] is None else f"{s['untouched_iou']:.2f}"
-    return f"{s['success']:.0%}/{iou}"
+def _fmt(s: dict, open_iou: bool = False) -> str:
+    """success/untouched IoU, and with `open_iou` /the same over the objects whose place the caption leaves open."""
+    keys = ("untouched_iou", "open_iou") if open_iou else ("untouched_iou",)
+    return f"{s['success']:.0%}" + "".join("/-" if s.get(k) is None else f"/{s[k]:.2f}" for k in keys)
 
 
 def figure(result: dict, path: Path) -> None:
@@ -217,15 +223,17 @@ def figure(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     gen = result["ablation"]["generated"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.6))
     width = 0.8 / len(CONFIGS)
-    for ax, key, label in ((axes[0], "success", "edit success"), (axes[1], "untouched_iou", "untouched-object IoU")):
+    panels = (("success", "edit success"), ("untouched_iou", "untouched-object IoU"),
+              ("open_iou", "... of objects whose place the caption leaves open"))  # fmt: skip
+    for ax, (key, label) in zip(axes, panels):
         for j, c in enumerate(CONFIGS):
-            vals = [gen[f][c][key] or 0.0 for f in FAMILIES]
+            vals = [gen[f][c].get(key) or 0.0 for f in FAMILIES]
             ax.bar([i + (j - 1.5) * width for i in range(len(FAMILIES))], vals, width, label=f"injection: {c}")
         ax.set_xticks(range(len(FAMILIES)), FAMILIES)
         ax.set_ylim(0, 1)
-        ax.set_title(label)
+        ax.set_title(label, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(CONFIGS))  # below: bars reach every height
     fig.suptitle(f"flux-mini: Stable Flow's ablation (vital layers {result['ablation']['vital_layers']})")
@@ -273,13 +281,13 @@ def sweep_table(sweep: dict) -> str:
 
 def table(result: dict) -> str:
     gen = result["ablation"]["generated"]
-    rows = ["| edit family | " + " | ".join(f"{c}: success / IoU" for c in CONFIGS) + " |",
+    rows = ["| edit family | " + " | ".join(f"{c}: success / IoU / open IoU" for c in CONFIGS) + " |",
             "|---|" + "---|" * len(CONFIGS)]  # fmt: skip
     for f in FAMILIES:
         rows.append(f"| {f} ({gen[f]['vital']['references_right']} refs) | "
-                    + " | ".join(_fmt(gen[f][c]) for c in CONFIGS) + " |")  # fmt: skip
+                    + " | ".join(_fmt(gen[f][c], True) for c in CONFIGS) + " |")  # fmt: skip
     for key, s in result["ablation"]["real"].items():
-        rows.append(f"| real images, {key} | {_fmt(s)} (reconstruction {s['reconstruction_db']:.1f} dB) |||")
+        rows.append(f"| real images, {key} | {_fmt(s, True)} (reconstruction {s['reconstruction_db']:.1f} dB) |||")
     return "\n".join(rows)
 
 

@@ -102,6 +102,7 @@ def test_grader_on_perfect_and_undone_edits(family):
         g = grade(ref, done, e)
         assert g.success and g.untouched_kept
         assert g.untouched_iou is None if not e.untouched else g.untouched_iou == 1.0
+        assert g.open_iou in (None, 1.0)
         undone = grade(ref, ref, e)  # the edit ignored: nothing changed
         assert undone.success != ok and undone.untouched_kept
         # An autoencoder-like round trip of a perfect edit still grades as done and kept.
@@ -130,6 +131,26 @@ def test_grader_sees_drift_and_damage():
     assert not grade(ref, render([Scene((red, replace(blue, colour="green", shape="star")), "gray")])[0], e).success
     both = Scene((red, blue, Obj("square", "green", "bottom", "small")), "gray")
     assert not grade(ref, render([both])[0], e).success
+
+
+def test_open_iou_counts_only_objects_whose_place_the_caption_leaves_open():
+    """Three objects, the blue square recoloured: the red circle's place is named, the yellow star's is not. A drift
+    of the star shows in open_iou alone; a drift of the circle in untouched_iou but not in open_iou."""
+    red, blue = Obj("circle", "red", "left", "large"), Obj("square", "blue", "top right", "small")
+    star = Obj("star", "yellow", "bottom", "large")
+    src = "a red circle on the left and a blue square and a yellow star on a gray background"
+    e = Edit("attribute", parse_caption(src), parse_caption(src.replace("blue", "green")), "blue", "green")
+    ref = render([Scene((red, blue, star), "gray")])[0]
+    green = replace(blue, colour="green")
+    star_moved = grade(ref, render([Scene((red, green, replace(star, place="bottom left")), "gray")])[0], e)
+    assert (star_moved.untouched_iou, star_moved.open_iou) == (0.5, 0.0)
+    circle_moved = grade(ref, render([Scene((replace(red, place="center"), green, star), "gray")])[0], e)
+    assert (circle_moved.untouched_iou, circle_moved.open_iou) == (0.5, 1.0)
+    named_only = Edit("attribute", parse_caption("a red circle on the left and a blue square on a gray background"),
+                      parse_caption("a red circle on the left and a green square on a gray background"), "blue",
+                      "green")  # fmt: skip
+    g = grade(render([Scene((red, blue), "gray")])[0], render([Scene((red, green), "gray")])[0], named_only)
+    assert g.untouched_iou == 1.0 and g.open_iou is None
 
 
 def test_reference_checks():

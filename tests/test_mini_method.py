@@ -98,6 +98,12 @@ def ablation(mini):
     }
 
 
+# The IoU targets are measured on the untouched objects whose place the source caption leaves open: the issue's
+# phenomenon is about under-specified captions, and a named place holds its object whatever the injection, so
+# counting those objects would dilute both the drift and the hold (the README gives both numbers).
+OPEN = "open_iou"
+
+
 def _mean(ablation: dict, config: str, key: str) -> float:
     vals = [f[config][key] for f in ablation["generated"].values() if f[config][key] is not None]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -109,11 +115,11 @@ def test_real_images_reconstruct(ablation):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="without injection, untouched objects keep mean IoU 0.72 over the README's 64 "
-                   "cases a family (background changes 0.31): the trained model keeps more of a same-seed layout "
-                   "than the target's 0.6")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="without injection, untouched objects left unplaced keep mean IoU 0.66 over "
+                   "the README's 64 cases a family (background changes 0.18; every untouched object 0.72): the "
+                   "trained model keeps more of a same-seed layout than the target's 0.6")  # fmt: skip
 def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
-    assert _mean(ablation, "none", "untouched_iou") <= 0.6
+    assert _mean(ablation, "none", OPEN) <= 0.6
 
 
 @pytest.mark.slow
@@ -132,27 +138,28 @@ def test_vital_layers_let_edits_through_where_all_layers_do_not(ablation):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 43% of edits through "
-                   "(additions 7%, size 0%) and holds untouched objects at IoU 0.83, +0.11 over none")  # fmt: skip
+                   "(additions 7%, size 0%) and holds untouched objects left unplaced at IoU 0.82, +0.16 over "
+                   "none")  # fmt: skip
 def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through(ablation):
     gen = ablation["generated"]
-    assert _mean(ablation, "vital", "untouched_iou") >= max(0.85, _mean(ablation, "none", "untouched_iou") + 0.25)
+    assert _mean(ablation, "vital", OPEN) >= max(0.85, _mean(ablation, "none", OPEN) + 0.25)
     assert all(gen[f]["vital"]["success"] >= 0.85 for f in ("attribute", "replacement", "background"))
     assert all(gen[f]["vital"]["success"] >= 0.70 for f in ("addition", "size"))
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: injection in the nine non-vital layers blocks the "
-                   "edit (25% success) and so keeps more (IoU 0.84 against the vital layers' 0.83)")  # fmt: skip
+                   "edit (25% success) and so keeps more (open-place IoU 0.84 against the vital layers' 0.82)")  # fmt: skip
 def test_vital_layers_hold_more_than_non_vital_ones(ablation):
-    assert _mean(ablation, "vital", "untouched_iou") >= _mean(ablation, "non-vital", "untouched_iou") + 0.15
+    assert _mean(ablation, "vital", OPEN) >= _mean(ablation, "non-vital", OPEN) + 0.15
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 30% / IoU "
-                   "0.82 with nudging, 45% / 0.83 without: nudging edits less and holds no more")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 30% / "
+                   "open-place IoU 0.84 with nudging, 45% / 0.76 without: nudging edits less")  # fmt: skip
 def test_real_image_edits_hold_and_nudging_helps(ablation):
     nudge, plain = ablation["real"]["nudge"], ablation["real"]["no nudge"]
-    assert nudge["success"] >= 0.80 and nudge["untouched_iou"] >= 0.85
+    assert nudge["success"] >= 0.80 and nudge[OPEN] >= 0.85
     assert nudge["success"] > plain["success"]
 
 
@@ -191,6 +198,27 @@ def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_pa
     assert rows[2 + 4] == "| layer 3 | 20%/0.25 | 20%/0.25 | 20%/0.25 | 20%/- | 20%/0.25 |"
     sweep_figure(sweep, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_ablation_table_gives_success_iou_and_open_iou_per_family_and_layer_set(tmp_path):
+    """The README's ablation table: a row per family and per real-image run, a column per layer set, each cell
+    success/untouched IoU/open IoU (a dash where no untouched object's place is open), from hand-built summaries."""
+    from mini.edits import FAMILIES
+    from mini.evaluate import CONFIGS, figure, table
+
+    cell = {"references_right": 9, "success": 0.5, "untouched_iou": 0.75, "open_iou": 0.5, "cases": 10}
+    gen = {f: {c: dict(cell) for c in CONFIGS} for f in FAMILIES}
+    gen["size"]["none"] |= {"success": 1.0, "open_iou": None}
+    real = {"nudge": {**cell, "reconstruction_db": 36.04}, "no nudge": {**cell, "reconstruction_db": 37.0}}
+    result = {"ablation": {"vital_layers": [0, 1, 3], "generated": gen, "real": real}}
+    rows = table(result).splitlines()
+    assert rows[0] == "| edit family | " + " | ".join(f"{c}: success / IoU / open IoU" for c in CONFIGS) + " |"
+    assert rows[2] == "| attribute (9 refs) | " + " | ".join(["50%/0.75/0.50"] * 4) + " |"
+    assert rows[2 + FAMILIES.index("size")].split(" | ")[2] == "100%/0.75/-"
+    assert rows[-2] == "| real images, nudge | 50%/0.75/0.50 (reconstruction 36.0 dB) |||"
+    assert len(rows) == 2 + len(FAMILIES) + 2
+    figure(result, tmp_path / "ablation.png")
+    assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
 def test_ablation_and_layer_sweep_are_one_or_the_other(run_script):
