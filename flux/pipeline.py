@@ -26,7 +26,18 @@ from .accel import (
 from .errors import UserError
 from .model import Flux, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
-from .sampling import StepCallback, StepRange, denoise, get_noise, get_schedule, image_ids, pack, unpack
+from .sampling import (
+    CFG,
+    StepCallback,
+    StepRange,
+    denoise,
+    get_noise,
+    get_schedule,
+    guidance_vector,
+    image_ids,
+    pack,
+    unpack,
+)
 from .util import ModelSpec, load_ae, load_clip, load_flow_model, load_t5, model_spec, weight_sources
 
 if TYPE_CHECKING:
@@ -62,11 +73,13 @@ def tensor_to_pil(x: Tensor) -> Image.Image:
 
 @dataclass
 class Text:
-    """Encoded prompts: T5 tokens, their (zero) position ids and the pooled CLIP vector."""
+    """Encoded prompts: T5 tokens, their (zero) position ids and the pooled CLIP vector; for a model whose
+    guidance is classifier-free (ModelSpec.cfg), also the empty prompt's encoding (one row), the negative."""
 
     txt: Tensor
     txt_ids: Tensor
     vec: Tensor
+    negative: "Text | None" = None
 
     def __len__(self) -> int:
         return self.txt.shape[0]
@@ -74,7 +87,16 @@ class Text:
     def select(self, index: Sequence[int]) -> "Text":
         """Rows of a batch, e.g. one encoded prompt repeated for many ablation variants."""
         idx = torch.as_tensor(list(index), device=self.txt.device)
-        return Text(self.txt[idx], self.txt_ids[idx], self.vec[idx])
+        return Text(self.txt[idx], self.txt_ids[idx], self.vec[idx], self.negative)
+
+    def cfg(self, guidance: float | Sequence[float]) -> CFG | None:
+        """Classifier-free guidance of these rows at `guidance` (one value, or one per row) against the negative;
+        None where there is no negative or every scale is 1 (then guidance changes nothing)."""
+        scale = guidance_vector(guidance, len(self), self.txt.device, torch.float32)
+        if self.negative is None or bool((scale == 1).all()):
+            return None
+        n, b = self.negative, len(self)
+        return CFG(scale, n.txt.expand(b, -1, -1), n.txt_ids.expand(b, -1, -1), n.vec.expand(b, -1))
 
 
 @dataclass
@@ -120,11 +142,14 @@ class FluxModels:
             self.t5.to(self.device)
             self.clip.to(self.device)
             self._text_away = False
+        prompts = list(prompts) + ([""] if self.spec.cfg else [])  # the negative rides along, encoded once
         with self.on_device(self.t5, self.clip):
-            txt = self.t5(list(prompts)).to(self.device, self.dtype)
-            vec = self.clip(list(prompts)).to(self.device, self.dtype)
+            txt = self.t5(prompts).to(self.device, self.dtype)
+            vec = self.clip(prompts).to(self.device, self.dtype)
         txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=self.device)
-        return Text(txt, txt_ids, vec)
+        if not self.spec.cfg:
+            return Text(txt, txt_ids, vec)
+        return Text(txt[:-1], txt_ids[:-1], vec[:-1], Text(txt[-1:], txt_ids[-1:], vec[-1:]))
 
     def encode_all(self, prompts: Sequence[str]) -> tuple[Text, dict[str, int]]:
         """Every distinct prompt encoded once, then T5 and CLIP leave the GPU if sampling needs the room.
@@ -168,7 +193,9 @@ class FluxModels:
         inject_steps: StepRange | None = None,
         solver: str = "euler",
     ) -> Tensor:
-        """Sample packed latents from (B, 16, h, w) noise with `solver` (flux.sampling.SOLVERS); returns (B, 16, h, w)."""
+        """Sample packed latents from (B, 16, h, w) noise with `solver` (flux.sampling.SOLVERS); returns (B, 16, h, w).
+        For a model whose guidance is classifier-free (ModelSpec.cfg), `guidance` is the CFG scale against the
+        text's negative."""
         b, _, h, w = noise.shape
         if len(text) != b:
             raise ValueError(f"{len(text)} prompts for {b} latents")
@@ -187,8 +214,17 @@ class FluxModels:
                 callback=callback,
                 inject_steps=inject_steps,
                 solver=solver,
+                cfg=self.cfg(text, guidance),
             )
         return unpack(x, h * 8, w * 8)
+
+    def cfg(self, text: Text, guidance: float | Sequence[float]) -> CFG | None:
+        """The classifier-free guidance of sampling `text` at `guidance`, where the model's guidance is that."""
+        if not self.spec.cfg:
+            return None
+        if text.negative is None:
+            raise ValueError(f"{self.name}'s guidance is classifier-free: encode prompts with its `encode`")
+        return text.cfg(guidance)
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange, repeat
@@ -129,6 +129,20 @@ def guidance_vector(guidance: float | Sequence[float] | Tensor, batch: int, devi
     return g
 
 
+@dataclass(frozen=True)
+class CFG:
+    """True classifier-free guidance, which the official samplers do not have (FLUX.1-dev distils its guidance
+    into the model): v = v_neg + scale * (v - v_neg), with v_neg the velocity of the same latents under the negative
+    conditioning (the empty prompt's, for a model trained with caption dropout). One scale per sample; a sample of
+    scale 1 moves with its own velocity, exactly. Both halves run as one batch and every hook applies to both: an
+    injected sample takes its source's K/V from the same half."""
+
+    scale: Tensor  # (B,)
+    txt: Tensor  # (B, L, D), the negative prompt's T5 tokens per sample
+    txt_ids: Tensor
+    vec: Tensor
+
+
 StepRange = tuple[int, int]
 """Steps start <= i < end of a loop (0-based), e.g. the steps in which `inject` is active."""
 
@@ -166,15 +180,18 @@ def denoise(
     callback: StepCallback | None = None,
     inject_steps: StepRange | None = None,
     solver: str = "euler",
+    cfg: CFG | None = None,
 ) -> Tensor:
     """Integration of the flow from timesteps[0] to timesteps[-1] with `solver` (SOLVERS; Euler: the official
     sampler).
 
     `skip` and `inject` apply to every model call, `inject` only in the steps of `inject_steps` if given (both calls
-    of a second-order step); `callback` sees every step and may replace the next latent.
+    of a second-order step); `callback` sees every step and may replace the next latent; `cfg` guides every velocity.
     """
     steps = list(itertools.pairwise(timesteps))
-    return _solve(model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver)
+    return _solve(
+        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, cfg=cfg
+    )
 
 
 def invert(
@@ -191,6 +208,7 @@ def invert(
     callback: StepCallback | None = None,
     inject_steps: StepRange | None = None,
     solver: str = "euler",
+    cfg: CFG | None = None,
 ) -> Tensor:
     """The solver's loop run backwards, image -> noise: from timesteps[-1] (clean) to timesteps[0] (noise).
 
@@ -201,7 +219,7 @@ def invert(
     """
     steps = list(itertools.pairwise(timesteps[::-1]))
     return _solve(
-        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, True
+        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, True, cfg
     )
 
 
@@ -220,27 +238,40 @@ def _solve(
     inject_steps: StepRange | None,
     solver: str = "euler",
     velocity_at_target: bool = False,
+    cfg: CFG | None = None,
 ) -> Tensor:
     """x <- x + (t_to - t_from) * v over `steps` (t_from, t_to), v as `solver` makes it. Euler's v is taken at t_from
     (sampling) or, with velocity_at_target (Stable Flow's inversion), at t_to."""
     check_solver(solver)
     guidance_vec = guidance_vector(guidance, img.shape[0], img.device, img.dtype)
+    b = img.shape[0]
+    if cfg is not None:  # one batch of both halves: [conditional; negative]
+        img_ids, guidance_vec = torch.cat([img_ids, img_ids]), torch.cat([guidance_vec, guidance_vec])
+        txt, txt_ids, vec = torch.cat([txt, cfg.txt]), torch.cat([txt_ids, cfg.txt_ids]), torch.cat([vec, cfg.vec])
+        skip = None if skip is None else [*skip, *skip]
+        inject = None if inject is None else replace(inject, source=(*inject.source, *(s + b for s in inject.source)))
+        scale = cfg.scale.to(img.device, img.dtype)[:, None, None]
     nfe = 0
 
     def velocity(x: Tensor, t: float, i: int) -> Tensor:
         nonlocal nfe
         nfe += 1
-        return model(
-            img=x,
+        x_in = x if cfg is None else torch.cat([x, x])
+        v = model(
+            img=x_in,
             img_ids=img_ids,
             txt=txt,
             txt_ids=txt_ids,
             y=vec,
-            timesteps=torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device),
+            timesteps=torch.full((x_in.shape[0],), t, dtype=x.dtype, device=x.device),
             guidance=guidance_vec,
             skip=skip,
             inject=inject if inject_steps is None or inject_steps[0] <= i < inject_steps[1] else None,
         )
+        if cfg is None:
+            return v
+        v_pos, v_neg = v[:b], v[b:]
+        return torch.where(scale == 1, v_pos, v_neg + scale * (v_pos - v_neg))
 
     reused = None  # FireFlow: the previous step's midpoint velocity, this step's start velocity
     for i, (t_from, t_to) in enumerate(steps):

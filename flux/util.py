@@ -44,6 +44,10 @@ class ModelSpec:
     local_ae: str | None = None
     # The square size the model was trained at, where it is not FLUX.1's (flux-mini: 128); None for FLUX.1's sizes.
     native_size: int | None = None
+    # `guidance` is a true classifier-free guidance scale against the empty prompt (flux.sampling.CFG), for a model
+    # without a guidance embedding that was trained with caption dropout; else it goes to the guidance embedding
+    # (dev) or nowhere (schnell), as in the official sampler.
+    cfg: bool = False
 
 
 # Text encoders outside the FLUX repos, used when a spec asks for them or a FLUX repo lacks its encoder folders.

@@ -11,13 +11,16 @@ colour present, shape right, named place right, named size right; per image: obj
 
 The ablation (Stable Flow, Sec. 5): for each edit family of mini.edits, the same cases and seeds edited with
 injection in (a) the vital layers (demo_3's vital_layers.json, or a list), (b) none, (c) all layers, (d) the layers
-that are not vital; each graded for edit success and untouched-object mask IoU on the references that are right.
+that are not vital; each graded for edit success and untouched-object mask IoU (over all of them, and over those
+whose place the source caption leaves open) on the references that are right.
 Real images (rendered world pictures): inverted and edited with the vital layers, with and without latent nudging.
 The layer sweep edits the same cases with injection in no layer and in each layer alone: which layers hold what.
 The conditioning run edits them with injection in no, the vital or all layers, the edit sample conditioned on the
 edit caption, or on its T5 tokens with the source's pooled CLIP vector, or the reverse (`MIXES`): whether what moves
 a layout reaches the blocks through attention, which injection replaces, or through the pooled vector's modulation.
-Each writes a JSON record, a markdown table (the README's) and, but for the conditioning run, a figure.
+Each writes a JSON record, a markdown table (the README's) and, but for the conditioning run, a figure. Every run
+samples at `--guidance` (1: none, as flux-mini 2 was trained without caption dropout; for a model whose guidance is
+classifier-free, ModelSpec.cfg, the CFG scale of references and edits, inversions staying at 1).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from flux.errors import UserError
 from flux.model import Injection, check_layers
 from flux.pipeline import FluxModels, Text, load_models
 from flux.util import ASSETS, model_spec
-from stableflow.edit import NUDGE, REAL_GUIDANCE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
+from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
 
 from .detect import detect_batch
 from .edits import FAMILIES, edit_cases, grade, make_edit, reference_ok, shows
@@ -63,7 +66,9 @@ def ae_psnr(models: FluxModels, n: int, seed: int, batch: int) -> dict:
     return {"n": n, "mean_db": float(v.mean()), "min_db": float(v.min())}
 
 
-def text2img(models: FluxModels, split: str, n: int, seed: int, batch: int) -> tuple[dict, torch.Tensor]:
+def text2img(
+    models: FluxModels, split: str, n: int, seed: int, batch: int, guidance: float = 1.0
+) -> tuple[dict, torch.Tensor]:
     """One image per prompt (noise seed = 10000 * seed + prompt index), graded per object and per image."""
     scenes = sample_scenes(n, seed, split)
     hits = {"colour": [0, 0], "shape": [0, 0], "place": [0, 0], "size": [0, 0], "count": [0, 0],
@@ -72,7 +77,8 @@ def text2img(models: FluxModels, split: str, n: int, seed: int, batch: int) -> t
     for i in range(0, n, batch):
         chunk = scenes[i : i + batch]
         prompts = [caption(s) for s in chunk]
-        imgs = models.generate(prompts, [10000 * seed + i + j for j in range(len(chunk))], 128, 128, steps=STEPS).cpu()
+        seeds = [10000 * seed + i + j for j in range(len(chunk))]
+        imgs = models.generate(prompts, seeds, 128, 128, STEPS, guidance).cpu()
         images.append(imgs)
         for prompt, d in zip(prompts, detect_batch(imgs)):
             want = parse_caption(prompt)
@@ -121,30 +127,35 @@ def single_layers(models: FluxModels) -> dict[str, list[int]]:
     return {"none": [], **{f"layer {i}": [i] for i in range(models.model.num_layers)}}
 
 
-def ablation_generated(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int) -> dict:
+def ablation_generated(
+    models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int, guidance: float = 1.0
+) -> dict:
     """Per family and injection layer set (`layer_sets`, `single_layers`): success and untouched IoU of same-seed
     edits of generated references. References are drawn first (alone, batched) and only the right ones are edited:
     the others cannot measure an edit."""
     out = {}
     for family in FAMILIES:
         grades = {c: [] for c in sets}
-        todo, seeds, right = _cases(models, family, cases, seed)
+        todo, seeds, right = _cases(models, family, cases, seed, guidance)
         for k in right:
             source, target, edit = todo[k]
             for c, layers in sets.items():
-                r = edit_generated(models, EditRequest(source, [target], STEPS, 0.0, layers), seeds[k], 128, 128)
+                request = EditRequest(source, [target], STEPS, guidance, layers)
+                r = edit_generated(models, request, seeds[k], 128, 128)
                 grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
         out[family] = {c: _summary(grades[c], len(right), cases) for c in sets}
         print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c], True)}" for c in sets), flush=True)
     return out
 
 
-def _cases(models: FluxModels, family: str, cases: int, seed: int) -> tuple[list, list[int], list[int]]:
+def _cases(
+    models: FluxModels, family: str, cases: int, seed: int, guidance: float
+) -> tuple[list, list[int], list[int]]:
     """A family's edit cases, their noise seeds, and the indices of those whose reference is right (alone, batched):
     the others cannot measure an edit."""
     todo = edit_cases(cases, seed, family)
     seeds = [1000 * seed + k for k in range(len(todo))]
-    refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS).cpu()
+    refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS, guidance).cpu()
                       for i in range(0, len(todo), 32)])  # fmt: skip
     return todo, seeds, [k for k, (d, (_, _, e)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(d, e)]
 
@@ -154,28 +165,30 @@ MIXES = {"edit caption": (1, 1), "source's pooled vector": (1, 0), "source's T5 
 
 
 @torch.no_grad()
-def mixed_edits(models: FluxModels, source: str, target: str, seed: int, layers: list[int]) -> torch.Tensor:
+def mixed_edits(
+    models: FluxModels, source: str, target: str, seed: int, layers: list[int], guidance: float = 1.0
+) -> torch.Tensor:
     """[reference, one edit per MIXES entry] from one noise, the edits taking the reference's image K/V in `layers`:
     Stable Flow's batch (`edit_generated`), but the edit's T5 tokens and pooled vector can each come from either
     caption. The pooled vector modulates every block, where image K/V injection does not reach."""
     text = models.encode([source, target])
     t5, vec = [0, *(a for a, _ in MIXES.values())], [0, *(b for _, b in MIXES.values())]
-    mixed = Text(text.txt[t5], text.txt_ids[t5], text.vec[vec])
+    mixed = Text(text.txt[t5], text.txt_ids[t5], text.vec[vec], text.negative)
     inject = Injection.from_reference(layers, len(t5)) if layers else None
     noise = models.noise([seed], 128, 128).repeat(len(t5), 1, 1, 1)
-    return models.decode(models.denoise(mixed, noise, models.schedule(STEPS, 128, 128), 0.0, inject=inject)).cpu()
+    return models.decode(models.denoise(mixed, noise, models.schedule(STEPS, 128, 128), guidance, inject=inject)).cpu()
 
 
-def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int) -> dict:
+def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int, guidance: float = 1.0) -> dict:
     """Per family, layer set and MIXES entry: success and untouched IoU of the ablation's cases and seeds."""
     out = {}
     for family in FAMILIES:
         grades = {(c, m): [] for c in sets for m in MIXES}
-        todo, seeds, right = _cases(models, family, cases, seed)
+        todo, seeds, right = _cases(models, family, cases, seed, guidance)
         for k in right:
             source, target, edit = todo[k]
             for c, layers in sets.items():
-                images = mixed_edits(models, source, target, seeds[k], layers).float()
+                images = mixed_edits(models, source, target, seeds[k], layers, guidance).float()
                 for m, image in zip(MIXES, images[1:]):
                     grades[(c, m)].append(grade(images[0], image, edit))
         out[family] = {f"{c}, {m}": _summary(g, len(right), cases) for (c, m), g in grades.items()}
@@ -189,7 +202,9 @@ def _real_family(k: int, scene) -> str:
     return "attribute" if family == "addition" and len(scene.objects) >= MAX_OBJECTS else family
 
 
-def ablation_real(models: FluxModels, vital: list[int], cases: int, seed: int, steps: int) -> dict:
+def ablation_real(
+    models: FluxModels, vital: list[int], cases: int, seed: int, steps: int, guidance: float = 1.0
+) -> dict:
     """Rendered world pictures, inverted and edited with the vital layers, with and without latent nudging; graded
     against the input picture (an exact rendering of the source caption), plus the reconstruction's PSNR."""
     rng = random.Random(f"real-{seed}")
@@ -200,7 +215,7 @@ def ablation_real(models: FluxModels, vital: list[int], cases: int, seed: int, s
     for key, nudge in (("nudge", NUDGE), ("no nudge", 1.0)):
         grades, recon = [], []
         for edit, picture in zip(edits, pictures):
-            request = EditRequest(edit.source_caption, [edit.edit_caption], steps, REAL_GUIDANCE, vital)
+            request = EditRequest(edit.source_caption, [edit.edit_caption], steps, guidance, vital)
             r = edit_real(models, request, RealImage(picture, nudge=nudge))
             recon.append(float(psnr(r.reference.float().cpu()[None], picture[None])))
             grades.append(grade(picture, r.edits[0].float().cpu(), edit))
@@ -306,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vital-layers", default="outputs/mini/demo_3_ssim/vital_layers.json",
                    help="demo_3's result (default: configs/mini/demo_3_dino_ssim.json's, as the mini demo_4 configs "
                    "use), or a comma-separated list of layers")  # fmt: skip
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="sampling and edit guidance: 1 is none; for a flux-mini trained with caption dropout "
+                   "(ModelSpec.cfg) the classifier-free scale, the inversion and reconstruction staying at 1")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
@@ -328,28 +346,34 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablation:
-        result = {"ablation": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
-        result["ablation"]["generated"] = ablation_generated(models, layer_sets(models, vital), args.cases, args.seed)
-        result["ablation"]["real"] = ablation_real(models, vital, args.real_cases, args.seed, args.real_steps)
+        g = args.guidance
+        result = {"ablation": {"vital_layers": vital, "steps": STEPS, "guidance": g, "cases_per_family": args.cases}}
+        result["ablation"]["generated"] = ablation_generated(
+            models, layer_sets(models, vital), args.cases, args.seed, g
+        )
+        result["ablation"]["real"] = ablation_real(models, vital, args.real_cases, args.seed, args.real_steps, g)
         figure(result, out / "ablation.png")
         (out / "ablation.md").write_text(table(result) + "\n")
         name = "ablation.json"
     elif args.conditioning:
         sets = {c: v for c, v in layer_sets(models, vital).items() if c != "non-vital"}
-        result = {"conditioning": {"vital_layers": vital, "steps": STEPS, "cases_per_family": args.cases}}
-        result["conditioning"]["generated"] = conditioning(models, sets, args.cases, args.seed)
+        result = {"conditioning": {"vital_layers": vital, "steps": STEPS, "guidance": args.guidance,
+                                   "cases_per_family": args.cases}}  # fmt: skip
+        result["conditioning"]["generated"] = conditioning(models, sets, args.cases, args.seed, args.guidance)
         (out / "conditioning.md").write_text(sweep_table(result["conditioning"]) + "\n")
         name = "conditioning.json"
     elif args.layer_sweep:
-        result = {"layer_sweep": {"steps": STEPS, "cases_per_family": args.cases}}
-        result["layer_sweep"]["generated"] = ablation_generated(models, single_layers(models), args.cases, args.seed)
+        result = {"layer_sweep": {"steps": STEPS, "guidance": args.guidance, "cases_per_family": args.cases}}
+        sets = single_layers(models)
+        result["layer_sweep"]["generated"] = ablation_generated(models, sets, args.cases, args.seed, args.guidance)
         sweep_figure(result["layer_sweep"], out / "layer_sweep.png")
         (out / "layer_sweep.md").write_text(sweep_table(result["layer_sweep"]) + "\n")
         name = "layer_sweep.json"
     else:
         result = {"ae_psnr_heldout": ae_psnr(models, args.ae_n, args.seed, args.batch)}
-        result["heldout"], images = text2img(models, "heldout", args.n, args.seed, args.batch)
-        result["train"], _ = text2img(models, "train", args.n, args.seed, args.batch)
+        result["guidance"] = args.guidance
+        result["heldout"], images = text2img(models, "heldout", args.n, args.seed, args.batch, args.guidance)
+        result["train"], _ = text2img(models, "train", args.n, args.seed, args.batch, args.guidance)
         save_grid(images[:32], out / "heldout.png")
         ae = result["ae_psnr_heldout"]
         print(f"AE PSNR on {args.ae_n} held-out images: {ae['mean_db']:.2f} dB (min {ae['min_db']:.2f})")

@@ -156,7 +156,14 @@ class WorldTokens:
         self.clip = (table(clip_tok), clip_tok.eos_token_id, clip_tok.pad_token_id, 77, clip_tok.bos_token_id)
 
     def __call__(self, b: SceneBatch) -> tuple[Tensor, Tensor]:
-        words = caption_words(b).to(self.device)
+        return self.from_words(caption_words(b).to(self.device))
+
+    def empty(self, n: int) -> tuple[Tensor, Tensor]:
+        """The ids of the empty caption "", n times: caption dropout's unconditional input."""
+        return self.from_words(torch.full((n, 1), -1, device=self.device))
+
+    def from_words(self, words: Tensor) -> tuple[Tensor, Tensor]:
+        """(n, W) vocabulary indices, -1 after the last word -> (T5 ids, CLIP ids)."""
         n_words = (words >= 0).sum(1, keepdim=True)
         ar = torch.arange(words.shape[1], device=self.device)
 
@@ -165,7 +172,7 @@ class WorldTokens:
             body = torch.where(ar == n_words, eos, body)  # eos right after the last word (words always has a slot free)
             if bos is not None:
                 body = torch.cat([torch.full_like(body[:, :1], bos), body], 1)
-            out = torch.full((len(b), length), pad, device=self.device, dtype=torch.long)
+            out = torch.full((len(words), length), pad, device=self.device, dtype=torch.long)
             out[:, : body.shape[1]] = body[:, :length]
             return out
 
@@ -334,6 +341,18 @@ class LatentPool:
         return self.x0[i].float(), self.t5[i], self.clip[i]
 
 
+def drop_captions(
+    t5: Tensor, clip: Tensor, empty: tuple[Tensor, Tensor], p: float, g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Caption dropout: each sample's captions become the empty one with probability p, so the model also learns
+    the unconditional velocity that classifier-free guidance extrapolates from. p = 0 draws no random numbers, so a
+    run without dropout is the run it was before the option existed."""
+    if p <= 0:
+        return t5, clip
+    drop = (torch.rand(len(t5), generator=g, device=g.device) < p)[:, None].to(t5.device)
+    return torch.where(drop, empty[0][: len(t5)], t5), torch.where(drop, empty[1][: len(t5)], clip)
+
+
 def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator):
     """FLUX's rectified-flow loss on a batch of latents and captions; returns (loss, per-sample loss, t)."""
     dev, batch = x0.device, len(x0)
@@ -402,8 +421,12 @@ def train(stage: str, args: argparse.Namespace) -> None:
         else:  # a compact checkpoint (see `compact`): the moments restart, so warm up again
             hp["warmup_from"] = state["step"]
         g_cpu.set_state(state["rng_cpu"])
-        g_dev.set_state(state["rng_dev"])
         step, history = state["step"], state["history"]
+        try:
+            g_dev.set_state(state["rng_dev"])
+        except RuntimeError:  # saved by another kind of device (a GPU's state, resumed on a CPU): a new noise stream
+            g_dev.manual_seed(args.seed + 1 + step)
+            print(f"[{stage}] the checkpoint's noise generator is another device's: {device}'s starts afresh")
         print(f"[{stage}] resumed at step {step}", flush=True)
     elif args.resume:
         print(f"[{stage}] no checkpoint in {out}: starting fresh", flush=True)
@@ -417,6 +440,9 @@ def train(stage: str, args: argparse.Namespace) -> None:
         })  # fmt: skip
 
     hp["anneal_frac"] = args.anneal_frac
+    if stage == "flow":
+        hp["caption_dropout"] = args.caption_dropout
+        empty = tokens.empty(hp["batch"])
     if args.anneal:
         if not args.steps:
             raise SystemExit("--anneal needs --steps")
@@ -439,8 +465,9 @@ def train(stage: str, args: argparse.Namespace) -> None:
                 x = render_batch(sample_batch(hp["batch"], g_cpu, "train"), device)
                 loss, mse = ae_loss(model, x, g_dev, hp["kl"])
             else:
-                data = pool.draw(hp["batch"], g_dev) if pool else fresh_batch(ae, tokens, g_cpu, hp["batch"])
-                loss, per, t = flow_loss(model, *data, g_dev)
+                x0, t5, clip = pool.draw(hp["batch"], g_dev) if pool else fresh_batch(ae, tokens, g_cpu, hp["batch"])
+                t5, clip = drop_captions(t5, clip, empty, hp["caption_dropout"], g_dev)
+                loss, per, t = flow_loss(model, x0, t5, clip, g_dev)
                 mse = loss.detach()
                 b = (t * 4).long().clamp(max=3).cpu()
                 acc["bucket"].index_add_(0, b, per.float().cpu())
@@ -603,6 +630,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", type=int, default=0, help="flow: keep this many encoded scenes on the device (0: none)")
     p.add_argument("--refresh", type=int, default=64, help="flow: new scenes into the pool each step")
     p.add_argument("--compile", action="store_true", help="flow: torch.compile the transformer (CUDA)")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="flow: train this fraction of samples on the empty caption (for classifier-free guidance)")  # fmt: skip
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")
@@ -620,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.steps and not args.minutes:
             p.error("give --steps and/or --minutes")
+        if not 0 <= args.caption_dropout < 1:
+            p.error(f"--caption-dropout is a probability in [0, 1), got {args.caption_dropout}")
         print("$ python -m mini.train " + shlex.join(sys.argv[1:] if argv is None else argv), flush=True)
         train(args.stage, args)
 

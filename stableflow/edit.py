@@ -351,6 +351,7 @@ def invert(
             guidance,
             callback=record,
             solver=solver,
+            cfg=models.cfg(text, guidance),
         )
     return Inversion(list(timesteps), latents[::-1])
 

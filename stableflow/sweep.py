@@ -412,7 +412,7 @@ def encode_prompts(models: FluxModels, prompts: Sequence[PromptSpec], chunk: int
     text = (
         parts[0]
         if len(parts) == 1
-        else Text(*(torch.cat([getattr(t, f) for t in parts]) for f in ("txt", "txt_ids", "vec")))
+        else Text(*(torch.cat([getattr(t, f) for t in parts]) for f in ("txt", "txt_ids", "vec")), parts[0].negative)
     )
     models.release_text_encoders()
     return text, {p: i for i, p in enumerate(prompts)}

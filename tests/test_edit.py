@@ -318,6 +318,33 @@ def test_real_edit_overwrites_the_reference_with_the_matching_noise_level(tiny_m
     assert result.input.shape == (3, H, W) and result.edits.shape == (2, 3, H, W)
 
 
+def test_real_edit_under_classifier_free_guidance_guides_the_edits_in_both_halves(tiny_models):
+    """A model whose guidance is classifier-free (ModelSpec.cfg): the inversion runs at scale 1, so alone as before;
+    the edit batch is [reference, edits | the same under the empty prompt], the guidance values repeated, each half's
+    edits injected from that half's reference; the reconstruction is still the last inversion level."""
+    models = dataclasses.replace(tiny_models, spec=dataclasses.replace(tiny_models.spec, cfg=True))
+    calls = []
+
+    def spy(module, args, kwargs):
+        calls.append((kwargs["guidance"].tolist(), kwargs.get("inject"), kwargs["txt"].clone()))
+
+    hook = models.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        request = EditRequest("a red house", ["a white house", "a red house in snow"], STEPS, 3.0, layers=[0, 5])
+        result = edit_real(models, request, RealImage(_house(), nudge=1.15))
+    finally:
+        hook.remove()
+    assert [c[0] for c in calls[:STEPS]] == [[1.0]] * STEPS and all(c[1] is None for c in calls[:STEPS])
+    empty = models.encode([""]).txt[0]
+    for guidance, inject, txt in calls[STEPS:]:
+        assert guidance == [1.0, 3.0, 3.0] * 2 and inject.source == (0, 0, 0, 3, 3, 3)
+        assert all(torch.equal(txt[i], empty) for i in (3, 4, 5)) and not torch.equal(txt[1], empty)
+    assert len(calls) == 2 * STEPS
+    assert torch.equal(result.latents[0], unpack(result.inversion.latents[-1], H, W)[0])
+    plain_result = edit_real(tiny_models, request, RealImage(_house(), nudge=1.15))
+    assert (result.latents[1:] - plain_result.latents[1:]).abs().max() > 1e-3  # guided edits differ
+
+
 def test_real_edit_chunks_share_one_reference_path(tiny_models):
     edits = ["a white house", "a red house in snow", "a blue house"]
     whole = edit_real(tiny_models, EditRequest("a red house", edits, STEPS, 3.0, layers=[0, 1]), RealImage(_house()))

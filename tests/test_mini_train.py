@@ -10,6 +10,7 @@ from mini.train import (
     SPEC,
     LatentPool,
     WorldTokens,
+    drop_captions,
     fresh_batch,
     load_checkpoint,
     load_tokenizers,
@@ -45,9 +46,10 @@ def test_stages_checkpoint_and_resume(tmp_path):
 
     # Flow on top of that AE: loss finite, checkpoint written, resume continues the step count and Adam's state.
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", *small])
-    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", *small])
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", "--caption-dropout", "0.5", *small])
     state = load_checkpoint(tmp_path / "a" / "flow")
     assert state["step"] == 2 and [h["step"] for h in state["history"]] == [1, 2]
+    assert state["hparams"]["caption_dropout"] == 0.5
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
     assert all(int(s["step"]) == 2 for s in state["opt"]["state"].values())
     flow = tmp_path / "a" / "flow"
@@ -103,12 +105,40 @@ def test_world_tokens_equal_the_tokenizers(tmp_path):
     kw = dict(truncation=True, padding="max_length", return_attention_mask=False, return_tensors="pt")
     assert torch.equal(t5_ids, t5_tok(captions, max_length=SPEC.max_length, **kw)["input_ids"])
     assert torch.equal(clip_ids, clip_tok(captions, max_length=77, **kw)["input_ids"])
+    t5_empty, clip_empty = WorldTokens(folder, torch.device("cpu")).empty(2)  # caption dropout's "", as prompted
+    assert torch.equal(t5_empty, t5_tok(["", ""], max_length=SPEC.max_length, **kw)["input_ids"])
+    assert torch.equal(clip_empty, clip_tok(["", ""], max_length=77, **kw)["input_ids"])
+
+
+def test_caption_dropout_replaces_whole_captions_with_the_empty_one():
+    """Each sample keeps both its captions or takes both empty ones, at about the given rate; at rate 0 nothing
+    changes and no random number is drawn, so runs without dropout reproduce the runs made before it existed."""
+    n = 4000
+    t5, clip = torch.randint(5, 50, (n, 32)), torch.randint(5, 50, (n, 77))
+    empty = (torch.zeros(n, 32, dtype=torch.long), torch.ones(n, 77, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert drop_captions(t5, clip, empty, 0.0, g) == (t5, clip) and torch.equal(g.get_state(), before)
+    t5_d, clip_d = drop_captions(t5, clip, empty, 0.25, g)
+    dropped = (t5_d == 0).all(1)
+    assert torch.equal(dropped, (clip_d == 1).all(1))  # both captions of a sample, or neither
+    assert torch.equal(t5_d[~dropped], t5[~dropped]) and torch.equal(clip_d[~dropped], clip[~dropped])
+    assert 0.22 < dropped.float().mean() < 0.28  # 0.25 +- 4.4 standard deviations of 4000 draws
+
+
+@pytest.mark.parametrize("rate", ["1", "-0.1"])
+def test_caption_dropout_out_of_range_is_one_clear_error(rate, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["flow", "--out", str(tmp_path), "--steps", "1", "--caption-dropout", rate])
+    assert e.value.code == 2 and "--caption-dropout is a probability in [0, 1)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
-def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path):
+def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path, capsys):
     """`compact` drops the optimizer and rounds the EMA to bf16; `flow --resume` from it continues the step count,
-    the model exactly, and warms the learning rate up again."""
+    the model exactly, and warms the learning rate up again. A checkpoint from a GPU (its noise generator's state is
+    CUDA's, 16 bytes) resumes on a CPU with a fresh noise stream, saying so."""
     small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
     main(["ae", "--out", str(tmp_path / "a"), "--steps", "1", *small])
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "2", *small])
@@ -119,7 +149,10 @@ def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in small_state["ema"].values() if v.is_floating_point())
     (tmp_path / "c" / "ae").symlink_to(tmp_path / "a" / "ae")
     (tmp_path / "c" / "tokenizers").symlink_to(tmp_path / "a" / "tokenizers")
+    save_checkpoint(tmp_path / "c" / "flow", {**small_state, "rng_dev": torch.zeros(16, dtype=torch.uint8)})
+    capsys.readouterr()
     main(["flow", "--out", str(tmp_path / "c"), "--steps", "1", "--resume", *small])
+    assert "the checkpoint's noise generator is another device's: cpu's starts afresh" in capsys.readouterr().out
     state = load_checkpoint(tmp_path / "c" / "flow")
     assert state["step"] == 3 and state["hparams"]["warmup_from"] == 2
     assert all(int(s["step"]) == 1 for s in state["opt"]["state"].values())  # Adam restarted

@@ -149,3 +149,76 @@ def test_loading_a_small_model_on_the_cpu_sets_its_threads(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def _cfg_models(models):
+    """The same networks under a spec whose guidance is classifier-free (ModelSpec.cfg): a view, weights shared."""
+    from dataclasses import replace
+
+    return replace(models, spec=replace(models.spec, cfg=True))
+
+
+def test_classifier_free_guidance_matches_diffusers_true_cfg(tiny_models):
+    """ModelSpec.cfg: `guidance` is a true CFG scale against the empty prompt. diffusers' FluxPipeline does the same
+    with true_cfg_scale and negative_prompt="" (its guidance_scale feeds flux-tiny's guidance embedding, as ours does)."""
+    models = _cfg_models(tiny_models)
+    prompts, seeds, (width, height, steps, guidance) = ["a red fox", "a teapot"], [5, 9], (48, 32, 4, 2.5)
+    ours = models.generate(prompts, seeds, width, height, steps, guidance) * 0.5 + 0.5
+    plain = tiny_models.generate(prompts, seeds, width, height, steps, guidance) * 0.5 + 0.5
+    with torch.no_grad():
+        theirs = diffusers_pipeline(tiny_models)(
+            prompt=prompts,
+            negative_prompt=["", ""],
+            true_cfg_scale=guidance,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=pack(tiny_models.noise(seeds, width, height)),
+            max_sequence_length=tiny_models.spec.max_length,
+            output_type="pt",
+        ).images
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - plain).abs().max().item() > 1e-2  # guidance moved the images: the test can tell
+
+
+def test_classifier_free_guidance_of_one_is_the_plain_sampler_and_hooks_act_in_both_halves(tiny_models):
+    """Scales of 1 are the plain sampler exactly (no negative pass is run); with injection, each half's
+    edit sample takes the K/V of the same half's reference: the batch [ref, edit | ref-, edit-] with sources
+    (0, 0, 2, 2), combined by hand, is what the sampler computes."""
+    from flux.model import Injection
+    from flux.sampling import image_ids, unpack
+
+    models = _cfg_models(tiny_models)
+    text = models.encode(["a red fox", "a blue fox"])
+    assert text.negative is not None and len(text) == 2 and len(text.negative) == 1
+    noise = models.noise([3], 32, 32).repeat(2, 1, 1, 1)
+    timesteps = models.schedule(3, 32, 32)
+    one = models.denoise(text, noise, timesteps, guidance=1.0)
+    assert torch.equal(one, tiny_models.denoise(text, noise, timesteps, guidance=1.0))
+    mixed = models.denoise(text, noise, timesteps, guidance=[1.0, 3.0])
+    inject = Injection.from_reference([0, 3], 2)
+    got = models.denoise(text, noise, timesteps, guidance=[3.0, 3.0], inject=inject)
+
+    x = pack(noise)
+    both = text.select([0, 1])
+    neg = text.negative.select([0, 0])
+    txt, vec = torch.cat([both.txt, neg.txt]), torch.cat([both.vec, neg.vec])
+    with torch.no_grad():
+        for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
+            v = models.model(img=torch.cat([x, x]), img_ids=image_ids(4, 2, 2), txt=txt, txt_ids=torch.zeros(4, txt.shape[1], 3),
+                             y=vec, timesteps=torch.full((4,), t), guidance=torch.full((4,), 3.0),
+                             inject=Injection(frozenset([0, 3]), (0, 0, 2, 2)))  # fmt: skip
+            x = x + (t_prev - t) * (v[2:] + 3.0 * (v[:2] - v[2:]))
+    assert (got - unpack(x, 32, 32)).abs().max().item() < 1e-5
+    # In a batch with guided samples, a scale-1 sample still moves with its own velocity (batch-size rounding aside).
+    assert (mixed[0] - one[0]).abs().max().item() < 1e-6 and (mixed[1] - one[1]).abs().max().item() > 1e-2
+
+
+def test_classifier_free_guidance_needs_the_negative(tiny_models):
+    from flux.pipeline import Text
+
+    models = _cfg_models(tiny_models)
+    text = tiny_models.encode(["a red fox"])  # encoded without a negative
+    with pytest.raises(ValueError, match="classifier-free: encode prompts with its `encode`"):
+        models.denoise(Text(text.txt, text.txt_ids, text.vec), models.noise([0], 32, 32), [1.0, 0.0], 2.0)
