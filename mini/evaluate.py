@@ -4,6 +4,7 @@
     python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_ssim/vital_layers.json]
     python -m mini.evaluate --layer-sweep [--cases 32]                # injection in each layer alone
     python -m mini.evaluate --conditioning [--cases 32]               # which conditioning moves the layout
+    ... [--weights DIR] [--guidance G]                                # an exported candidate; its CFG scale
 
 Text to image: `load_models("flux-mini").generate` (20 steps) for n heldout prompts (each holds a colour x shape or
 shape x place pair never trained on) and n train-split prompts of unseen seeds; per object (matched by colour):
@@ -30,6 +31,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_
 
 from .detect import detect_batch
 from .edits import FAMILIES, edit_cases, grade, make_edit, reference_ok, shows
+from .train import classifier_free, read_manifest
 from .world import MAX_OBJECTS, caption, parse_caption, render, sample_scenes
 
 STEPS = 20
@@ -324,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="sampling and edit guidance: 1 is none; for a flux-mini trained with caption dropout "
                    "(ModelSpec.cfg) the classifier-free scale, the inversion and reconstruction staying at 1")  # fmt: skip
+    p.add_argument("--weights", help="an export folder (mini.train export --assets DIR) to measure instead of the "
+                   "shipped weights")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             vital = read_vital_layers(args.vital_layers, params.depth, params.depth_single_blocks)
 
     t0 = time.time()
-    models = load_models("flux-mini", device=args.device, dtype=torch.float32)
+    models = load_mini(args.weights, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablation:
@@ -391,6 +396,19 @@ def main(argv: list[str] | None = None) -> dict:
         manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name.removesuffix(".json"): result}
         path.write_text(json.dumps(manifest, indent=1) + "\n")
     return result
+
+
+def load_mini(weights: str | None, device: str) -> FluxModels:
+    """flux-mini in fp32: the shipped weights, or those of an export folder, whose guidance is classifier-free where
+    its manifest says caption dropout trained it (the shipped spec says so for the shipped weights)."""
+    if weights is None:
+        return load_models("flux-mini", device=device, dtype=torch.float32)
+    folder = Path(weights)
+    manifest = read_manifest(folder)
+    models = load_models("flux-mini", device, torch.float32, flow_path=str(folder / "flow.safetensors"),
+                         ae_path=str(folder / "ae.safetensors"), t5_path=str(folder / "t5"),
+                         clip_path=str(folder / "clip"))  # fmt: skip
+    return replace(models, spec=replace(models.spec, cfg=classifier_free(manifest)))
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:

@@ -533,6 +533,22 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_manifest(folder: Path) -> dict:
+    """An export folder's manifest.json (what `export` writes), or a UserError naming the folder."""
+    path = Path(folder) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable flux-mini manifest ({e}): give a folder `mini.train export` "
+                        "wrote") from None  # fmt: skip
+
+
+def classifier_free(manifest: dict) -> bool:
+    """Whether the exported transformer's last flow stage trained with caption dropout, so its guidance is
+    classifier-free (flux.util.ModelSpec.cfg)."""
+    return manifest["training"]["flow"]["hparams"].get("caption_dropout", 0.0) > 0
+
+
 def export(args: argparse.Namespace) -> None:
     """EMA weights -> flux/assets/mini: flow.safetensors (bf16, Flux.state_dict() keys), ae.safetensors (fp32,
     AutoEncoder.state_dict() keys), t5/ and clip/ (transformers folders with their tokenizers), manifest.json."""

@@ -42,3 +42,35 @@ def test_loads_through_the_strict_loader():
         v = model(img, ids, txt, torch.zeros(1, txt.shape[1], 3), torch.tensor([1.0]), vec)
         x = ae.decode(unpack(img - v, 128, 128))
     assert x.shape == (1, 3, 128, 128) and torch.isfinite(x).all()
+
+
+def test_spec_guidance_is_classifier_free_exactly_when_the_shipped_weights_learned_it():
+    """flux-mini's spec says guidance is classifier-free (ModelSpec.cfg) iff the manifest's last flow stage trained
+    with caption dropout: weights that never saw the empty prompt must not be guided against it, and weights that
+    learned it must not ignore guidance."""
+    from mini.train import classifier_free
+
+    assert configs["flux-mini"].cfg == classifier_free(json.loads((MINI / "manifest.json").read_text()))
+
+
+def test_evaluate_measures_an_export_folder_with_its_own_guidance(tmp_path, run_script):
+    """`mini.evaluate --weights DIR` loads an export folder's four parts, its guidance classifier-free as its manifest
+    says; a folder without a readable manifest is one clear error before any model loads."""
+    import shutil
+
+    from mini.evaluate import load_mini
+
+    shutil.copytree(MINI, tmp_path / "export")
+    manifest = json.loads((MINI / "manifest.json").read_text())
+    manifest["training"]["flow"]["hparams"]["caption_dropout"] = 0.1
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
+    models = load_mini(str(tmp_path / "export"), "cpu")
+    shipped = load_mini(None, "cpu")
+    assert models.spec.cfg and not shipped.spec.cfg
+    assert all(
+        torch.equal(a, b) for a, b in zip(models.model.state_dict().values(), shipped.model.state_dict().values())
+    )
+    assert models.encode(["a red circle on a white background"]).negative is not None
+    r = run_script("-m", "mini.evaluate", "--weights", str(tmp_path / "nothing"), "--n", "1")
+    assert r.returncode == 2 and "manifest.json is not a readable flux-mini manifest" in r.stderr
+    assert "Traceback" not in r.stderr
