@@ -683,7 +683,8 @@ class SamplingConfig(BaseConfig):
         default=None,
         metadata={
             "help": "distilled guidance (null: the model's default, dev 3.5; edits: 3.5 generated, 3.0 real); "
-            "models without a guidance embedding (schnell, mini) ignore it and record null",
+            "models without a guidance embedding (schnell, mini) ignore it and record null, unless their guidance is "
+            "classifier-free (a flux-mini trained with caption dropout)",
             "min": 0,
             "max": 100,
         },

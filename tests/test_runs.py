@@ -57,6 +57,16 @@ def test_guidance_is_recorded_as_the_model_uses_it():
     assert runs.guidance_used("flux-schnell", 3.5) is None and runs.guidance_used("flux-mini", 0.0) is None
 
 
+def test_classifier_free_guidance_is_recorded(monkeypatch):
+    """A spec whose guidance is classifier-free (ModelSpec.cfg) samples differently for each guidance value, so the
+    run record keeps it, or a finished output would count as done at another guidance."""
+    import dataclasses
+
+    mini = dataclasses.replace(runs.configs["flux-mini"], cfg=True)
+    monkeypatch.setitem(runs.configs, "flux-mini", mini)
+    assert runs.guidance_used("flux-mini", 3.0) == 3.0
+
+
 def test_weights_identity(tmp_path, monkeypatch):
     cfg = load_config(Text2ImgConfig, None, ["model=flux-mini"])
     mini = runs.weights(cfg)
