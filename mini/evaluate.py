@@ -158,7 +158,8 @@ def _cases(
     the others cannot measure an edit."""
     todo = edit_cases(cases, seed, family)
     seeds = [1000 * seed + k for k in range(len(todo))]
-    refs = torch.cat([models.generate([s for s, _, _ in todo[i : i + 32]], seeds[i : i + 32], 128, 128, STEPS, guidance).cpu()
+    sources = [s for s, _, _ in todo]
+    refs = torch.cat([models.generate(sources[i : i + 32], seeds[i : i + 32], 128, 128, STEPS, guidance).cpu()
                       for i in range(0, len(todo), 32)])  # fmt: skip
     return todo, seeds, [k for k, (d, (_, _, e)) in enumerate(zip(detect_batch(refs), todo)) if reference_ok(d, e)]
 
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="prompt/noise seed (training never used seed 1's streams)")
     p.add_argument("--out", default="outputs/mini_eval", help="folder for the JSON, figure and table")
-    p.add_argument("--update-manifest", action="store_true", help="store the result in flux/assets/mini/manifest.json")
+    p.add_argument("--update-manifest", action="store_true",
+                   help="store the result in the measured weights' manifest.json (flux/assets/mini's by default)")  # fmt: skip
     args = p.parse_args(argv)
     if args.ablation or args.conditioning:  # read before the models load, so a missing or wrong file fails at once
         params = model_spec("flux-mini").params
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{result['seconds']:.0f} s on {args.device}; wrote {out / name}")
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     if args.update_manifest:
-        path = ASSETS / "mini" / "manifest.json"
+        path = Path(args.weights or ASSETS / "mini") / "manifest.json"  # the manifest of the weights measured
         manifest = json.loads(path.read_text())
         manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name.removesuffix(".json"): result}
         path.write_text(json.dumps(manifest, indent=1) + "\n")
