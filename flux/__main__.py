@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         args.width = spec.native_size or 1360
     if args.height is None:
         args.height = spec.native_size or 768
-    # Recorded as the model uses it: None (null) where it has no effect (no guidance embedding, no classifier-free
-    # guidance).
-    used = spec.params.guidance_embed or spec.cfg
-    guidance = (spec.guidance if args.guidance is None else args.guidance) if used else None
+    # Recorded as the model uses it: None (null) where it has no effect.
+    guidance = (spec.guidance if args.guidance is None else args.guidance) if spec.uses_guidance else None
     # As the official CLI: sizes are floored to multiples of 16 rather than rejected, but we say so.
     width, height = 16 * (args.width // 16), 16 * (args.height // 16)
     if (width, height) != (args.width, args.height):

@@ -49,6 +49,11 @@ class ModelSpec:
     # (dev) or nowhere (schnell), as in the official sampler.
     cfg: bool = False
 
+    @property
+    def uses_guidance(self) -> bool:
+        """Whether samples depend on `guidance`: through a guidance embedding (dev) or classifier-free guidance."""
+        return self.params.guidance_embed or self.cfg
+
 
 # Text encoders outside the FLUX repos, used when a spec asks for them or a FLUX repo lacks its encoder folders.
 # Downloads: FLUX.1's text_encoder_2/ holds T5-XXL's encoder in bf16 safetensors (~9.5 GB) and text_encoder/ CLIP-L's

@@ -44,8 +44,7 @@ if TYPE_CHECKING:
 def guidance_used(model: str, guidance: float) -> float | None:
     """The guidance as the model uses it: None (JSON null) for a model whose output does not depend on it (no
     guidance embedding and no classifier-free guidance: schnell, the shipped flux-mini)."""
-    spec = configs[model]
-    return float(guidance) if spec.params.guidance_embed or spec.cfg else None
+    return float(guidance) if configs[model].uses_guidance else None
 
 
 def fingerprint(path: str | os.PathLike, sample: int = 1 << 16, chunks: int = 16) -> str:
