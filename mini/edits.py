@@ -27,6 +27,7 @@ cell is free).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from .detect import SceneDetection, detect, mask_iou
@@ -190,8 +191,10 @@ def grade(reference, edited, edit: Edit) -> EditGrade:
         if o.place is None:
             open_ious.append(ious[-1])
         kept &= b is not None and b.shape == a.shape
-    return EditGrade(success, _mean(ious), kept, _mean(open_ious))
+    return EditGrade(success, mean(ious), kept, mean(open_ious))
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None (an IoU no object measured); None when there is none."""
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None

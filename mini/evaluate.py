@@ -16,6 +16,7 @@ that are not vital; each graded for edit success and untouched-object mask IoU (
 whose place the source caption leaves open) on the references that are right.
 Real images (rendered world pictures): inverted and edited with the vital layers, with and without latent nudging.
 The layer sweep edits the same cases with injection in no layer and in each layer alone: which layers hold what.
+It and the conditioning run below grade their edits as the ablation does (success, both IoUs).
 The conditioning run edits them with injection in no, the vital or all layers, the edit sample conditioned on the
 edit caption, or on its T5 tokens with the source's pooled CLIP vector, or the reverse (`MIXES`): whether what moves
 a layout reaches the blocks through attention, which injection replaces, or through the pooled vector's modulation.
@@ -43,12 +44,15 @@ from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
 
 from .detect import detect_batch
-from .edits import FAMILIES, edit_cases, grade, make_edit, reference_ok, shows
+from .edits import FAMILIES, edit_cases, grade, make_edit, mean, reference_ok, shows
 from .train import classifier_free, read_manifest
 from .world import MAX_OBJECTS, caption, parse_caption, render, sample_scenes
 
 STEPS = 20
 CONFIGS = ("vital", "none", "all", "non-vital")
+# A `_summary`'s IoUs, in the order its table cells (`_fmt`) give them, and their figures' labels.
+IOUS = {"untouched_iou": "untouched-object IoU", "open_iou": "IoU of untouched objects left unplaced"}
+CELL = "success / IoU / open IoU"  # what a table cell (`_fmt`) holds
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,16 +110,14 @@ def _hit(hits: dict, key: str, ok: bool) -> None:
 
 
 def _summary(grades: list, refs_ok: int, cases: int) -> dict:
-    def mean(key: str) -> float | None:
-        vals = [getattr(g, key) for g in grades if getattr(g, key) is not None]
-        return sum(vals) / len(vals) if vals else None
-
+    """Every editing run's summary of its grades (mini.edits.EditGrade): the IoUs are means over the grades that
+    measured one (None where none did)."""
     return {
         "cases": cases,
         "references_right": refs_ok,
         "success": sum(g.success for g in grades) / max(len(grades), 1),
-        "untouched_iou": mean("untouched_iou"),
-        "open_iou": mean("open_iou"),
+        "untouched_iou": mean(g.untouched_iou for g in grades),
+        "open_iou": mean(g.open_iou for g in grades),
         "untouched_kept": sum(g.untouched_kept for g in grades) / max(len(grades), 1),
     }
 
@@ -133,9 +135,9 @@ def single_layers(models: FluxModels) -> dict[str, list[int]]:
 def ablation_generated(
     models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int, guidance: float = 1.0
 ) -> dict:
-    """Per family and injection layer set (`layer_sets`, `single_layers`): success and untouched IoU of same-seed
-    edits of generated references. References are drawn first (alone, batched) and only the right ones are edited:
-    the others cannot measure an edit."""
+    """Per family and injection layer set (`layer_sets`, `single_layers`): a `_summary` (success, untouched and
+    open-place IoU) of same-seed edits of generated references. References are drawn first (alone, batched) and only
+    the right ones are edited: the others cannot measure an edit."""
     out = {}
     for family in FAMILIES:
         grades = {c: [] for c in sets}
@@ -147,7 +149,7 @@ def ablation_generated(
                 r = edit_generated(models, request, seeds[k], 128, 128)
                 grades[c].append(grade(r.reference.float().cpu(), r.edits[0].float().cpu(), edit))
         out[family] = {c: _summary(grades[c], len(right), cases) for c in sets}
-        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c], True)}" for c in sets), flush=True)
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(out[family][c])}" for c in sets), flush=True)
     return out
 
 
@@ -184,7 +186,8 @@ def mixed_edits(
 
 
 def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, seed: int, guidance: float = 1.0) -> dict:
-    """Per family, layer set and MIXES entry: success and untouched IoU of the ablation's cases and seeds."""
+    """Per family, layer set and MIXES entry: a `_summary` (success, untouched and open-place IoU) of the
+    ablation's cases and seeds."""
     out = {}
     for family in FAMILIES:
         grades = {(c, m): [] for c in sets for m in MIXES}
@@ -196,7 +199,7 @@ def conditioning(models: FluxModels, sets: dict[str, list[int]], cases: int, see
                 for m, image in zip(MIXES, images[1:]):
                     grades[(c, m)].append(grade(images[0], image, edit))
         out[family] = {f"{c}, {m}": _summary(g, len(right), cases) for (c, m), g in grades.items()}
-        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(s, True)}" for c, s in out[family].items()), flush=True)
+        print(f"{family:<12}" + "".join(f"  {c}: {_fmt(s)}" for c, s in out[family].items()), flush=True)
     return out
 
 
@@ -224,15 +227,15 @@ def ablation_real(
             recon.append(float(psnr(r.reference.float().cpu()[None], picture[None])))
             grades.append(grade(picture, r.edits[0].float().cpu(), edit))
         out[key] = {**_summary(grades, len(edits), len(edits)), "reconstruction_db": sum(recon) / len(recon)}
-        line = f"real, {key:<9} {_fmt(out[key], True)}  reconstruction {out[key]['reconstruction_db']:.1f} dB"
+        line = f"real, {key:<9} {_fmt(out[key])}  reconstruction {out[key]['reconstruction_db']:.1f} dB"
         print(line, flush=True)
     return out
 
 
-def _fmt(s: dict, open_iou: bool = False) -> str:
-    """success/untouched IoU, and with `open_iou` /the same over the objects whose place the caption leaves open."""
-    keys = ("untouched_iou", "open_iou") if open_iou else ("untouched_iou",)
-    return f"{s['success']:.0%}" + "".join("/-" if s.get(k) is None else f"/{s[k]:.2f}" for k in keys)
+def _fmt(s: dict) -> str:
+    """A `_summary` in a cell (`CELL`): success/untouched IoU/the same over the objects whose place the source caption
+    leaves open, a dash for an IoU no object measured."""
+    return f"{s['success']:.0%}" + "".join("/-" if s.get(k) is None else f"/{s[k]:.2f}" for k in IOUS)
 
 
 def figure(result: dict, path: Path) -> None:
@@ -244,9 +247,7 @@ def figure(result: dict, path: Path) -> None:
     gen = result["ablation"]["generated"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 3.6))
     width = 0.8 / len(CONFIGS)
-    panels = (("success", "edit success"), ("untouched_iou", "untouched-object IoU"),
-              ("open_iou", "... of objects whose place the caption leaves open"))  # fmt: skip
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, {"success": "edit success", **IOUS}.items()):
         for j, c in enumerate(CONFIGS):
             vals = [gen[f][c].get(key) or 0.0 for f in FAMILIES]
             ax.bar([i + (j - 1.5) * width for i in range(len(FAMILIES))], vals, width, label=f"injection: {c}")
@@ -263,24 +264,28 @@ def figure(result: dict, path: Path) -> None:
 
 
 def sweep_figure(sweep: dict, path: Path) -> None:
-    """Each family's edit success against untouched-object IoU, one point per injected layer (and none)."""
+    """Each family's edit success against each IoU (a row per `IOUS` entry), one point per injected layer (and none);
+    a layer set whose edits measured no such IoU has no point there."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(3.2 * len(FAMILIES), 3.4), sharey=True)
-    for ax, f in zip(axes, FAMILIES):
-        for c, s in sweep["generated"][f].items():
-            x, y = s["untouched_iou"] or 0.0, s["success"]
-            none = c == "none"
-            ax.scatter(x, y, c="k" if none else "C0", s=40 if none else 14, marker="x" if none else "o", zorder=3)
-            ax.annotate(c.removeprefix("layer "), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
-        ax.set_title(f, fontsize=9)
-        ax.set_xlabel("untouched-object IoU")
-        ax.set_xlim(0, 1.05)
-        ax.set_ylim(-0.05, 1.05)
-    axes[0].set_ylabel("edit success")
+    fig, axes = plt.subplots(len(IOUS), len(FAMILIES), figsize=(3.2 * len(FAMILIES), 3.2 * len(IOUS)), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for row, (key, label) in zip(axes, IOUS.items()):
+        for ax, f in zip(row, FAMILIES):
+            for c, s in sweep["generated"][f].items():
+                if s.get(key) is None:
+                    continue
+                x, y, none = s[key], s["success"], c == "none"
+                ax.scatter(x, y, c="k" if none else "C0", s=40 if none else 14, marker="x" if none else "o", zorder=3)
+                ax.annotate(c.removeprefix("layer "), (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+            ax.set_title(f, fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_xlim(0, 1.05)
+            ax.set_ylim(-0.05, 1.05)
+        row[0].set_ylabel("edit success")
     fig.suptitle("flux-mini: injection in one layer at a time (x: none)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +296,7 @@ def sweep_figure(sweep: dict, path: Path) -> None:
 def sweep_table(sweep: dict) -> str:
     gen = sweep["generated"]
     refs = {f: next(iter(gen[f].values()))["references_right"] for f in FAMILIES}
-    rows = ["| injection | " + " | ".join(f"{f} ({refs[f]} refs)" for f in FAMILIES) + " |",
+    rows = [f"| injection: {CELL} | " + " | ".join(f"{f} ({refs[f]} refs)" for f in FAMILIES) + " |",
             "|---|" + "---|" * len(FAMILIES)]  # fmt: skip
     for c in gen[FAMILIES[0]]:
         rows.append(f"| {c} | " + " | ".join(_fmt(gen[f][c]) for f in FAMILIES) + " |")
@@ -300,13 +305,13 @@ def sweep_table(sweep: dict) -> str:
 
 def table(result: dict) -> str:
     gen = result["ablation"]["generated"]
-    rows = ["| edit family | " + " | ".join(f"{c}: success / IoU / open IoU" for c in CONFIGS) + " |",
+    rows = ["| edit family | " + " | ".join(f"{c}: {CELL}" for c in CONFIGS) + " |",
             "|---|" + "---|" * len(CONFIGS)]  # fmt: skip
     for f in FAMILIES:
         rows.append(f"| {f} ({gen[f]['vital']['references_right']} refs) | "
-                    + " | ".join(_fmt(gen[f][c], True) for c in CONFIGS) + " |")  # fmt: skip
+                    + " | ".join(_fmt(gen[f][c]) for c in CONFIGS) + " |")  # fmt: skip
     for key, s in result["ablation"]["real"].items():
-        rows.append(f"| real images, {key} | {_fmt(s, True)} (reconstruction {s['reconstruction_db']:.1f} dB) |||")
+        rows.append(f"| real images, {key} | {_fmt(s)} (reconstruction {s['reconstruction_db']:.1f} dB) |||")
     return "\n".join(rows)
 
 

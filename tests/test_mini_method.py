@@ -178,10 +178,14 @@ def test_ablation_with_a_layer_out_of_range_is_one_clear_error(run_script):
     assert "weights:" not in r.stdout
 
 
-def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_path):
+def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_path, monkeypatch):
     """The sweep's layer sets are no injection and each of flux-mini's 12 layers alone; its table has one row per set
-    and one column per family, each cell success/IoU of that family's summary (hand-built here)."""
+    and one column per family, each cell success/untouched IoU/open IoU of that family's summary (hand-built here), and
+    its figure a row of success-against-IoU panels per IoU, a dash in the table and no point in the figure where no
+    object measured one."""
     from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
 
     from mini.edits import FAMILIES
     from mini.evaluate import single_layers, sweep_figure, sweep_table
@@ -189,15 +193,73 @@ def test_layer_sweep_edits_with_each_layer_alone_and_tabulates_per_family(tmp_pa
     models = SimpleNamespace(model=SimpleNamespace(num_layers=12))
     sets = single_layers(models)
     assert sets == {"none": [], **{f"layer {i}": [i] for i in range(12)}}
-    cell = {"references_right": 7, "success": 0.5, "untouched_iou": 0.25, "untouched_kept": 1.0, "cases": 8}
+    cell = {"references_right": 7, "success": 0.5, "untouched_iou": 0.25, "open_iou": 0.125, "untouched_kept": 1.0,
+            "cases": 8}  # fmt: skip
     sweep = {"generated": {f: {c: {**cell, "success": i / 20} for i, c in enumerate(sets)} for f in FAMILIES}}
     sweep["generated"]["background"]["layer 3"]["untouched_iou"] = None  # no untouched object: a dash
+    sweep["generated"]["size"]["layer 3"]["open_iou"] = None  # no untouched object left unplaced: a dash
+    sweep["generated"]["addition"]["layer 5"]["open_iou"] = 0.875
     rows = sweep_table(sweep).splitlines()
-    assert rows[0] == "| injection | " + " | ".join(f"{f} (7 refs)" for f in FAMILIES) + " |"
-    assert len(rows) == 2 + 13 and rows[2].startswith("| none | 0%/0.25 |")
-    assert rows[2 + 4] == "| layer 3 | 20%/0.25 | 20%/0.25 | 20%/0.25 | 20%/- | 20%/0.25 |"
+    assert rows[0] == "| injection: success / IoU / open IoU | " + " | ".join(f"{f} (7 refs)" for f in FAMILIES) + " |"
+    assert rows[1] == "|---|" + "---|" * len(FAMILIES)
+    assert len(rows) == 2 + 13 and rows[2].startswith("| none | 0%/0.25/0.12 |")
+    assert rows[2 + 4] == "| layer 3 | 20%/0.25/0.12 | 20%/0.25/0.12 | 20%/0.25/0.12 | 20%/-/0.12 | 20%/0.25/- |"
+    assert rows[2 + 6].split(" | ")[FAMILIES.index("addition") + 1] == "30%/0.25/0.88"
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its points
     sweep_figure(sweep, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
+    axes = figures[0].axes
+    assert len(axes) == 2 * len(FAMILIES)
+    assert [a.get_xlabel() for a in axes[:: len(FAMILIES)]] == [
+        "untouched-object IoU", "IoU of untouched objects left unplaced"]  # fmt: skip
+
+    def points(row: int, family: str) -> list[tuple[float, float]]:
+        ax = axes[row * len(FAMILIES) + FAMILIES.index(family)]
+        return sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections)
+
+    ys = [i / 20 for i in range(13)]  # each set's success: none, then layers 0..11
+    assert points(0, "attribute") == [(0.25, y) for y in ys]
+    assert points(1, "attribute") == [(0.125, y) for y in ys]
+    assert points(0, "background") == [(0.25, y) for y in ys if y != ys[4]]  # layer 3: no point
+    assert points(1, "size") == [(0.125, y) for y in ys if y != ys[4]]
+    assert (0.875, ys[6]) in points(1, "addition") and (0.125, ys[6]) not in points(1, "addition")
+    close(figures[0])
+
+
+def test_conditioning_table_gives_success_iou_and_open_iou_per_mix(tmp_path):
+    """The conditioning run's table (`sweep_table` of its record): a row per layer set and MIXES entry, in the run's
+    order, each cell success/untouched IoU/open IoU of that family's summary (hand-built here)."""
+    from mini.edits import FAMILIES
+    from mini.evaluate import MIXES, sweep_table
+
+    keys = [f"{c}, {m}" for c in ("vital", "none", "all") for m in MIXES]
+    cell = {"references_right": 13, "success": 0.25, "untouched_iou": 0.5, "open_iou": 0.75, "cases": 16}
+    record = {"generated": {f: {k: dict(cell) for k in keys} for f in FAMILIES}}
+    record["generated"]["background"]["none, source's pooled vector"] |= {"success": 1.0, "open_iou": 0.0625}
+    record["generated"]["attribute"]["all, edit caption"]["open_iou"] = None
+    rows = sweep_table(record).splitlines()
+    assert rows[0] == "| injection: success / IoU / open IoU | " + " | ".join(f"{f} (13 refs)" for f in FAMILIES) + " |"
+    assert [r.split(" | ")[0] for r in rows[2:]] == [f"| {k}" for k in keys]
+    assert rows[2] == "| vital, edit caption | " + " | ".join(["25%/0.50/0.75"] * len(FAMILIES)) + " |"
+    row = rows[2 + keys.index("none, source's pooled vector")].split(" | ")
+    assert row[1 + FAMILIES.index("background")] == "100%/0.50/0.06" and row[1] == "25%/0.50/0.75"
+    assert rows[2 + keys.index("all, edit caption")].split(" | ")[1] == "25%/0.50/-"
+
+
+def test_every_run_summarises_open_iou_over_the_grades_that_measured_one():
+    """The one summary the ablation, layer sweep and conditioning runs share: the IoUs are means over the grades
+    whose edit left such an object (None where none did), success over all of them."""
+    from mini.edits import EditGrade
+    from mini.evaluate import _summary
+
+    grades = [EditGrade(True, 0.5, True, 0.25), EditGrade(False, 1.0, True, None), EditGrade(True, None, True, None),
+              EditGrade(False, 0.75, False, 0.75)]  # fmt: skip
+    s = _summary(grades, 4, 5)
+    assert s == {"cases": 5, "references_right": 4, "success": 0.5, "untouched_iou": 0.75, "open_iou": 0.5,
+                 "untouched_kept": 0.75}  # fmt: skip
+    assert _summary(grades[1:3], 2, 2)["open_iou"] is None
 
 
 def test_ablation_table_gives_success_iou_and_open_iou_per_family_and_layer_set(tmp_path):
