@@ -353,6 +353,16 @@ def drop_captions(
     return torch.where(drop, empty[0][: len(t5)], t5), torch.where(drop, empty[1][: len(t5)], clip)
 
 
+def drop_pooled(clip: Tensor, empty: Tensor, p: float, g: torch.Generator) -> Tensor:
+    """Pooled-vector dropout: each sample's CLIP caption (the pooled vector that modulates every block) becomes the
+    empty one with probability p while its T5 tokens stay, so the caption must also reach the image through
+    attention, which injection acts on. p = 0 draws no random numbers."""
+    if p <= 0:
+        return clip
+    drop = (torch.rand(len(clip), generator=g, device=g.device) < p)[:, None].to(clip.device)
+    return torch.where(drop, empty[: len(clip)], clip)
+
+
 def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator):
     """FLUX's rectified-flow loss on a batch of latents and captions; returns (loss, per-sample loss, t)."""
     dev, batch = x0.device, len(x0)
@@ -441,7 +451,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
 
     hp["anneal_frac"] = args.anneal_frac
     if stage == "flow":
-        hp["caption_dropout"] = args.caption_dropout
+        hp["caption_dropout"], hp["pooled_dropout"] = args.caption_dropout, args.pooled_dropout
         empty = tokens.empty(hp["batch"])
     if args.anneal:
         if not args.steps:
@@ -467,6 +477,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
             else:
                 x0, t5, clip = pool.draw(hp["batch"], g_dev) if pool else fresh_batch(ae, tokens, g_cpu, hp["batch"])
                 t5, clip = drop_captions(t5, clip, empty, hp["caption_dropout"], g_dev)
+                clip = drop_pooled(clip, empty[1], hp["pooled_dropout"], g_dev)
                 loss, per, t = flow_loss(model, x0, t5, clip, g_dev)
                 mse = loss.detach()
                 b = (t * 4).long().clamp(max=3).cpu()
@@ -648,6 +659,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="flow: torch.compile the transformer (CUDA)")
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="flow: train this fraction of samples on the empty caption (for classifier-free guidance)")  # fmt: skip
+    p.add_argument("--pooled-dropout", type=float, default=0.0,
+                   help="flow: train this fraction of samples on the empty caption's pooled CLIP vector, T5 kept")  # fmt: skip
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")
@@ -665,8 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.steps and not args.minutes:
             p.error("give --steps and/or --minutes")
-        if not 0 <= args.caption_dropout < 1:
-            p.error(f"--caption-dropout is a probability in [0, 1), got {args.caption_dropout}")
+        for flag in ("caption_dropout", "pooled_dropout"):
+            if not 0 <= getattr(args, flag) < 1:
+                p.error(f"--{flag.replace('_', '-')} is a probability in [0, 1), got {getattr(args, flag)}")
         print("$ python -m mini.train " + shlex.join(sys.argv[1:] if argv is None else argv), flush=True)
         train(args.stage, args)
 

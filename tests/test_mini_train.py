@@ -11,6 +11,7 @@ from mini.train import (
     LatentPool,
     WorldTokens,
     drop_captions,
+    drop_pooled,
     fresh_batch,
     load_checkpoint,
     load_tokenizers,
@@ -46,10 +47,11 @@ def test_stages_checkpoint_and_resume(tmp_path):
 
     # Flow on top of that AE: loss finite, checkpoint written, resume continues the step count and Adam's state.
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", *small])
-    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", "--caption-dropout", "0.5", *small])
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", "--caption-dropout", "0.5",
+          "--pooled-dropout", "0.25", *small])  # fmt: skip
     state = load_checkpoint(tmp_path / "a" / "flow")
     assert state["step"] == 2 and [h["step"] for h in state["history"]] == [1, 2]
-    assert state["hparams"]["caption_dropout"] == 0.5
+    assert state["hparams"]["caption_dropout"] == 0.5 and state["hparams"]["pooled_dropout"] == 0.25
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in state["history"])
     assert all(int(s["step"]) == 2 for s in state["opt"]["state"].values())
     flow = tmp_path / "a" / "flow"
@@ -126,11 +128,26 @@ def test_caption_dropout_replaces_whole_captions_with_the_empty_one():
     assert 0.22 < dropped.float().mean() < 0.28  # 0.25 +- 4.4 standard deviations of 4000 draws
 
 
+def test_pooled_dropout_replaces_only_the_clip_caption():
+    """The CLIP ids (whose pooled vector modulates every block) become the empty caption's at about the given rate,
+    whole or not at all; at rate 0 nothing changes and no random number is drawn."""
+    n = 4000
+    clip, empty = torch.randint(5, 50, (n, 77)), torch.ones(n, 77, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert drop_pooled(clip, empty, 0.0, g) is clip and torch.equal(g.get_state(), before)
+    out = drop_pooled(clip, empty, 0.5, g)
+    dropped = (out == 1).all(1)
+    assert torch.equal(out[~dropped], clip[~dropped]) and ((out == 1).any(1) == dropped).all()
+    assert 0.46 < dropped.float().mean() < 0.54  # 0.5 +- 5 standard deviations of 4000 draws
+
+
+@pytest.mark.parametrize("flag", ["--caption-dropout", "--pooled-dropout"])
 @pytest.mark.parametrize("rate", ["1", "-0.1"])
-def test_caption_dropout_out_of_range_is_one_clear_error(rate, tmp_path, capsys):
+def test_caption_dropout_out_of_range_is_one_clear_error(flag, rate, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["flow", "--out", str(tmp_path), "--steps", "1", "--caption-dropout", rate])
-    assert e.value.code == 2 and "--caption-dropout is a probability in [0, 1)" in capsys.readouterr().err
+        main(["flow", "--out", str(tmp_path), "--steps", "1", flag, rate])
+    assert e.value.code == 2 and f"{flag} is a probability in [0, 1)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
