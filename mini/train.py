@@ -345,22 +345,27 @@ def drop_captions(
     t5: Tensor, clip: Tensor, empty: tuple[Tensor, Tensor], p: float, g: torch.Generator
 ) -> tuple[Tensor, Tensor]:
     """Caption dropout: each sample's captions become the empty one with probability p, so the model also learns
-    the unconditional velocity that classifier-free guidance extrapolates from. p = 0 draws no random numbers, so a
-    run without dropout is the run it was before the option existed."""
-    if p <= 0:
+    the unconditional velocity that classifier-free guidance extrapolates from."""
+    drop = _dropped(len(t5), p, g, t5.device)
+    if drop is None:
         return t5, clip
-    drop = (torch.rand(len(t5), generator=g, device=g.device) < p)[:, None].to(t5.device)
     return torch.where(drop, empty[0][: len(t5)], t5), torch.where(drop, empty[1][: len(t5)], clip)
 
 
 def drop_pooled(clip: Tensor, empty: Tensor, p: float, g: torch.Generator) -> Tensor:
     """Pooled-vector dropout: each sample's CLIP caption (the pooled vector that modulates every block) becomes the
     empty one with probability p while its T5 tokens stay, so the caption must also reach the image through
-    attention, which injection acts on. p = 0 draws no random numbers."""
+    attention, which injection acts on."""
+    drop = _dropped(len(clip), p, g, clip.device)
+    return clip if drop is None else torch.where(drop, empty[: len(clip)], clip)
+
+
+def _dropped(n: int, p: float, g: torch.Generator, device: torch.device) -> Tensor | None:
+    """Which of n samples a dropout of rate p takes, as an (n, 1) mask; None at p = 0, which draws no random numbers,
+    so a run without dropout is the run it was before the option existed."""
     if p <= 0:
-        return clip
-    drop = (torch.rand(len(clip), generator=g, device=g.device) < p)[:, None].to(clip.device)
-    return torch.where(drop, empty[: len(clip)], clip)
+        return None
+    return (torch.rand(n, generator=g, device=g.device) < p)[:, None].to(device)
 
 
 def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator):
