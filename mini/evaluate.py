@@ -36,9 +36,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from flux.errors import UserError
-from flux.model import Injection, check_layers
+from flux.model import Flux, FluxParams, Injection, check_layers
 from flux.pipeline import FluxModels, Text, load_models
 from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="store the result in the measured weights' manifest.json (flux/assets/mini's by default)")  # fmt: skip
     args = p.parse_args(argv)
     if args.ablation or args.conditioning:  # read before the models load, so a missing or wrong file fails at once
-        params = model_spec("flux-mini").params
+        params = mini_params(args.weights)
         if all(c.isdigit() or c == "," for c in args.vital_layers):
             vital = [int(x) for x in args.vital_layers.split(",") if x]
             try:  # the one range rule; a file is checked by read_vital_layers
@@ -405,6 +406,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def mini_params(weights: str | None) -> FluxParams:
+    """The transformer's shape: the spec's, or that of an export folder's manifest (`mini.train grow` deepens it)."""
+    return FluxParams(**read_manifest(Path(weights))["flow_params"]) if weights else model_spec("flux-mini").params
+
+
 def load_mini(weights: str | None, device: str) -> FluxModels:
     """flux-mini in fp32: the shipped weights, or those of an export folder, whose guidance is classifier-free where
     its manifest says caption dropout trained it (the shipped spec says so for the shipped weights)."""
@@ -412,10 +418,18 @@ def load_mini(weights: str | None, device: str) -> FluxModels:
         return load_models("flux-mini", device=device, dtype=torch.float32)
     folder = Path(weights)
     manifest = read_manifest(folder)
-    models = load_models("flux-mini", device, torch.float32, flow_path=str(folder / "flow.safetensors"),
+    params = FluxParams(**manifest["flow_params"])
+    same = params == model_spec("flux-mini").params  # else a grown transformer (mini.train grow), built here
+    models = load_models("flux-mini", device, torch.float32, flow_path=str(folder / "flow.safetensors") if same else None,
                          ae_path=str(folder / "ae.safetensors"), t5_path=str(folder / "t5"),
                          clip_path=str(folder / "clip"))  # fmt: skip
-    return replace(models, spec=replace(models.spec, cfg=classifier_free(manifest)))
+    if not same:
+        flow = Flux(params)
+        flow.load_state_dict(load_file(str(folder / "flow.safetensors")))
+        print(f"transformer: {params.depth} double + {params.depth_single_blocks} single blocks from "
+              f"{folder / 'flow.safetensors'} (grown; the spec's line above is replaced)", flush=True)  # fmt: skip
+        models = replace(models, model=flow.to(models.device, torch.float32).eval().requires_grad_(False))
+    return replace(models, spec=replace(models.spec, params=params, cfg=classifier_free(manifest)))
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:

@@ -3,6 +3,7 @@
     python -m mini.train ae   --out runs/mini [--steps N] [--minutes M] [--resume]
     python -m mini.train flow --out runs/mini [--steps N] [--minutes M] [--resume]
     python -m mini.train compact --out runs/mini --dest D  # the flow checkpoint, small enough to travel
+    python -m mini.train grow --out runs/mini --depth 6 --depth-single 16  # more blocks, same function; then flow
     python -m mini.train export --out runs/mini          # EMA weights -> flux/assets/mini + manifest.json
 
 The architecture is `configs["flux-mini"]` of flux/util.py (the repo's own Flux and AutoEncoder). FLUX's conventions
@@ -51,7 +52,7 @@ from transformers import (
 
 from flux.assets.make_tiny_tokenizers import write_clip_tokenizer
 from flux.errors import UserError
-from flux.model import Flux
+from flux.model import Flux, FluxParams
 from flux.modules.autoencoder import AutoEncoder
 from flux.sampling import get_lin_function, image_ids, pack, time_shift
 from flux.util import ASSETS, configs
@@ -120,11 +121,11 @@ def build_text_encoders(seed: int, tokenizers: Path) -> tuple[T5EncoderModel, CL
 class FlowStack(nn.Module):
     """What the flow stage trains: the transformer and both text encoders (one state dict, one EMA)."""
 
-    def __init__(self, seed: int, tokenizers: Path):
+    def __init__(self, seed: int, tokenizers: Path, params: FluxParams = SPEC.params):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.flow = Flux(SPEC.params)
+            self.flow = Flux(params)
         # adaLN-zero (as DiT): every block starts as the identity and the output as zero; only the init changes.
         for name, m in self.flow.named_modules():
             if name.endswith(("mod.lin", "modulation.lin", "adaLN_modulation.1")) or name == "final_layer.linear":
@@ -256,6 +257,47 @@ def load_checkpoint(folder: Path) -> dict | None:
             "or delete it (or leave out --resume) to train that stage afresh"
         )
     return None
+
+
+def stack_params(state: dict | None) -> FluxParams:
+    """The transformer's shape a flow checkpoint holds: its own where `grow` deepened it, else the spec's."""
+    given = (state or {}).get("flow_params")
+    return SPEC.params if given is None else FluxParams(**given)
+
+
+def grow(folder: Path, depth: int, depth_single: int) -> None:
+    """Deepen the flow checkpoint in `folder` to `depth` double and `depth_single` single blocks, in place. The old
+    blocks keep their weights and order, spread evenly through the deeper stacks; every new block is adaLN-zero
+    (its gates are zero) so the grown transformer computes exactly what the old one did, and `flow --resume` trains
+    on from there (the optimizer's moments restart, as after `compact`)."""
+    state = load_checkpoint(folder)
+    if state is None:
+        raise UserError(f"no flow checkpoint in {folder}: train the flow stage (or copy mini/checkpoint) first")
+    old = stack_params(state)
+    if depth < old.depth or depth_single < old.depth_single_blocks:
+        raise UserError(f"grow only deepens: the checkpoint has {old.depth} double and {old.depth_single_blocks} "
+                        f"single blocks, asked for {depth} and {depth_single}")  # fmt: skip
+    new = replace(old, depth=depth, depth_single_blocks=depth_single)
+    where = {
+        "double_blocks": [i * depth // old.depth for i in range(old.depth)],
+        "single_blocks": [i * depth_single // old.depth_single_blocks for i in range(old.depth_single_blocks)],
+    }
+
+    def moved(key: str) -> str:
+        m = re.match(r"flow\.(double_blocks|single_blocks)\.(\d+)\.(.*)", key)
+        return key if m is None else f"flow.{m[1]}.{where[m[1]][int(m[2])]}.{m[3]}"
+
+    fresh = FlowStack(0, folder.parent / "tokenizers", new).state_dict()
+    for part in ("model", "ema"):
+        grown = dict(fresh)
+        grown.update({moved(k): v for k, v in state[part].items()})
+        state[part] = grown
+    state.pop("opt", None)
+    state["flow_params"] = asdict(new)
+    state["history"] = [*state["history"], {"step": state["step"], "grown": where}]
+    save_checkpoint(folder, state)
+    print(f"grew {folder} at step {state['step']} to {depth} double + {depth_single} single blocks; old ones at "
+          f"{where}", flush=True)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -405,6 +447,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
     out = Path(args.out) / stage
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    state = load_checkpoint(out) if args.resume else None
 
     if stage == "ae":
         with torch.random.fork_rng(devices=[]):
@@ -414,7 +457,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
             model.load_state_dict(load_file(args.init))
     else:
         tokenizers = make_tokenizers(Path(args.out) / "tokenizers")
-        model = FlowStack(args.seed, tokenizers)
+        model = FlowStack(args.seed, tokenizers, stack_params(state))
         ae = load_trained_ae(Path(args.out), device)
         tokens = WorldTokens(tokenizers, device)
     model.to(device).train()
@@ -427,7 +470,6 @@ def train(stage: str, args: argparse.Namespace) -> None:
     g_cpu = torch.Generator().manual_seed(args.seed)  # scenes
     g_dev = torch.Generator(device=device).manual_seed(args.seed + 1)  # noise, t
     step, history = 0, []
-    state = load_checkpoint(out) if args.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -452,6 +494,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
         save_checkpoint(out, {
             "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "rng_cpu": g_cpu.get_state(), "rng_dev": g_dev.get_state(), "history": history, "hparams": hp,
+            **({"flow_params": asdict(model.flow.params)} if stage == "flow" else {}),
         })  # fmt: skip
 
     hp["anneal_frac"] = args.anneal_frac
@@ -573,7 +616,7 @@ def export(args: argparse.Namespace) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     flow_state = load_checkpoint(run / "flow")
     tokenizers = run / "tokenizers"
-    stack = FlowStack(0, tokenizers)
+    stack = FlowStack(0, tokenizers, stack_params(flow_state))
     stack.load_state_dict(flow_state["ema"])
     # bf16: the repository's size budget (the loader casts to the dtype the user asks for).
     flow = {k: v.to(torch.bfloat16).contiguous() for k, v in stack.flow.state_dict().items()}
@@ -598,7 +641,7 @@ def export(args: argparse.Namespace) -> None:
 
     manifest = {
         "model": "flux-mini",
-        "flow_params": asdict(SPEC.params),
+        "flow_params": asdict(stack.flow.params),
         "ae_params": {
             **asdict(SPEC.ae_params),
             "scale_factor": ae_meta["scale_factor"],
@@ -645,7 +688,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["ae", "flow", "compact", "export"])
+    p.add_argument("stage", choices=["ae", "flow", "compact", "grow", "export"])
     p.add_argument("--out", required=True, help="run folder: <out>/ae and <out>/flow hold checkpoints")
     p.add_argument("--steps", type=int, help="train this many more steps")
     p.add_argument("--minutes", type=float, help="stop (and save) after this many minutes")
@@ -657,6 +700,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anneal", action="store_true", help="decay the lr linearly to 0 over this run's --steps")
     p.add_argument("--anneal-frac", type=float, default=0.0, help="... or over this last fraction of --minutes")
     p.add_argument("--dest", help="compact: folder for the compact flow checkpoint")
+    p.add_argument("--depth", type=int, help="grow: double blocks after growing")
+    p.add_argument("--depth-single", type=int, help="grow: single blocks after growing")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--init", help="ae: start from these AE weights (same architecture) instead of random")
     p.add_argument("--pool", type=int, default=0, help="flow: keep this many encoded scenes on the device (0: none)")
@@ -680,6 +725,10 @@ def main(argv: list[str] | None = None) -> None:
         export(args)
     elif args.stage == "compact":
         compact(Path(args.out) / "flow", Path(args.dest))
+    elif args.stage == "grow":
+        if args.depth is None or args.depth_single is None:
+            p.error("grow needs --depth and --depth-single")
+        grow(Path(args.out) / "flow", args.depth, args.depth_single)
     else:
         if not args.steps and not args.minutes:
             p.error("give --steps and/or --minutes")

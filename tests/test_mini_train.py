@@ -1,18 +1,23 @@
 """mini.train on a CPU: a few steps of each stage, checkpoints, and an exact kill-and-resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from flux.errors import UserError
+from flux.sampling import image_ids
+from mini.evaluate import load_mini
 from mini.train import (
     SPEC,
+    FlowStack,
     LatentPool,
     WorldTokens,
     drop_captions,
     drop_pooled,
     fresh_batch,
+    grow,
     load_checkpoint,
     load_tokenizers,
     load_trained_ae,
@@ -20,6 +25,7 @@ from mini.train import (
     main,
     make_tokenizers,
     save_checkpoint,
+    stack_params,
 )
 from mini.world import VOCABULARY, sample_batch
 
@@ -210,3 +216,58 @@ def test_compiled_training_keeps_checkpoint_keys(tmp_path, monkeypatch):
     assert not all(torch.equal(compiled["model"][k], v) for k, v in plain["model"].items())  # it trained
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", *small])
     assert load_checkpoint(tmp_path / "a" / "flow")["step"] == 3
+
+
+@pytest.mark.slow
+def test_grow_keeps_the_function_then_trains_exports_and_loads_deeper(repo_root, tmp_path):
+    """`grow` deepens the shipped checkpoint: each old block's weights land at its spread position, the new blocks'
+    adaLN gates are zero, so the grown transformer's output equals the old one's exactly (model and EMA). `flow
+    --resume` then trains the deeper stack, `export` records its shape, and `mini.evaluate.load_mini` builds it."""
+    run = tmp_path / "run"
+    shutil.copytree(repo_root / "mini" / "checkpoint", run)
+    before = load_checkpoint(run / "flow")
+    main(["grow", "--out", str(run), "--depth", "6", "--depth-single", "16"])
+    after = load_checkpoint(run / "flow")
+    assert after["step"] == before["step"] and after["flow_params"]["depth"] == 6 and "opt" not in after
+    for old_i, new_i in enumerate([0, 1, 3, 4]):
+        key = f"flow.double_blocks.{old_i}.img_attn.qkv.weight"
+        assert torch.equal(after["model"][key.replace(f".{old_i}.", f".{new_i}.")], before["model"][key])
+    for new_i in (2, 5):
+        assert not after["model"][f"flow.double_blocks.{new_i}.img_mod.lin.weight"].any()
+    for new_i in range(1, 16, 2):
+        assert not after["model"][f"flow.single_blocks.{new_i}.modulation.lin.bias"].any()
+        assert after["model"][f"flow.single_blocks.{new_i}.linear1.weight"].any()  # random, only gated off
+    g = torch.Generator().manual_seed(0)
+    inputs = {"img": torch.randn(2, 64, 64, generator=g), "img_ids": image_ids(2, 8, 8, "cpu"),
+              "txt": torch.randn(2, 32, 128, generator=g), "txt_ids": torch.zeros(2, 32, 3),
+              "timesteps": torch.rand(2, generator=g), "y": torch.randn(2, 128, generator=g)}  # fmt: skip
+    for part in ("model", "ema"):
+        outputs = []
+        for state in (before, after):
+            stack = FlowStack(0, run / "tokenizers", stack_params(state))
+            stack.load_state_dict(state[part])
+            outputs.append(stack.flow(**inputs))
+        assert torch.equal(*outputs)
+    with pytest.raises(UserError, match="grow only deepens: the checkpoint has 6 double and 16 single"):
+        grow(run / "flow", 4, 16)
+
+    main(["flow", "--out", str(run), "--steps", "1", "--resume", "--batch", "1", "--device", "cpu"])
+    trained = load_checkpoint(run / "flow")
+    assert trained["step"] == before["step"] + 1 and trained["flow_params"] == after["flow_params"]
+    main(["export", "--out", str(run), "--assets", str(tmp_path / "assets")])
+    manifest = json.loads((tmp_path / "assets" / "manifest.json").read_text())
+    assert (manifest["flow_params"]["depth"], manifest["flow_params"]["depth_single_blocks"]) == (6, 16)
+    models = load_mini(str(tmp_path / "assets"), "cpu")
+    assert (len(models.model.double_blocks), len(models.model.single_blocks)) == (6, 16)
+    assert models.spec.params.depth_single_blocks == 16
+    stack = FlowStack(0, run / "tokenizers", stack_params(trained))
+    stack.load_state_dict(trained["ema"])
+    want = {k: v.to(torch.bfloat16).float() for k, v in stack.flow.state_dict().items()}
+    assert all(torch.equal(v, want[k]) for k, v in models.model.state_dict().items())
+
+
+def test_grow_needs_both_depths(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["grow", "--out", str(tmp_path), "--depth", "6"])
+    assert e.value.code == 2 and "grow needs --depth and --depth-single" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
