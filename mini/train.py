@@ -410,8 +410,22 @@ def _dropped(n: int, p: float, g: torch.Generator, device: torch.device) -> Tens
     return (torch.rand(n, generator=g, device=g.device) < p)[:, None].to(device)
 
 
-def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator):
-    """FLUX's rectified-flow loss on a batch of latents and captions; returns (loss, per-sample loss, t)."""
+def drop_layers(n: int, num_layers: int, p: float, g: torch.Generator) -> list[set[int]] | None:
+    """Layer dropout (stochastic depth, per sample): each of n samples bypasses each block with probability p,
+    through the transformer's own skip hook, so that no one block is indispensable (as most of FLUX.1's 57 are
+    not); None at p = 0, which draws no random numbers."""
+    if p <= 0:
+        return None
+    rows = (torch.rand(n, num_layers, generator=g, device=g.device) < p).cpu().tolist()
+    return [{i for i, dropped in enumerate(row) if dropped} for row in rows]
+
+
+def flow_loss(
+    stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_dev: torch.Generator,
+    skip: list[set[int]] | None = None,
+):  # fmt: skip
+    """FLUX's rectified-flow loss on a batch of latents and captions (`skip`: per-sample bypassed blocks, as
+    `drop_layers` draws them); returns (loss, per-sample loss, t)."""
     dev, batch = x0.device, len(x0)
     eps = torch.randn(x0.shape, generator=g_dev, device=dev)
     t = sample_t(batch, g_dev, dev)
@@ -424,6 +438,7 @@ def flow_loss(stack: FlowStack, x0: Tensor, t5_ids: Tensor, clip_ids: Tensor, g_
         txt_ids=torch.zeros(batch, txt.shape[1], 3, device=dev),
         timesteps=t,
         y=vec,
+        skip=skip,
     )
     per = ((pred.float() - pack(eps - x0)) ** 2).mean(dim=(1, 2))
     return per.mean(), per.detach(), t
@@ -500,6 +515,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
     hp["anneal_frac"] = args.anneal_frac
     if stage == "flow":
         hp["caption_dropout"], hp["pooled_dropout"] = args.caption_dropout, args.pooled_dropout
+        hp["layer_drop"] = args.layer_drop
         empty = tokens.empty(hp["batch"])
     if args.anneal:
         if not args.steps:
@@ -526,7 +542,8 @@ def train(stage: str, args: argparse.Namespace) -> None:
                 x0, t5, clip = pool.draw(hp["batch"], g_dev) if pool else fresh_batch(ae, tokens, g_cpu, hp["batch"])
                 t5, clip = drop_captions(t5, clip, empty, hp["caption_dropout"], g_dev)
                 clip = drop_pooled(clip, empty[1], hp["pooled_dropout"], g_dev)
-                loss, per, t = flow_loss(model, x0, t5, clip, g_dev)
+                skip = drop_layers(len(x0), model.flow.num_layers, hp["layer_drop"], g_dev)
+                loss, per, t = flow_loss(model, x0, t5, clip, g_dev, skip)
                 mse = loss.detach()
                 b = (t * 4).long().clamp(max=3).cpu()
                 acc["bucket"].index_add_(0, b, per.float().cpu())
@@ -711,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="flow: train this fraction of samples on the empty caption (for classifier-free guidance)")  # fmt: skip
     p.add_argument("--pooled-dropout", type=float, default=0.0,
                    help="flow: train this fraction of samples on the empty caption's pooled CLIP vector, T5 kept")  # fmt: skip
+    p.add_argument("--layer-drop", type=float, default=0.0,
+                   help="flow: each sample bypasses each block with this probability (stochastic depth)")  # fmt: skip
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--measure-n", type=int, default=2048, help="ae: images to measure the latent scale/shift on")
@@ -732,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.steps and not args.minutes:
             p.error("give --steps and/or --minutes")
-        for flag in ("caption_dropout", "pooled_dropout"):
+        for flag in ("caption_dropout", "pooled_dropout", "layer_drop"):
             if not 0 <= getattr(args, flag) < 1:
                 p.error(f"--{flag.replace('_', '-')} is a probability in [0, 1), got {getattr(args, flag)}")
         print("$ python -m mini.train " + shlex.join(sys.argv[1:] if argv is None else argv), flush=True)
