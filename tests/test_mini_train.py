@@ -15,7 +15,9 @@ from mini.train import (
     LatentPool,
     WorldTokens,
     drop_captions,
+    drop_layers,
     drop_pooled,
+    flow_loss,
     fresh_batch,
     grow,
     load_checkpoint,
@@ -148,7 +150,30 @@ def test_pooled_dropout_replaces_only_the_clip_caption():
     assert 0.46 < dropped.float().mean() < 0.54  # 0.5 +- 5 standard deviations of 4000 draws
 
 
-@pytest.mark.parametrize("flag", ["--caption-dropout", "--pooled-dropout"])
+def test_layer_drop_bypasses_blocks_per_sample_through_the_skip_hook(repo_root):
+    """Each sample's set of bypassed blocks is drawn at about the given rate (none and no random number at rate 0);
+    `flow_loss` hands the sets to the transformer's skip hook, so a sample with an empty set has exactly the loss
+    it has without layer dropout, and one that bypasses a trained block does not."""
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert drop_layers(8, 12, 0.0, g) is None and torch.equal(g.get_state(), before)
+    sets = drop_layers(2000, 12, 0.1, g)
+    assert all(s <= set(range(12)) for s in sets)
+    assert 0.09 < sum(map(len, sets)) / (2000 * 12) < 0.11  # 0.1 +- 3.6 standard deviations of 24000 draws
+
+    ckpt = repo_root / "mini" / "checkpoint"
+    stack = FlowStack(0, ckpt / "tokenizers")
+    stack.load_state_dict(load_checkpoint(ckpt / "flow")["ema"])
+    tokens = WorldTokens(ckpt / "tokenizers", torch.device("cpu"))
+    t5, clip = tokens(sample_batch(2, torch.Generator().manual_seed(1), "train"))
+    x0 = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, plain, _ = flow_loss(stack, x0, t5, clip, torch.Generator().manual_seed(3))
+        _, dropped, _ = flow_loss(stack, x0, t5, clip, torch.Generator().manual_seed(3), skip=[set(), {2}])
+    assert dropped[0] == plain[0] and abs(dropped[1] - plain[1]) > 1e-3
+
+
+@pytest.mark.parametrize("flag", ["--caption-dropout", "--pooled-dropout", "--layer-drop"])
 @pytest.mark.parametrize("rate", ["1", "-0.1"])
 def test_caption_dropout_out_of_range_is_one_clear_error(flag, rate, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
