@@ -625,6 +625,17 @@ def classifier_free(manifest: dict) -> bool:
     return manifest["training"]["flow"]["hparams"].get("caption_dropout", 0.0) > 0
 
 
+@torch.no_grad()
+def hold_empty_pooled(clip: CLIPTextModel, empty_ids: Tensor) -> None:
+    """Make `clip` return the empty caption's pooled vector for every caption: the pooled output is the final norm's
+    output at the end token, so a zero gain and that vector as the bias. For weights trained with pooled-vector
+    dropout, this takes the caption out of the vector that modulates every block, leaving it only to attention."""
+    empty = clip(input_ids=empty_ids).pooler_output[0]
+    norm = getattr(clip, "text_model", clip).final_layer_norm  # transformers 5 flattened CLIPTextModel
+    norm.weight.zero_()
+    norm.bias.copy_(empty)
+
+
 def export(args: argparse.Namespace) -> None:
     """EMA weights -> flux/assets/mini: flow.safetensors (bf16, Flux.state_dict() keys), ae.safetensors (fp32,
     AutoEncoder.state_dict() keys), t5/ and clip/ (transformers folders with their tokenizers), manifest.json."""
@@ -641,6 +652,8 @@ def export(args: argparse.Namespace) -> None:
     ae_file = run / "ae" / "ae.safetensors"
     atomic(dest / "ae.safetensors", lambda tmp: Path(tmp).write_bytes(ae_file.read_bytes()))
     t5_tok, clip_tok = load_tokenizers(tokenizers)
+    if args.empty_pooled:
+        hold_empty_pooled(stack.clip, WorldTokens(tokenizers, torch.device("cpu")).empty(1)[1])
     for name, model, tok in (("t5", stack.t5, t5_tok), ("clip", stack.clip, clip_tok)):
         model.save_pretrained(str(dest / name))
         tok.save_pretrained(str(dest / name))
@@ -691,6 +704,7 @@ def export(args: argparse.Namespace) -> None:
             },
             "device": args.device_name,
         },  # fmt: skip
+        "empty_pooled": args.empty_pooled,
         "git_commit": commit,
         "sha256": {str(p.relative_to(dest)): sha256(p) for p in files},
         "evaluation": old.get("evaluation"),
@@ -739,6 +753,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ae-minutes", type=float)
     p.add_argument("--flow-minutes", type=float)
     p.add_argument("--device-name", default=None)
+    p.add_argument("--empty-pooled", action="store_true",
+                   help="export a CLIP whose pooled vector is the empty caption's for every caption")  # fmt: skip
     args = p.parse_args(argv)
     if args.stage == "export":
         export(args)

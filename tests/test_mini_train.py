@@ -296,3 +296,28 @@ def test_grow_needs_both_depths(tmp_path, capsys):
         main(["grow", "--out", str(tmp_path), "--depth", "6"])
     assert e.value.code == 2 and "grow needs --depth and --depth-single" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_export_empty_pooled_gives_every_caption_the_empty_captions_vector(repo_root, tmp_path):
+    """`export --empty-pooled` writes a CLIP whose pooled vector, read the way the pipeline reads it (HFEmbedder), is
+    for every caption what the plainly exported CLIP gives the empty caption; T5 and the transformer are the same."""
+    from flux.modules.conditioner import HFEmbedder
+
+    run = tmp_path / "run"
+    shutil.copytree(repo_root / "mini" / "checkpoint", run)
+    main(["export", "--out", str(run), "--assets", str(tmp_path / "plain")])
+    main(["export", "--out", str(run), "--assets", str(tmp_path / "held"), "--empty-pooled"])
+    captions = [
+        "a red circle on a white background",
+        "a large blue star at the top and a green ring on a gray background",
+    ]
+    with torch.no_grad():
+        plain = HFEmbedder(str(tmp_path / "plain" / "clip"), 77)(["", *captions])
+        held = HFEmbedder(str(tmp_path / "held" / "clip"), 77)(["", *captions])
+    assert (plain[1:] - plain[0]).abs().amax() > 1e-2  # the plain vector does depend on the caption
+    assert torch.allclose(held, plain[0].expand_as(held), atol=1e-6, rtol=0)
+    manifests = [json.loads((tmp_path / f / "manifest.json").read_text()) for f in ("plain", "held")]
+    assert [m["empty_pooled"] for m in manifests] == [False, True]
+    assert manifests[0]["sha256"]["flow.safetensors"] == manifests[1]["sha256"]["flow.safetensors"]
+    assert manifests[0]["sha256"]["t5/model.safetensors"] == manifests[1]["sha256"]["t5/model.safetensors"]
