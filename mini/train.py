@@ -503,7 +503,11 @@ def train(stage: str, args: argparse.Namespace) -> None:
     elif args.resume:
         print(f"[{stage}] no checkpoint in {out}: starting fresh", flush=True)
     if args.compile and stage == "flow":  # in place: the state dict's keys (and so checkpoints) stay the same
-        model.flow.compile()
+        # Layer dropout's skip sets differ every step, which a whole-model graph would recompile for: then compile
+        # block by block and leave the skip hook's choice between blocks eager.
+        blocks = [*model.flow.double_blocks, *model.flow.single_blocks]
+        for m in blocks if args.layer_drop else [model.flow]:
+            m.compile()
 
     def checkpoint() -> None:
         save_checkpoint(out, {

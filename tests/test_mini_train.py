@@ -241,6 +241,16 @@ def test_compiled_training_keeps_checkpoint_keys(tmp_path, monkeypatch):
     assert not all(torch.equal(compiled["model"][k], v) for k, v in plain["model"].items())  # it trained
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", *small])
     assert load_checkpoint(tmp_path / "a" / "flow")["step"] == 3
+    # With layer dropout the blocks are compiled one by one; the keys stay the same.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: (compiled.append(type(self).__name__), compile_(self, backend="eager")))  # fmt: skip
+    main(["flow", "--out", str(tmp_path / "a"), "--steps", "1", "--resume", "--compile", "--layer-drop", "0.5", *small])
+    assert (
+        compiled == ["DoubleStreamBlock"] * SPEC.params.depth + ["SingleStreamBlock"] * SPEC.params.depth_single_blocks
+    )
+    layer_dropped = load_checkpoint(tmp_path / "a" / "flow")
+    assert layer_dropped["step"] == 4 and _tensors(layer_dropped).keys() == _tensors(plain).keys()
 
 
 @pytest.mark.slow
