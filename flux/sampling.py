@@ -189,9 +189,8 @@ def denoise(
     of a second-order step); `callback` sees every step and may replace the next latent; `cfg` guides every velocity.
     """
     steps = list(itertools.pairwise(timesteps))
-    return _solve(
-        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, cfg=cfg
-    )
+    hooks = {"skip": skip, "inject": inject, "callback": callback, "inject_steps": inject_steps, "cfg": cfg}
+    return _solve(model, img, img_ids, txt, txt_ids, vec, steps, guidance, solver, **hooks)
 
 
 def invert(
@@ -218,9 +217,8 @@ def invert(
     runs from t to t_prev = t_next, upwards.
     """
     steps = list(itertools.pairwise(timesteps[::-1]))
-    return _solve(
-        model, img, img_ids, txt, txt_ids, vec, steps, guidance, skip, inject, callback, inject_steps, solver, True, cfg
-    )
+    hooks = {"skip": skip, "inject": inject, "callback": callback, "inject_steps": inject_steps, "cfg": cfg}
+    return _solve(model, img, img_ids, txt, txt_ids, vec, steps, guidance, solver, velocity_at_target=True, **hooks)
 
 
 def _solve(
@@ -232,13 +230,14 @@ def _solve(
     vec: Tensor,
     steps: list[tuple[float, float]],
     guidance: float | Sequence[float] | Tensor,
+    solver: str = "euler",
+    *,
     skip: SkipSets | None,
     inject: Injection | None,
     callback: StepCallback | None,
     inject_steps: StepRange | None,
-    solver: str = "euler",
+    cfg: CFG | None,
     velocity_at_target: bool = False,
-    cfg: CFG | None = None,
 ) -> Tensor:
     """x <- x + (t_to - t_from) * v over `steps` (t_from, t_to), v as `solver` makes it. Euler's v is taken at t_from
     (sampling) or, with velocity_at_target (Stable Flow's inversion), at t_to."""
