@@ -4,7 +4,7 @@ import os
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +24,7 @@ from .accel import (
     use_expandable_segments,
 )
 from .errors import UserError
-from .model import Flux, Injection, SkipSets
+from .model import Flux, FluxParams, Injection, SkipSets
 from .modules.autoencoder import AutoEncoder
 from .sampling import (
     CFG,
@@ -350,6 +350,7 @@ def load_models(
     t5_path: str | None = None,
     clip_path: str | None = None,
     accel: AccelOptions | None = None,
+    params: FluxParams | None = None,
 ) -> FluxModels:
     """All four networks of `name`; local paths override the Hub (see README, "Getting weights"). A whole repo
     folder given as `flow_path` supplies every part it holds that has no path of its own; the printed line says
@@ -357,8 +358,11 @@ def load_models(
 
     `accel` switches on the speed/memory options of flux.accel (compile, attention, fp8, stream_blocks); its
     "auto" values are decided here for the device (printed once) and the result kept as `FluxModels.accel`.
+    `params`: the transformer's shape where it is not the spec's (a flux-mini deepened by `mini.train grow`); the
+    returned spec carries it.
     """
     spec = model_spec(name)
+    spec = spec if params is None else replace(spec, params=params)
     device = resolve_device(device) if isinstance(device, str) else device
     sources = weight_sources(name, flow_path, ae_path, t5_path, clip_path)
     threads = cpu_threads(transformer_bytes(spec.params, torch.float32) // 4) if device.type == "cpu" else None
@@ -381,7 +385,7 @@ def load_models(
     home = torch.device("cpu") if offload else device
     # FP8 and streaming start from the CPU, so the bf16 transformer never has to fit the GPU whole.
     flow_home = torch.device("cpu") if accel.fp8 or accel.stream_blocks else home
-    model = load_flow_model(name, flow_home, dtype, path=sources.flow)
+    model = load_flow_model(name, flow_home, dtype, path=sources.flow, params=spec.params)
     if accel != AccelOptions():
         model = accelerate(model, accel, home)
     ae = load_ae(name, home, path=sources.ae)

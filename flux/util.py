@@ -2,7 +2,7 @@ import errno
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -651,13 +651,16 @@ def load_flow_model(
     dtype: torch.dtype = torch.bfloat16,
     path: str | None = None,
     verbose: bool = False,
+    params: FluxParams | None = None,
 ) -> Flux:
     """The transformer of `name`, from `path`, $FLUX_MODEL, the HF cache or the Hub (flux-tiny: random from its seed).
 
     `path` may be a .safetensors file (official or ComfyUI-prefixed keys) or a diffusers folder (transformer/ or
     the repo root above it); in the HF cache, the repo's diffusers transformer/ serves when its single file is absent.
+    `params`: the transformer's shape where it is not the spec's (a flux-mini deepened by `mini.train grow`).
     """
     spec = model_spec(name)
+    spec = spec if params is None else replace(spec, params=params)
     path = path or (str(ASSETS / spec.local_flow) if spec.local_flow else None)
     if spec.repo_id is None and not path:
         return _seeded_init(lambda: Flux(spec.params), spec.seed, device, dtype).eval().requires_grad_(False)

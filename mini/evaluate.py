@@ -36,10 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from flux.errors import UserError
-from flux.model import Flux, FluxParams, Injection, check_layers
+from flux.model import FluxParams, Injection, check_layers
 from flux.pipeline import FluxModels, Text, load_models
 from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
@@ -418,18 +417,10 @@ def load_mini(weights: str | None, device: str) -> FluxModels:
         return load_models("flux-mini", device=device, dtype=torch.float32)
     folder = Path(weights)
     manifest = read_manifest(folder)
-    params = FluxParams(**manifest["flow_params"])
-    same = params == model_spec("flux-mini").params  # else a grown transformer (mini.train grow), built here
-    models = load_models("flux-mini", device, torch.float32, flow_path=str(folder / "flow.safetensors") if same else None,
+    models = load_models("flux-mini", device, torch.float32, flow_path=str(folder / "flow.safetensors"),
                          ae_path=str(folder / "ae.safetensors"), t5_path=str(folder / "t5"),
-                         clip_path=str(folder / "clip"))  # fmt: skip
-    if not same:
-        flow = Flux(params)
-        flow.load_state_dict(load_file(str(folder / "flow.safetensors")))
-        print(f"transformer: {params.depth} double + {params.depth_single_blocks} single blocks from "
-              f"{folder / 'flow.safetensors'} (grown; the spec's line above is replaced)", flush=True)  # fmt: skip
-        models = replace(models, model=flow.to(models.device, torch.float32).eval().requires_grad_(False))
-    return replace(models, spec=replace(models.spec, params=params, cfg=classifier_free(manifest)))
+                         clip_path=str(folder / "clip"), params=FluxParams(**manifest["flow_params"]))  # fmt: skip
+    return replace(models, spec=replace(models.spec, cfg=classifier_free(manifest)))
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
