@@ -43,7 +43,9 @@ PROMPTS = ["a photo of a forest with mist swirling around the tree trunks", "a c
 
 def use_random_weights(tiny: bool) -> None:
     """flux.pipeline's loaders build networks of the model's shapes with random weights, on the device asked."""
-    pipeline.load_flow_model = lambda name, device, dtype, path=None: random_flux(configs[name].params, device, dtype)
+    pipeline.load_flow_model = lambda name, device, dtype, path=None, params=None: random_flux(
+        params or configs[name].params, device, dtype
+    )
     pipeline.load_ae = lambda name, device, path=None: random_module(
         lambda: AutoEncoder(configs[name].ae_params), device, torch.float32, seed=3
     )
