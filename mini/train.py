@@ -13,7 +13,8 @@ v = eps - x0 (MSE), t ~ logit-normal(0, 1) pushed through the sampler's own time
 Every stage is seeded and resumable: a checkpoint holds the model, its EMA, the optimizer, the step and both RNG
 states, written atomically in byte shards of < 16 MiB (small enough for the GPU machine to return), so a stage
 continues exactly where it stopped, also in a later device call (with `--pool`, in all but which scenes come next);
-`compact` makes one that fits the device's upload for a later session (the optimizer's moments restart from it).
+`compact` makes one that fits the device's upload for a later session and the repo (the EMA alone: the model and
+the optimizer's moments restart from it).
 """
 
 from __future__ import annotations
@@ -250,7 +251,10 @@ def load_checkpoint(folder: Path) -> dict | None:
             continue
         if damaged:
             print(f"warning: {folder / damaged[0]} is damaged; using the previous checkpoint (step {index['step']})")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if "model" not in state and "ema" in state:  # a compact checkpoint: training goes on from its EMA
+            state["model"] = {k: v.float() if v.is_floating_point() else v for k, v in state["ema"].items()}
+        return state
     if damaged:
         raise UserError(
             f"every checkpoint in {folder} is damaged ({'; '.join(damaged)}): restore the folder from a copy, "
@@ -595,11 +599,13 @@ def train(stage: str, args: argparse.Namespace) -> None:
 
 
 def compact(src: Path, dest: Path) -> None:
-    """The flow checkpoint small enough to travel between device sessions (the tree that travels is <= 64 MiB):
-    the model in fp32, its EMA in bf16 (one rounding, then averaged on in fp32), no optimizer moments (AdamW
-    restarts them, with a fresh warm-up, when `flow --resume` reads this)."""
+    """The flow checkpoint small enough to travel between device sessions and to ship (the tree that travels is
+    <= 64 MiB): the EMA alone, in bf16 (the weights `export` ships), without the raw model or the optimizer's
+    moments. `flow --resume` restarts both from it: the model from the EMA (`load_checkpoint`), AdamW's moments
+    with a fresh warm-up."""
     state = load_checkpoint(src)
     state.pop("opt")
+    state.pop("model")
     state["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["ema"].items()}
     save_checkpoint(dest, state)
     print(f"compact checkpoint of step {state['step']} in {dest}", flush=True)

@@ -1,5 +1,6 @@
 """mini.train on a CPU: a few steps of each stage, checkpoints, and an exact kill-and-resume."""
 
+import io
 import json
 import shutil
 
@@ -184,8 +185,8 @@ def test_caption_dropout_out_of_range_is_one_clear_error(flag, rate, tmp_path, c
 
 @pytest.mark.slow
 def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path, capsys):
-    """`compact` drops the optimizer and rounds the EMA to bf16; `flow --resume` from it continues the step count,
-    the model exactly, and warms the learning rate up again. A checkpoint from a GPU (its noise generator's state is
+    """`compact` keeps the EMA alone, rounded to bf16; `flow --resume` from it continues the step count from the
+    EMA's weights (not the raw model's), and warms the learning rate up again. A checkpoint from a GPU (its noise generator's state is
     CUDA's, 16 bytes) resumes on a CPU with a fresh noise stream, saying so."""
     small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
     main(["ae", "--out", str(tmp_path / "a"), "--steps", "1", *small])
@@ -193,8 +194,13 @@ def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path, capsys):
     main(["compact", "--out", str(tmp_path / "a"), "--dest", str(tmp_path / "c" / "flow")])
     full, small_state = load_checkpoint(tmp_path / "a" / "flow"), load_checkpoint(tmp_path / "c" / "flow")
     assert "opt" not in small_state and small_state["step"] == 2
-    assert all(torch.equal(full["model"][k], v) for k, v in small_state["model"].items())
+    index = json.loads((tmp_path / "c" / "flow" / "ckpt.json").read_text())
+    raw = torch.load(io.BytesIO(b"".join((tmp_path / "c" / "flow" / p["file"]).read_bytes() for p in index["parts"])))
+    assert sorted(raw) == sorted(k for k in full if k not in ("model", "opt"))  # the EMA, no model, no moments
     assert all(v.dtype == torch.bfloat16 for v in small_state["ema"].values() if v.is_floating_point())
+    assert all(torch.equal(full["ema"][k].to(torch.bfloat16), v) for k, v in small_state["ema"].items())
+    assert all(torch.equal(v.float(), small_state["model"][k]) for k, v in small_state["ema"].items())
+    assert not all(torch.equal(full["model"][k], v) for k, v in small_state["model"].items())  # not the raw model
     (tmp_path / "c" / "ae").symlink_to(tmp_path / "a" / "ae")
     (tmp_path / "c" / "tokenizers").symlink_to(tmp_path / "a" / "tokenizers")
     save_checkpoint(tmp_path / "c" / "flow", {**small_state, "rng_dev": torch.zeros(16, dtype=torch.uint8)})
