@@ -1,7 +1,7 @@
 """Measure the shipped flux-mini through the toolkit's own loading, sampling and editing path, graded by mini.detect.
 
     python -m mini.evaluate [--n 100] [--device cpu]                 # AE and text to image
-    python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_ssim/vital_layers.json]
+    python -m mini.evaluate --ablation [--cases 32] [--vital-layers outputs/mini/demo_3_dino/vital_layers.json]
     python -m mini.evaluate --layer-sweep [--cases 32]                # injection in each layer alone
     python -m mini.evaluate --conditioning [--cases 32]               # which conditioning moves the layout
     ... [--weights DIR] [--guidance G]                                # an exported candidate; its CFG scale
@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cases", type=int, default=32, help="ablation: cases per edit family")
     p.add_argument("--real-cases", type=int, default=20, help="ablation: real-image cases")
     p.add_argument("--real-steps", type=int, default=30)
-    p.add_argument("--vital-layers", default="outputs/mini/demo_3_ssim/vital_layers.json",
-                   help="demo_3's result (default: configs/mini/demo_3_dino_ssim.json's, as the mini demo_4 configs "
-                   "use), or a comma-separated list of layers")  # fmt: skip
+    p.add_argument("--vital-layers", default="outputs/mini/demo_3_dino/vital_layers.json",
+                   help="demo_3's result (default: configs/mini/demo_3_dino.json's, the detector's semantic metric, "
+                   "as the mini demo_4 configs use), or a comma-separated list of layers")  # fmt: skip
     p.add_argument("--guidance", type=float, default=1.0,
                    help="sampling and edit guidance: 1 is none; for a flux-mini trained with caption dropout "
                    "(ModelSpec.cfg) the classifier-free scale, the inversion and reconstruction staying at 1")  # fmt: skip

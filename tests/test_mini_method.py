@@ -15,7 +15,7 @@ from mini.world import render, sample_scenes
 from stableflow.edit import EditRequest, edit_generated
 
 # Measured by `python -m mini.evaluate` / `--ablation` with the shipped weights (README); guards sit under them.
-MEASURED_TEXT2IMG = {"colour": 0.987, "shape": 0.948, "place": 0.988, "count": 0.97, "background": 1.0}
+MEASURED_TEXT2IMG = {"colour": 0.979, "shape": 0.927, "place": 0.988, "count": 0.93, "background": 1.0}
 TEXT2IMG_TARGETS = {"colour": 0.95, "shape": 0.90, "place": 0.90, "count": 0.95}
 
 
@@ -47,7 +47,11 @@ def test_text_to_image_regression_guard(heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attr", sorted(TEXT2IMG_TARGETS))
+@pytest.mark.parametrize("attr", [
+    pytest.param(attr, marks=pytest.mark.xfail(strict=True, reason="object count 93% on the 100 held-out prompts (the "
+                                               "4 + 8 weights before layer dropout: 97%)")) if attr == "count" else attr
+    for attr in sorted(TEXT2IMG_TARGETS)
+])  # fmt: skip
 def test_text_to_image_targets(heldout, attr):
     assert heldout[attr] >= TEXT2IMG_TARGETS[attr]
 
@@ -57,9 +61,7 @@ def vitality(tmp_path_factory, run_script):
     """demo_2 then demo_3 on flux-mini's shipped configs, as a user runs them; returns vital_layers.json."""
     root = tmp_path_factory.mktemp("mini")
     sweep, scores = root / "sweep", root / "scores"
-    # The config's first 8 prompts (of 16): the README's vitality plot uses all of them.
-    r = run_script("demo_2_skip.py", "configs/mini/demo_2_skip.json", f"output_dir={sweep}", "num_prompts=8",
-                   "progress=false")  # fmt: skip
+    r = run_script("demo_2_skip.py", "configs/mini/demo_2_skip.json", f"output_dir={sweep}", "progress=false")
     assert r.returncode == 0, r.stderr
     r = run_script("demo_3_dino.py", "configs/mini/demo_3_dino.json", f"sweep_dir={sweep}", f"output_dir={scores}")
     assert r.returncode == 0, r.stderr
@@ -70,31 +72,30 @@ def vitality(tmp_path_factory, run_script):
 @pytest.mark.slow
 def test_vitality_scores_every_layer(vitality):
     layers = {entry["layer"]: entry["vitality"] for entry in vitality["layers"]}
-    assert sorted(layers) == list(range(12)) and vitality["metric"] == "mini-detector"
+    assert sorted(layers) == list(range(22)) and vitality["metric"] == "mini-detector"
     assert vitality["vital_layer_names"] and len(vitality["vital_layer_names"]) == len(vitality["vital_layers"])
     # As in FLUX (the paper's layer 0), the first double block is the most vital: its bypass destroys the picture.
-    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.8  # measured 0.98 on 16 prompts
+    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.45  # measured 0.59
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the detector's similarity finds 11 of 12 layers vital at tau 0.1 (vitality "
-                   "0.07-0.98 on 16 prompts): any bypass but the last changes some object this model draws")  # fmt: skip
-def test_ablation_finds_a_minority_of_vital_layers(vitality):
-    assert 1 <= len(vitality["vital_layers"]) <= 12 / 3
-
-
-# demo_3's detector metric calls all 12 layers vital on flux-mini 2 (test above), which would make "vital" the same
-# as "all"; the ablation contrasts the minority SSIM finds (configs/mini/demo_3_dino_ssim.json), as the README does.
-SSIM_VITAL = [0, 1, 3]
+def test_ablation_finds_a_minority_of_vital_layers_and_demo_4_uses_them(vitality, repo_root):
+    """demo_3's semantic metric finds a minority (at most a third) of the 22 layers vital, and the mini configs that
+    edit (demo_4's two, demo_5's) inject in exactly those layers."""
+    assert 1 <= len(vitality["vital_layers"]) <= 22 / 3
+    for name in ("demo_4_edit", "demo_4_edit_real", "demo_5_bench"):
+        config = json.loads((repo_root / "configs" / "mini" / f"{name}.json").read_text())
+        assert config["vital_layers"] == vitality["vital_layers"], name
 
 
 @pytest.fixture(scope="module")
-def ablation(mini):
-    """Each edit family under injection in the vital layers, none, all and the non-vital ones (12 cases a family:
-    the README's table uses 64), and real world pictures with and without nudging."""
+def ablation(mini, vitality):
+    """Each edit family under injection in demo_3's vital layers, none, all and the non-vital ones (12 cases a
+    family: the README's table uses 64), and real world pictures with and without nudging."""
+    vital = vitality["vital_layers"]
     return {
-        "generated": ablation_generated(mini, layer_sets(mini, SSIM_VITAL), 12, 1),
-        "real": ablation_real(mini, SSIM_VITAL, 6, 1, 30),
+        "generated": ablation_generated(mini, layer_sets(mini, vital), 12, 1),
+        "real": ablation_real(mini, vital, 6, 1, 30),
     }
 
 
@@ -115,9 +116,9 @@ def test_real_images_reconstruct(ablation):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="without injection, untouched objects left unplaced keep mean IoU 0.66 over "
-                   "the README's 64 cases a family (background changes 0.18; every untouched object 0.72): the "
-                   "trained model keeps more of a same-seed layout than the target's 0.6")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="without injection, untouched objects left unplaced keep mean IoU 0.67 over "
+                   "the README's 64 cases a family (0.64 on this test's 12; background changes 0.18; every untouched "
+                   "object 0.73): the trained model keeps more of a same-seed layout than the target's 0.6")  # fmt: skip
 def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
     assert _mean(ablation, "none", OPEN) <= 0.6
 
@@ -125,20 +126,28 @@ def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
 @pytest.mark.slow
 def test_vital_layers_let_more_edits_through_than_all_layers(ablation):
     """Regression guard for the target below: injection in every layer reproduces the reference, in the vital ones
-    edits still happen (measured +27 points on these 12 cases a family)."""
-    assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.20
+    more edits still happen (measured +18 points on these 12 cases a family, +19 on the README's 64)."""
+    assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.12
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="+33 points over the README's 64 cases a family (43% vs 10%) but +27 on this "
-                   "test's 12: the paper's ablation (c) holds, the +30 target only narrowly")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="+19 points over the README's 64 cases a family (34% vs 15%), +18 on this "
+                   "test's 12: the vital layers block additions and size changes as all layers do")  # fmt: skip
 def test_vital_layers_let_edits_through_where_all_layers_do_not(ablation):
     assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.30
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 43% of edits through "
-                   "(additions 7%, size 0%) and holds untouched objects left unplaced at IoU 0.82, +0.16 over "
+def test_vital_layer_injection_holds_more_than_none(ablation):
+    """Regression guard for the target below: injection in the vital layers keeps untouched objects left unplaced
+    where they were (measured +0.22 open-place IoU over no injection on these 12 cases a family, +0.18 on the
+    README's 64)."""
+    assert _mean(ablation, "vital", OPEN) >= _mean(ablation, "none", OPEN) + 0.12
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 34% of edits through "
+                   "(additions 12%, size 0%) and holds untouched objects left unplaced at IoU 0.85, +0.18 over "
                    "none")  # fmt: skip
 def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through(ablation):
     gen = ablation["generated"]
@@ -148,15 +157,16 @@ def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: injection in the nine non-vital layers blocks the "
-                   "edit (25% success) and so keeps more (open-place IoU 0.84 against the vital layers' 0.82)")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="README's ablation table: injection in the 17 non-vital layers blocks the "
+                   "edit as much (32% success) and keeps as much (open-place IoU 0.83 against the vital layers' "
+                   "0.85)")  # fmt: skip
 def test_vital_layers_hold_more_than_non_vital_ones(ablation):
     assert _mean(ablation, "vital", OPEN) >= _mean(ablation, "non-vital", OPEN) + 0.15
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 30% / "
-                   "open-place IoU 0.84 with nudging, 45% / 0.76 without: nudging edits less")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 35% / "
+                   "open-place IoU 0.79 with nudging, 40% / 0.80 without")  # fmt: skip
 def test_real_image_edits_hold_and_nudging_helps(ablation):
     nudge, plain = ablation["real"]["nudge"], ablation["real"]["no nudge"]
     assert nudge["success"] >= 0.80 and nudge[OPEN] >= 0.85
@@ -172,9 +182,9 @@ def test_ablation_without_vital_layers_file_is_one_clear_error(run_script, tmp_p
 
 def test_ablation_with_a_layer_out_of_range_is_one_clear_error(run_script):
     """A listed layer flux-mini lacks is refused by the model's range rule before any model loads."""
-    r = run_script("-m", "mini.evaluate", "--ablation", "--vital-layers", "0,12")
+    r = run_script("-m", "mini.evaluate", "--ablation", "--vital-layers", "0,22")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "--vital-layers: layer 12 out of range: this model has layers 0..11" in r.stderr
+    assert "--vital-layers: layer 22 out of range: this model has layers 0..21" in r.stderr
     assert "weights:" not in r.stdout
 
 

@@ -261,21 +261,26 @@ def test_compiled_training_keeps_checkpoint_keys(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_grow_keeps_the_function_then_trains_exports_and_loads_deeper(repo_root, tmp_path):
-    """`grow` deepens the shipped checkpoint: each old block's weights land at its spread position, the new blocks'
-    adaLN gates are zero, so the grown transformer's output equals the old one's exactly (model and EMA). `flow
-    --resume` then trains the deeper stack, `export` records its shape, and `mini.evaluate.load_mini` builds it."""
+    """`grow` deepens the shipped 6 + 16 checkpoint to 8 + 24: each old block's weights land at its spread position
+    (i * new // old, worked out by hand below), the new blocks' adaLN gates are zero, so the grown transformer's output
+    equals the old one's exactly (model and EMA). `flow --resume` then trains the deeper stack, `export` records its
+    shape, and `mini.evaluate.load_mini` builds it."""
     run = tmp_path / "run"
     shutil.copytree(repo_root / "mini" / "checkpoint", run)
     before = load_checkpoint(run / "flow")
-    main(["grow", "--out", str(run), "--depth", "6", "--depth-single", "16"])
+    assert (stack_params(before).depth, stack_params(before).depth_single_blocks) == (6, 16)
+    main(["grow", "--out", str(run), "--depth", "8", "--depth-single", "24"])
     after = load_checkpoint(run / "flow")
-    assert after["step"] == before["step"] and after["flow_params"]["depth"] == 6 and "opt" not in after
-    for old_i, new_i in enumerate([0, 1, 3, 4]):
+    assert after["step"] == before["step"] and after["flow_params"]["depth"] == 8 and "opt" not in after
+    for old_i, new_i in enumerate([0, 1, 2, 4, 5, 6]):
         key = f"flow.double_blocks.{old_i}.img_attn.qkv.weight"
         assert torch.equal(after["model"][key.replace(f".{old_i}.", f".{new_i}.")], before["model"][key])
-    for new_i in (2, 5):
+    for old_i, new_i in enumerate([0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22]):
+        key = f"flow.single_blocks.{old_i}.linear1.weight"
+        assert torch.equal(after["model"][key.replace(f".{old_i}.", f".{new_i}.")], before["model"][key])
+    for new_i in (3, 7):
         assert not after["model"][f"flow.double_blocks.{new_i}.img_mod.lin.weight"].any()
-    for new_i in range(1, 16, 2):
+    for new_i in range(2, 24, 3):
         assert not after["model"][f"flow.single_blocks.{new_i}.modulation.lin.bias"].any()
         assert after["model"][f"flow.single_blocks.{new_i}.linear1.weight"].any()  # random, only gated off
     g = torch.Generator().manual_seed(0)
@@ -289,18 +294,18 @@ def test_grow_keeps_the_function_then_trains_exports_and_loads_deeper(repo_root,
             stack.load_state_dict(state[part])
             outputs.append(stack.flow(**inputs))
         assert torch.equal(*outputs)
-    with pytest.raises(UserError, match="grow only deepens: the checkpoint has 6 double and 16 single"):
-        grow(run / "flow", 4, 16)
+    with pytest.raises(UserError, match="grow only deepens: the checkpoint has 8 double and 24 single"):
+        grow(run / "flow", 6, 24)
 
     main(["flow", "--out", str(run), "--steps", "1", "--resume", "--batch", "1", "--device", "cpu"])
     trained = load_checkpoint(run / "flow")
     assert trained["step"] == before["step"] + 1 and trained["flow_params"] == after["flow_params"]
     main(["export", "--out", str(run), "--assets", str(tmp_path / "assets")])
     manifest = json.loads((tmp_path / "assets" / "manifest.json").read_text())
-    assert (manifest["flow_params"]["depth"], manifest["flow_params"]["depth_single_blocks"]) == (6, 16)
+    assert (manifest["flow_params"]["depth"], manifest["flow_params"]["depth_single_blocks"]) == (8, 24)
     models = load_mini(str(tmp_path / "assets"), "cpu")
-    assert (len(models.model.double_blocks), len(models.model.single_blocks)) == (6, 16)
-    assert models.spec.params.depth_single_blocks == 16
+    assert (len(models.model.double_blocks), len(models.model.single_blocks)) == (8, 24)
+    assert models.spec.params.depth_single_blocks == 24
     stack = FlowStack(0, run / "tokenizers", stack_params(trained))
     stack.load_state_dict(trained["ema"])
     want = {k: v.to(torch.bfloat16).float() for k, v in stack.flow.state_dict().items()}
