@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Writes every flux-mini picture and number of the README (docs/images/mini_*.png, outputs/mini_eval/*.json|md) on a
-# CPU, from the shipped weights: the five demos' mini configs, then mini.evaluate's text-to-image grading and ablation.
-# The layer sweep and conditioning tables (and docs/images/mini_layer_sweep.png) are the previous 4 + 8 weights':
-# this script at commit 1cdbc3d wrote them.
+# CPU, from the shipped weights: the five demos' mini configs, then mini.evaluate's text-to-image grading, ablations,
+# layer sweep and conditioning run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python demo_2_skip.py configs/mini/demo_2_skip.json
@@ -13,8 +12,11 @@ python demo_4_edit.py configs/mini/demo_4_edit_real.json
 python -m mini.evaluate --n 100 --out outputs/mini_eval --update-manifest
 python -m mini.evaluate --ablation --cases 64 --out outputs/mini_eval --update-manifest  # demo_3's vital layers
 python -m mini.evaluate --ablation --vital-layers 0,1 --cases 64 --out outputs/mini_eval_01  # the README's [0, 1] finding
+python -m mini.evaluate --layer-sweep --cases 16 --out outputs/mini_eval --update-manifest  # injection in one layer at a time
+python -m mini.evaluate --conditioning --cases 16 --out outputs/mini_eval --update-manifest  # T5 tokens vs pooled vector
 cp outputs/mini_eval/heldout.png docs/images/mini_text2img.png
 cp outputs/mini/demo_3_dino/vitality.png docs/images/mini_vitality.png
 cp outputs/mini/demo_4_edit/grid.png docs/images/mini_edit.png
 cp outputs/mini/demo_4_edit_real/grid.png docs/images/mini_edit_real.png
 cp outputs/mini_eval/ablation.png docs/images/mini_ablation.png
+cp outputs/mini_eval/layer_sweep.png docs/images/mini_layer_sweep.png
