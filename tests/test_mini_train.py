@@ -186,8 +186,8 @@ def test_caption_dropout_out_of_range_is_one_clear_error(flag, rate, tmp_path, c
 @pytest.mark.slow
 def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path, capsys):
     """`compact` keeps the EMA alone, rounded to bf16; `flow --resume` from it continues the step count from the
-    EMA's weights (not the raw model's), and warms the learning rate up again. A checkpoint from a GPU (its noise generator's state is
-    CUDA's, 16 bytes) resumes on a CPU with a fresh noise stream, saying so."""
+    EMA's weights (not the raw model's), and warms the learning rate up again. A checkpoint from a GPU (its noise
+    generator's state is CUDA's, 16 bytes) resumes on a CPU with a fresh noise stream, saying so."""
     small = ["--batch", "1", "--log-every", "1", "--device", "cpu", "--measure-n", "64"]
     main(["ae", "--out", str(tmp_path / "a"), "--steps", "1", *small])
     main(["flow", "--out", str(tmp_path / "a"), "--steps", "2", *small])
