@@ -604,7 +604,7 @@ def compact(src: Path, dest: Path) -> None:
     moments. `flow --resume` restarts both from it: the model from the EMA (`load_checkpoint`), AdamW's moments
     with a fresh warm-up."""
     state = load_checkpoint(src)
-    state.pop("opt")
+    state.pop("opt", None)  # absent where src is itself compact
     state.pop("model")
     state["ema"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["ema"].items()}
     save_checkpoint(dest, state)

@@ -201,6 +201,9 @@ def test_compact_checkpoint_resumes_with_fresh_moments(tmp_path, capsys):
     assert all(torch.equal(full["ema"][k].to(torch.bfloat16), v) for k, v in small_state["ema"].items())
     assert all(torch.equal(v.float(), small_state["model"][k]) for k, v in small_state["ema"].items())
     assert not all(torch.equal(full["model"][k], v) for k, v in small_state["model"].items())  # not the raw model
+    main(["compact", "--out", str(tmp_path / "c"), "--dest", str(tmp_path / "d" / "flow")])  # compact again: the same
+    again = load_checkpoint(tmp_path / "d" / "flow")
+    assert again["step"] == 2 and all(torch.equal(small_state["ema"][k], v) for k, v in again["ema"].items())
     (tmp_path / "c" / "ae").symlink_to(tmp_path / "a" / "ae")
     (tmp_path / "c" / "tokenizers").symlink_to(tmp_path / "a" / "tokenizers")
     save_checkpoint(tmp_path / "c" / "flow", {**small_state, "rng_dev": torch.zeros(16, dtype=torch.uint8)})
