@@ -717,8 +717,9 @@ def export(args: argparse.Namespace) -> None:
         "empty_pooled": args.empty_pooled,
         "git_commit": commit,
         "sha256": {str(p.relative_to(dest)): sha256(p) for p in files},
-        "evaluation": old.get("evaluation"),
     }
+    # An evaluation describes the weights it measured: kept only when the export wrote the very same files.
+    manifest["evaluation"] = old.get("evaluation") if old.get("sha256") == manifest["sha256"] else None
     atomic(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     total = sum(p.stat().st_size for p in files)
     print(

@@ -345,3 +345,19 @@ def test_export_empty_pooled_gives_every_caption_the_empty_captions_vector(repo_
     assert [m["empty_pooled"] for m in manifests] == [False, True]
     assert manifests[0]["sha256"]["flow.safetensors"] == manifests[1]["sha256"]["flow.safetensors"]
     assert manifests[0]["sha256"]["t5/model.safetensors"] == manifests[1]["sha256"]["t5/model.safetensors"]
+
+
+@pytest.mark.slow
+def test_export_keeps_an_evaluation_only_for_the_weights_it_measured(repo_root, tmp_path):
+    """`mini.evaluate --update-manifest` stores its results in the manifest; an export of the same weights keeps them,
+    an export of other weights (here a CLIP changed by --empty-pooled) drops them instead of claiming them."""
+    run, assets = tmp_path / "run", tmp_path / "assets"
+    shutil.copytree(repo_root / "mini" / "checkpoint", run)
+    main(["export", "--out", str(run), "--assets", str(assets)])
+    path = assets / "manifest.json"
+    measured = {"text2img": {"heldout": {"accuracy": {"colour": 0.5}}}}
+    path.write_text(json.dumps({**json.loads(path.read_text()), "evaluation": measured}))
+    main(["export", "--out", str(run), "--assets", str(assets)])
+    assert json.loads(path.read_text())["evaluation"] == measured
+    main(["export", "--out", str(run), "--assets", str(assets), "--empty-pooled"])
+    assert json.loads(path.read_text())["evaluation"] is None
