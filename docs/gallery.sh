@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Writes every flux-mini picture and number of the README (docs/images/mini_*.png, outputs/mini_eval/*.json|md) on a
-# CPU, from the shipped weights: the five demos' mini configs, then mini.evaluate's text-to-image grading, ablations,
-# layer sweep and conditioning run.
+# CPU, from the shipped weights: the demos' mini configs, then mini.evaluate's text-to-image grading, ablations,
+# layer sweep and conditioning run, and demo_5's mini table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python demo_2_skip.py configs/mini/demo_2_skip.json
@@ -14,6 +14,7 @@ python -m mini.evaluate --ablation --cases 64 --out outputs/mini_eval --update-m
 python -m mini.evaluate --ablation --vital-layers 0,1 --cases 64 --out outputs/mini_eval_01  # the README's [0, 1] finding
 python -m mini.evaluate --layer-sweep --cases 16 --out outputs/mini_eval --update-manifest  # injection in one layer at a time
 python -m mini.evaluate --conditioning --cases 16 --out outputs/mini_eval --update-manifest  # T5 tokens vs pooled vector
+python demo_5_bench.py configs/mini/demo_5_bench.json  # the benchmark's mini table
 cp outputs/mini_eval/heldout.png docs/images/mini_text2img.png
 cp outputs/mini/demo_3_dino/vitality.png docs/images/mini_vitality.png
 cp outputs/mini/demo_4_edit/grid.png docs/images/mini_edit.png

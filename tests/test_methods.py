@@ -175,23 +175,27 @@ def mini():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nudge", [
-    pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason="the shipped 22-layer weights, not nudged: latent "
-                                              "error 0.22 against Euler's 0.047 (the 4 + 8 weights: 0.020 against "
-                                              "0.047); invert_table shows RF-Solver behind Euler up to 16 steps")),
-    1.15,
+    pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason="the shipped weights, not nudged: mean latent error "
+                                              "0.30 against Euler's 0.046, 45.0 against 53.7 dB: RF-Solver diverges "
+                                              "on two of the 8 scenes (latent error 0.9 and 1.2)")),
+    pytest.param(1.15, marks=pytest.mark.xfail(strict=True, reason="the shipped weights, nudged: mean latent error "
+                                               "0.082 against Euler's 0.034, 59.9 against 57.9 dB: RF-Solver is "
+                                               "ahead on 7 of the 8 scenes and diverges on one (0.52)")),
 ])  # fmt: skip
 def test_rf_solver_inversion_reconstructs_better_than_euler_at_equal_nfe_on_flux_mini(mini, nudge):
-    """Three rendered world scenes (not the model's own output; invert_table's first three), their latents scaled by
-    `nudge` (Stable Flow's latent nudging), inverted and reconstructed under their captions: RF-Solver with 10 steps
-    and Euler with 20 both take 20 evaluations each way; RF-Solver's reconstructions are closer to the VAE's decoding
-    of the (nudged) input latents, on average, in 8-bit PSNR and in the latent. On the shipped weights this holds with
-    nudging only; why is not measured (a guess: started at the clean latent itself, the second-order term, a
-    difference of two velocities half a step apart, is taken where the velocity is least trained, t near 0)."""
+    """invert_table's 8 rendered world scenes (not the model's own output), their latents scaled by `nudge` (Stable
+    Flow's latent nudging), inverted and reconstructed under their captions: RF-Solver with 10 steps and Euler with 20
+    both take 20 evaluations each way; RF-Solver's reconstructions are closer to the VAE's decoding of the (nudged)
+    input latents, on average, in 8-bit PSNR and in the latent. On the shipped weights RF-Solver is far ahead on most
+    scenes and diverges on a few, more often without nudging; why is not measured (a guess: started at the clean
+    latent itself, the second-order term, a difference of two velocities half a step apart, is taken where the
+    velocity is least trained, t near 0). The 4 + 8 weights passed both on 3 scenes."""
     from mini.world import caption, render, sample_scenes
     from stableflow.methods.common import solve
     from stableflow.methods.invert_table import psnr
 
-    scenes = sample_scenes(3, 0)
+    n = 8
+    scenes = sample_scenes(n, 0)
     pixels = render(scenes)
     latents = nudge * mini.encode_image(pixels)
     targets = mini.decode(latents)
@@ -200,12 +204,12 @@ def test_rf_solver_inversion_reconstructs_better_than_euler_at_equal_nfe_on_flux
     for solver, steps in (("euler", 20), ("rf-solver", 10)):
         ts = mini.schedule(steps, pixels.shape[-1], pixels.shape[-2])
         error[solver] = quality[solver] = 0
-        for i in range(3):
+        for i in range(n):
             noise, n_in = solve(mini, latents[i : i + 1], text.select([i]), ts, 1.0, solver, backwards=True)
             back, n_out = solve(mini, noise, text.select([i]), ts, 1.0, solver)
             assert n_in == n_out == 20
-            error[solver] += ((back[0] - latents[i]).norm() / latents[i].norm()).item() / 3
-            quality[solver] += psnr(mini.decode(back)[0], targets[i]) / 3
+            error[solver] += ((back[0] - latents[i]).norm() / latents[i].norm()).item() / n
+            quality[solver] += psnr(mini.decode(back)[0], targets[i]) / n
     assert error["rf-solver"] < error["euler"]
     assert quality["rf-solver"] > quality["euler"] + 3
 

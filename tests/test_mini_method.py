@@ -15,7 +15,7 @@ from mini.world import render, sample_scenes
 from stableflow.edit import EditRequest, edit_generated
 
 # Measured by `python -m mini.evaluate` / `--ablation` with the shipped weights (README); guards sit under them.
-MEASURED_TEXT2IMG = {"colour": 0.979, "shape": 0.927, "place": 0.988, "count": 0.93, "background": 1.0}
+MEASURED_TEXT2IMG = {"colour": 0.987, "shape": 0.94, "place": 0.988, "count": 0.96, "background": 1.0}
 TEXT2IMG_TARGETS = {"colour": 0.95, "shape": 0.90, "place": 0.90, "count": 0.95}
 
 
@@ -47,11 +47,7 @@ def test_text_to_image_regression_guard(heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attr", [
-    pytest.param(attr, marks=pytest.mark.xfail(strict=True, reason="object count 93% on the 100 held-out prompts (the "
-                                               "4 + 8 weights before layer dropout: 97%)")) if attr == "count" else attr
-    for attr in sorted(TEXT2IMG_TARGETS)
-])  # fmt: skip
+@pytest.mark.parametrize("attr", sorted(TEXT2IMG_TARGETS))
 def test_text_to_image_targets(heldout, attr):
     assert heldout[attr] >= TEXT2IMG_TARGETS[attr]
 
@@ -74,8 +70,10 @@ def test_vitality_scores_every_layer(vitality):
     layers = {entry["layer"]: entry["vitality"] for entry in vitality["layers"]}
     assert sorted(layers) == list(range(22)) and vitality["metric"] == "mini-detector"
     assert vitality["vital_layer_names"] and len(vitality["vital_layer_names"]) == len(vitality["vital_layers"])
-    # As in FLUX (the paper's layer 0), the first double block is the most vital: its bypass destroys the picture.
-    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.45  # measured 0.59
+    # As in FLUX (the paper's layer 0), the first double block is the most vital. Its bypass no longer destroys the
+    # picture (vitality 0.59 after the seventh training stage, 0.36 after the eighth): layer dropout trains every block
+    # to be dispensable, which is what made the vital set a minority (README).
+    assert max(layers, key=layers.get) == 0 and layers[0] >= 0.30  # measured 0.36
 
 
 @pytest.mark.slow
@@ -116,22 +114,44 @@ def test_real_images_reconstruct(ablation):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="without injection, untouched objects left unplaced keep mean IoU 0.67 over "
-                   "the README's 64 cases a family (0.64 on this test's 12; background changes 0.18; every untouched "
-                   "object 0.73): the trained model keeps more of a same-seed layout than the target's 0.6")  # fmt: skip
-def test_phenomenon_edits_move_untouched_objects_without_injection(ablation):
-    assert _mean(ablation, "none", OPEN) <= 0.6
+def test_without_injection_edits_move_untouched_objects(ablation):
+    """Regression guard for the target below: same-seed edits of under-specified captions move the untouched objects
+    left unplaced (measured open IoU 0.58 on these 12 cases a family; a model whose layout ignored the caption would
+    keep them near 1)."""
+    assert _mean(ablation, "none", OPEN) <= 0.75
+
+
+def _recorded_ablation(repo_root) -> dict:
+    """The README's ablation (`mini.evaluate --ablation --cases 64 --update-manifest`), recorded in the shipped
+    weights' manifest; an export of other weights drops the record, so it is these weights' measurement."""
+    return json.loads((repo_root / "flux" / "assets" / "mini" / "manifest.json").read_text())["evaluation"]["ablation"]
+
+
+def test_manifest_records_the_readmes_ablation_of_demo_3s_layers(repo_root):
+    record = _recorded_ablation(repo_root)["ablation"]
+    demo_4 = json.loads((repo_root / "configs" / "mini" / "demo_4_edit.json").read_text())
+    assert record["cases_per_family"] == 64 and record["vital_layers"] == demo_4["vital_layers"]
+    assert all(record["generated"][f]["none"][OPEN] is not None for f in record["generated"])
+
+
+# The drift sits within the 12 cases' sampling spread of the target (open IoU 0.58 on this test's cases, 0.67 on the
+# README's 64 and on the layer sweep's 16), so the target is decided on the README's 64 cases a family.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="without injection, untouched objects left unplaced "
+                   "keep mean IoU 0.67 over the README's 64 cases a family (background changes 0.18; every untouched "
+                   "object 0.74): the trained model keeps more of a same-seed layout than the target's 0.6")  # fmt: skip
+def test_phenomenon_edits_move_untouched_objects_without_injection(repo_root):
+    assert _mean(_recorded_ablation(repo_root)["ablation"], "none", OPEN) <= 0.6
 
 
 @pytest.mark.slow
 def test_vital_layers_let_more_edits_through_than_all_layers(ablation):
     """Regression guard for the target below: injection in every layer reproduces the reference, in the vital ones
-    more edits still happen (measured +18 points on these 12 cases a family, +19 on the README's 64)."""
+    more edits still happen (measured +20 points on these 12 cases a family, +21 on the README's 64)."""
     assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.12
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="+19 points over the README's 64 cases a family (34% vs 15%), +18 on this "
+@pytest.mark.xfail(strict=True, reason="+21 points over the README's 64 cases a family (36% vs 15%), +20 on this "
                    "test's 12: the vital layers block additions and size changes as all layers do")  # fmt: skip
 def test_vital_layers_let_edits_through_where_all_layers_do_not(ablation):
     assert _mean(ablation, "vital", "success") >= _mean(ablation, "all", "success") + 0.30
@@ -140,14 +160,14 @@ def test_vital_layers_let_edits_through_where_all_layers_do_not(ablation):
 @pytest.mark.slow
 def test_vital_layer_injection_holds_more_than_none(ablation):
     """Regression guard for the target below: injection in the vital layers keeps untouched objects left unplaced
-    where they were (measured +0.22 open-place IoU over no injection on these 12 cases a family, +0.18 on the
+    where they were (measured +0.27 open-place IoU over no injection on these 12 cases a family, +0.20 on the
     README's 64)."""
     assert _mean(ablation, "vital", OPEN) >= _mean(ablation, "none", OPEN) + 0.12
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 34% of edits through "
-                   "(additions 12%, size 0%) and holds untouched objects left unplaced at IoU 0.85, +0.18 over "
+@pytest.mark.xfail(strict=True, reason="README's ablation table: vital-layer injection lets 36% of edits through "
+                   "(additions 11%, size 0%) and holds untouched objects left unplaced at IoU 0.87, +0.20 over "
                    "none")  # fmt: skip
 def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through(ablation):
     gen = ablation["generated"]
@@ -158,15 +178,15 @@ def test_vital_layer_injection_holds_untouched_objects_and_lets_the_edit_through
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: injection in the 17 non-vital layers blocks the "
-                   "edit as much (32% success) and keeps as much (open-place IoU 0.83 against the vital layers' "
-                   "0.85)")  # fmt: skip
+                   "edit as much (32% success) and keeps as much (open-place IoU 0.84 against the vital layers' "
+                   "0.87)")  # fmt: skip
 def test_vital_layers_hold_more_than_non_vital_ones(ablation):
     assert _mean(ablation, "vital", OPEN) >= _mean(ablation, "non-vital", OPEN) + 0.15
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="README's ablation table: real pictures edited in the vital layers 35% / "
-                   "open-place IoU 0.79 with nudging, 40% / 0.80 without")  # fmt: skip
+                   "open-place IoU 0.79 with nudging, 40% / 0.75 without")  # fmt: skip
 def test_real_image_edits_hold_and_nudging_helps(ablation):
     nudge, plain = ablation["real"]["nudge"], ablation["real"]["no nudge"]
     assert nudge["success"] >= 0.80 and nudge[OPEN] >= 0.85
