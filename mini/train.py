@@ -629,6 +629,14 @@ def read_manifest(folder: Path) -> dict:
                         "wrote") from None  # fmt: skip
 
 
+def record_evaluation(folder: Path, name: str, result: dict) -> None:
+    """Adds a measurement of an export's weights to its manifest under `name`, atomically (a kill mid-write leaves
+    the old manifest, never a truncated one)."""
+    manifest = read_manifest(folder)
+    manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name: result}
+    atomic(Path(folder) / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+
+
 def classifier_free(manifest: dict) -> bool:
     """Whether the exported transformer's last flow stage trained with caption dropout, so its guidance is
     classifier-free (flux.util.ModelSpec.cfg)."""

@@ -27,6 +27,7 @@ from mini.train import (
     lr_at,
     main,
     make_tokenizers,
+    record_evaluation,
     save_checkpoint,
     stack_params,
 )
@@ -361,3 +362,26 @@ def test_export_keeps_an_evaluation_only_for_the_weights_it_measured(repo_root, 
     assert json.loads(path.read_text())["evaluation"] == measured
     main(["export", "--out", str(run), "--assets", str(assets), "--empty-pooled"])
     assert json.loads(path.read_text())["evaluation"] is None
+
+
+def test_record_evaluation_merges_and_a_failed_write_leaves_the_old_manifest(tmp_path, monkeypatch):
+    """`mini.evaluate --update-manifest` adds its result beside the others; a write that dies half-way (a kill, a full
+    disk) leaves the previous manifest whole, not a truncated one the next reader cannot parse."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"model": "flux-mini", "evaluation": None}))
+    record_evaluation(tmp_path, "text2img", {"colour": 0.5})
+    record_evaluation(tmp_path, "ablation", {"cases": 64})
+    before = (tmp_path / "manifest.json").read_text()
+    assert json.loads(before) == {
+        "model": "flux-mini",
+        "evaluation": {"text2img": {"colour": 0.5}, "ablation": {"cases": 64}},
+    }
+
+    def dies_half_way(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "write_text", dies_half_way)
+    with pytest.raises(OSError):
+        record_evaluation(tmp_path, "layer_sweep", {"cases": 16})
+    assert (tmp_path / "manifest.json").read_text() == before
