@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import hashlib
 import io
@@ -32,9 +33,14 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import sentencepiece as spm
 import torch
@@ -631,10 +637,27 @@ def read_manifest(folder: Path) -> dict:
 
 def record_evaluation(folder: Path, name: str, result: dict) -> None:
     """Adds a measurement of an export's weights to its manifest under `name`, atomically (a kill mid-write leaves
-    the old manifest, never a truncated one)."""
-    manifest = read_manifest(folder)
-    manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name: result}
-    atomic(Path(folder) / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+    the old manifest, never a truncated one) and under a lock on the folder, so that evaluations running side by side
+    (docs/gallery.sh runs two at a time) each add their record instead of one writing over the other's."""
+    with _folder_lock(Path(folder)):
+        manifest = read_manifest(folder)
+        manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name: result}
+        atomic(Path(folder) / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock between processes on `folder` itself (its inode outlives the files renamed into it); where
+    the OS has no flock (Windows), none."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def classifier_free(manifest: dict) -> bool:

@@ -385,3 +385,31 @@ def test_record_evaluation_merges_and_a_failed_write_leaves_the_old_manifest(tmp
     with pytest.raises(OSError):
         record_evaluation(tmp_path, "layer_sweep", {"cases": 16})
     assert (tmp_path / "manifest.json").read_text() == before
+
+
+def test_evaluations_recorded_side_by_side_both_land(tmp_path, monkeypatch):
+    """Two evaluations finishing at once (docs/gallery.sh runs two at a time) each read the manifest, add their record
+    and write it: without the lock the later write drops the earlier record. A slowed read widens the window."""
+    import threading
+    import time
+
+    import mini.train
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"model": "flux-mini", "evaluation": None}))
+    read = mini.train.read_manifest
+
+    def slow_read(folder):
+        manifest = read(folder)
+        time.sleep(0.3)
+        return manifest
+
+    monkeypatch.setattr(mini.train, "read_manifest", slow_read)
+    threads = [threading.Thread(target=record_evaluation, args=(tmp_path, k, {"k": k})) for k in ("ablation", "sweep")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads((tmp_path / "manifest.json").read_text())["evaluation"] == {
+        "ablation": {"k": "ablation"},
+        "sweep": {"k": "sweep"},
+    }
