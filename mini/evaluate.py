@@ -45,7 +45,7 @@ from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_
 
 from .detect import detect_batch
 from .edits import FAMILIES, edit_cases, grade, make_edit, mean, reference_ok, shows
-from .train import classifier_free, read_manifest, record_evaluation
+from .train import atomic, classifier_free, read_manifest, record_evaluation
 from .world import MAX_OBJECTS, caption, parse_caption, render, sample_scenes
 
 STEPS = 20
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = "text2img.json"
     result["device"], result["seconds"] = args.device, time.time() - t0
     print(f"{result['seconds']:.0f} s on {args.device}; wrote {out / name}")
-    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    atomic(out / name, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
     if args.update_manifest:
         record_evaluation(Path(args.weights or ASSETS / "mini"), name.removesuffix(".json"), result)
     return result
