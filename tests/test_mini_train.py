@@ -3,10 +3,13 @@
 import io
 import json
 import shutil
+import threading
+import time
 
 import pytest
 import torch
 
+import mini.train
 from flux.errors import UserError
 from flux.sampling import image_ids
 from mini.evaluate import load_mini
@@ -391,11 +394,6 @@ def test_record_evaluation_merges_and_a_failed_write_leaves_the_old_manifest(tmp
 def test_evaluations_recorded_side_by_side_both_land(tmp_path, monkeypatch):
     """Two evaluations finishing at once (docs/gallery.sh runs two at a time) each read the manifest, add their record
     and write it: without the lock the later write drops the earlier record. A slowed read widens the window."""
-    import threading
-    import time
-
-    import mini.train
-
     (tmp_path / "manifest.json").write_text(json.dumps({"model": "flux-mini", "evaluation": None}))
     read = mini.train.read_manifest
 
