@@ -28,7 +28,6 @@ classifier-free, ModelSpec.cfg, the CFG scale of references and edits, inversion
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -42,10 +41,11 @@ from flux.model import FluxParams, Injection, check_layers
 from flux.pipeline import FluxModels, Text, load_models
 from flux.util import ASSETS, model_spec
 from stableflow.edit import NUDGE, EditRequest, RealImage, edit_generated, edit_real, read_vital_layers
+from stableflow.io import atomic_write_json
 
 from .detect import detect_batch
 from .edits import FAMILIES, edit_cases, grade, make_edit, mean, reference_ok, shows
-from .train import atomic, classifier_free, read_manifest, record_evaluation
+from .train import classifier_free, read_manifest, record_evaluation
 from .world import MAX_OBJECTS, caption, parse_caption, render, sample_scenes
 
 STEPS = 20
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = "text2img.json"
     result["device"], result["seconds"] = args.device, time.time() - t0
     print(f"{result['seconds']:.0f} s on {args.device}; wrote {out / name}")
-    atomic(out / name, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+    atomic_write_json(out / name, result, indent=1)
     if args.update_manifest:
         record_evaluation(Path(args.weights or ASSETS / "mini"), name.removesuffix(".json"), result)
     return result

@@ -33,7 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -45,7 +45,8 @@ except ImportError:  # Windows
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from transformers import (
     CLIPTextConfig,
@@ -63,6 +64,7 @@ from flux.model import Flux, FluxParams
 from flux.modules.autoencoder import AutoEncoder
 from flux.sampling import get_lin_function, image_ids, pack, time_shift
 from flux.util import ASSETS, configs
+from stableflow.io import atomic_write_bytes, atomic_write_json
 
 from .world import VOCABULARY, SceneBatch, caption_words, render_batch, sample_batch
 
@@ -211,26 +213,19 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     for i in range(0, max(len(data), 1), PART_BYTES):
         chunk = data[i : i + PART_BYTES]
         name = f"ckpt-{state['step']:07d}-{digest[:12]}.part{i // PART_BYTES}"  # never the name of another's shard
-        atomic(folder / name, lambda tmp, chunk=chunk: Path(tmp).write_bytes(chunk))
+        atomic_write_bytes(folder / name, chunk)
         parts.append({"file": name, "sha256": hashlib.sha256(chunk).hexdigest()})
     index = {"step": state["step"], "parts": parts, "bytes": len(data), "sha256": digest}
     current, previous = folder / "ckpt.json", folder / "ckpt.prev.json"
     if current.exists() and digest not in current.read_text():  # saving the same state twice keeps the one before
         os.replace(current, previous)
-    atomic(current, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+    atomic_write_json(current, index, indent=1)
     keep = {
         part for f in (current, previous) if f.exists() for part in re.findall(r"ckpt-[\w-]+\.part\d+", f.read_text())
     }
     for old in folder.glob("ckpt-*.part*"):
         if old.name not in keep:
             old.unlink()
-
-
-def atomic(path: Path, write: Callable[[str], object]) -> None:
-    """`write(temp_path)`, then rename onto `path`: a kill never leaves a truncated file under the final name."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 def load_checkpoint(folder: Path) -> dict | None:
@@ -587,7 +582,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
     if stage == "ae":  # the shipped AE: EMA weights plus the latent normalisation measured with them
         scale, shift = measure_latents(ema, device, args.measure_n)
         weights = {k: v.contiguous() for k, v in ema.state_dict().items()}
-        atomic(out / "ae.safetensors", lambda tmp: save_file(weights, tmp))
+        atomic_write_bytes(out / "ae.safetensors", safetensors_bytes(weights))
         meta = {
             "scale_factor": scale,
             "shift_factor": shift,
@@ -597,7 +592,7 @@ def train(stage: str, args: argparse.Namespace) -> None:
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_psnr": history[-1]["psnr"] if history else None,
         }
-        atomic(out / "ae.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write_json(out / "ae.json", meta, indent=1)
         print(f"[ae] scale_factor {scale:.4f} shift_factor {shift:.4f}", flush=True)
 
 
@@ -642,7 +637,7 @@ def record_evaluation(folder: Path, name: str, result: dict) -> None:
     with _folder_lock(Path(folder)):
         manifest = read_manifest(folder)
         manifest["evaluation"] = {**(manifest.get("evaluation") or {}), name: result}
-        atomic(Path(folder) / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+        atomic_write_json(Path(folder) / "manifest.json", manifest, indent=1)
 
 
 @contextlib.contextmanager
@@ -689,9 +684,9 @@ def export(args: argparse.Namespace) -> None:
     stack.load_state_dict(flow_state["ema"])
     # bf16: the repository's size budget (the loader casts to the dtype the user asks for).
     flow = {k: v.to(torch.bfloat16).contiguous() for k, v in stack.flow.state_dict().items()}
-    atomic(dest / "flow.safetensors", lambda tmp: save_file(flow, tmp))
+    atomic_write_bytes(dest / "flow.safetensors", safetensors_bytes(flow))
     ae_file = run / "ae" / "ae.safetensors"
-    atomic(dest / "ae.safetensors", lambda tmp: Path(tmp).write_bytes(ae_file.read_bytes()))
+    atomic_write_bytes(dest / "ae.safetensors", ae_file.read_bytes())
     t5_tok, clip_tok = load_tokenizers(tokenizers)
     if args.empty_pooled:
         hold_empty_pooled(stack.clip, WorldTokens(tokenizers, torch.device("cpu")).empty(1)[1])
@@ -751,7 +746,7 @@ def export(args: argparse.Namespace) -> None:
     }
     # An evaluation describes the weights it measured: kept only when the export wrote the very same files.
     manifest["evaluation"] = old.get("evaluation") if old.get("sha256") == manifest["sha256"] else None
-    atomic(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write_json(manifest_path, manifest, indent=1)
     total = sum(p.stat().st_size for p in files)
     print(
         f"exported to {dest}: {len(files)} files, {total / 2**20:.1f} MiB; update flux/util.py's flux-mini "
