@@ -56,3 +56,11 @@ def tiny_models():
     from flux.pipeline import load_models
 
     return load_models("flux-tiny", "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """flux-mini's shipped weights on the CPU in float32 (read-only, as `tiny_models`)."""
+    from flux.pipeline import load_models
+
+    return load_models("flux-mini", "cpu", torch.float32)

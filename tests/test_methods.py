@@ -166,13 +166,6 @@ def test_bad_settings_are_refused(tiny_models, real):
         edit(tiny_models, real, flowedit.FlowEditParams(steps=4, n_max=5))
 
 
-@pytest.fixture(scope="module")
-def mini():
-    from flux.pipeline import load_models
-
-    return load_models("flux-mini", "cpu", torch.float32)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("nudge", [
     pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason="the shipped weights, not nudged: mean latent error "
