@@ -103,6 +103,12 @@ def select_vital(scores: Sequence[LayerScore], tau: float | None = None, top_k: 
     return sorted(s.layer for s in scores if s.vitality >= tau)
 
 
+def borderline_layers(scores: Sequence[LayerScore], tau: float) -> list[int]:
+    """Layers whose vitality interval (the bootstrap interval of the mean, over prompts) contains tau: on another
+    sample of prompts the threshold rule could put them on the other side, so more prompts would settle them."""
+    return sorted(s.layer for s in scores if 1.0 - s.ci_high <= tau <= 1.0 - s.ci_low)
+
+
 def tau_interval_for(scores: Sequence[LayerScore], k: int) -> tuple[float, float] | None:
     """(low, high]: every tau in it selects exactly the k most vital layers (None if ties make that impossible)."""
     v = sorted((s.vitality for s in scores), reverse=True)

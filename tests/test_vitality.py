@@ -250,6 +250,45 @@ def test_select_vital_threshold_and_top_k():
     assert V.tau_interval_for(scores, 2) is None  # 25 and 41 tie: no tau picks exactly two
 
 
+def test_borderline_layers_are_those_whose_interval_of_vitality_contains_tau():
+    """Hand-built similarities over 20 prompts: layer 0 always 0.5 (vitality 0.5, no spread); layer 1 alternates 0.8
+    and 1.0 (vitality 0.1, standard error 0.1 / sqrt(20) = 0.022, so its 95% interval is about 0.1 +- 0.044); layer 2
+    alternates 0.7 and 0.9 (vitality 0.2 +- 0.044); layer 3 always 0.95 (0.05, no spread). At tau 0.1 only layer 1
+    is undecided by this sample; at 0.2 only layer 2; at 0.15 neither (each interval ends within 0.05 of its mean)."""
+    sims = {
+        0: {f"p{i:02d}": 0.5 for i in range(20)},
+        1: {f"p{i:02d}": (0.8, 1.0)[i % 2] for i in range(20)},
+        2: {f"p{i:02d}": (0.7, 0.9)[i % 2] for i in range(20)},
+        3: {f"p{i:02d}": 0.95 for i in range(20)},
+    }
+    scores = V.layer_scores(sims, num_double=2, n_bootstrap=2000, seed=0)
+    for s in scores[1:3]:
+        assert 0.025 < (s.ci_high - s.ci_low) / 2 < 0.05, s  # the normal approximation's 0.044, resampled
+    assert V.borderline_layers(scores, 0.1) == [1]
+    assert V.borderline_layers(scores, 0.2) == [2]
+    assert V.borderline_layers(scores, 0.15) == []
+    assert V.borderline_layers(scores, 0.5) == [0]  # no spread: undecided only exactly at its value
+
+
+def test_summary_and_vital_layers_json_name_the_borderline_layers(tmp_path, embedder):
+    """demo_3's summary says which vital-set decisions the prompts' sample leaves open, and vital_layers.json keeps
+    them; under top_k (no threshold) there are none."""
+    sweep = scan_sweep(make_sweep(tmp_path / "sweep", prompts=("a", "b", "c", "d"), layers=[0, 1, 2]))
+    a = analyse(sweep, embedder, None, n_bootstrap=200)
+    lo, hi = 1 - a.scores[1].ci_high, 1 - a.scores[1].ci_low
+    assert lo < hi  # the tiny sweep's layer 1 has spread over its prompts
+    a = analyse(sweep, embedder, None, tau=(lo + hi) / 2, n_bootstrap=200)
+    expected = V.borderline_layers(a.scores, (lo + hi) / 2)
+    assert 1 in expected
+    assert any(line.startswith(f"borderline: layer(s) {expected}, whose 95% interval") for line in R.summary_lines(a))
+    out = R.write_sweep_outputs(a, tmp_path / "out", dino_model=TINY_RANDOM)
+    assert json.loads(out["json"].read_text())["borderline_layers"] == expected
+    a = analyse(sweep, embedder, None, tau=None, top_k=1, n_bootstrap=200)
+    assert not any(line.startswith("borderline") for line in R.summary_lines(a))
+    out = R.write_sweep_outputs(a, tmp_path / "out2", dino_model=TINY_RANDOM)
+    assert json.loads(out["json"].read_text())["borderline_layers"] == []
+
+
 # ----------------------------------------------------------------------------------------------- cache
 
 
