@@ -173,3 +173,16 @@ def test_coverage_masks_sit_in_their_cells_with_the_right_area():
             assert row * cell <= ys.min() and ys.max() + 1 <= (row + 1) * cell
             r = RADIUS[o.size] * o.scale
             assert float(cov[i, k].sum()) == pytest.approx(unit[o.shape] * r**2, rel=0.03)
+
+
+def test_the_64_prompt_file_is_the_worlds_own_sample(repo_root):
+    """prompts/mini_64.json (the paper's sweep size, for a vitality sweep of flux-mini whose sample of prompts settles
+    the borderline layers) is 64 captions of training-split scenes, seeds 500 on, as the README says it was made: a
+    change of the world's sampler or grammar shows here."""
+    from stableflow.sweep import load_prompts
+
+    prompts = load_prompts(repo_root / "prompts" / "mini_64.json")
+    scenes = sample_scenes(64, 2026, "train")
+    assert [(p.id, p.prompt, p.seed) for p in prompts] == [
+        (f"w{i:02d}", caption(s), 500 + i) for i, s in enumerate(scenes)
+    ]
