@@ -30,7 +30,6 @@ from mini.train import (
     lr_at,
     main,
     make_tokenizers,
-    read_manifest,
     record_evaluation,
     save_checkpoint,
     stack_params,
@@ -407,19 +406,3 @@ def test_evaluations_recorded_side_by_side_both_land(tmp_path, monkeypatch):
         "ablation": {"k": "ablation"},
         "sweep": {"k": "sweep"},
     }
-
-
-def test_the_candidate_checkpoint_exports_as_its_readme_says(repo_root, tmp_path):
-    """mini/candidate/flow, a trained model not shipped yet, is whole (each shard's SHA-256 is checked on load) and
-    exports beside the shipped AE and tokenizers, as mini/candidate/README.md says, into a folder of the shipped
-    transformer's shape that `mini.evaluate --weights` measures."""
-    run = tmp_path / "cand"
-    for part in ("ae", "tokenizers"):
-        shutil.copytree(repo_root / "mini" / "checkpoint" / part, run / part)
-    shutil.copytree(repo_root / "mini" / "candidate" / "flow", run / "flow")
-    main(["export", "--out", str(run), "--assets", str(tmp_path / "assets")])
-    manifest, shipped = read_manifest(tmp_path / "assets"), read_manifest(repo_root / "flux" / "assets" / "mini")
-    assert manifest["training"]["flow"]["steps"] == 68079
-    assert manifest["training"]["flow"]["hparams"]["layer_drop"] == 0.25
-    assert manifest["flow_params"] == shipped["flow_params"]
-    assert manifest["sha256"]["flow.safetensors"] != shipped["sha256"]["flow.safetensors"]
