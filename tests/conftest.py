@@ -20,6 +20,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs of a demo or `python -m flux` (CI runs them too)")
 
 
+# The files whose module fixtures take minutes (flux-mini's ablation; its sweep and text to image). They go first, so
+# that under `--dist loadfile --no-loadscope-reorder` (pyproject) each starts on a worker at once while the other
+# worker works through the rest, instead of starting last and running alone.
+LONG_FILES = ("test_mini_ablation.py", "test_mini_method.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: the order within each group is kept
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
