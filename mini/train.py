@@ -223,7 +223,8 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     keep = {
         part for f in (current, previous) if f.exists() for part in re.findall(r"ckpt-[\w-]+\.part\d+", f.read_text())
     }
-    for old in folder.glob("ckpt-*.part*"):
+    # Also the temp file of a shard whose write a kill cut short (stableflow.io names it ".<name>.<random>.tmp").
+    for old in [*folder.glob("ckpt-*.part*"), *folder.glob(".ckpt-*.tmp")]:
         if old.name not in keep:
             old.unlink()
 

@@ -97,11 +97,14 @@ def test_damaged_checkpoint_falls_back_to_the_previous_and_then_refuses(tmp_path
 
 
 def test_saves_keep_exactly_two_checkpoints(tmp_path):
+    """And nothing else: a shard's temp file that a kill left behind goes with the next save."""
     folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / ".ckpt-0000002-0123456789ab.part0.k3j2l1.tmp").write_bytes(b"half a shard")
     for step in (1, 2, 3, 3):  # the last save of a stage repeats its newest step
         save_checkpoint(folder, {"step": step, "w": torch.tensor([float(step)])})
     named = [p["file"] for f in ("ckpt.json", "ckpt.prev.json") for p in json.loads((folder / f).read_text())["parts"]]
-    assert sorted(p.name for p in folder.glob("ckpt-*")) == sorted(named)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*named, "ckpt.json", "ckpt.prev.json"])
     assert json.loads((folder / "ckpt.prev.json").read_text())["step"] == 2
 
 
