@@ -64,7 +64,7 @@ from flux.model import Flux, FluxParams
 from flux.modules.autoencoder import AutoEncoder
 from flux.sampling import get_lin_function, image_ids, pack, time_shift
 from flux.util import ASSETS, configs
-from stableflow.io import atomic_write_bytes, atomic_write_json
+from stableflow.io import atomic_write_bytes, atomic_write_json, temp_files
 
 from .world import VOCABULARY, SceneBatch, caption_words, render_batch, sample_batch
 
@@ -223,8 +223,8 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     keep = {
         part for f in (current, previous) if f.exists() for part in re.findall(r"ckpt-[\w-]+\.part\d+", f.read_text())
     }
-    # Also the temp file of a shard whose write a kill cut short (stableflow.io names it ".<name>.<random>.tmp").
-    for old in [*folder.glob("ckpt-*.part*"), *folder.glob(".ckpt-*.tmp")]:
+    # Also the temp file of a shard whose write a kill cut short.
+    for old in [*folder.glob("ckpt-*.part*"), *temp_files(folder, "ckpt-*.part*")]:
         if old.name not in keep:
             old.unlink()
 

@@ -71,6 +71,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     _fsync_dir(path.parent)
 
 
+def temp_files(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """The temp files `atomic_open` makes in `folder` for final names matching the glob `pattern`: what a write that a
+    kill cut short leaves behind (an exception removes its own)."""
+    return sorted(Path(folder).glob(f".{pattern}.*.tmp"))
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (POSIX); not possible or needed on Windows."""
     if os.name != "posix":

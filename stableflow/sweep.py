@@ -40,7 +40,7 @@ from flux.util import model_spec
 
 from . import runs
 from .config import SamplingConfig
-from .io import IMAGE_SUFFIXES, atomic_write_json, examples
+from .io import IMAGE_SUFFIXES, atomic_write_json, examples, temp_files
 from .io import load_image as _read_image
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ def merge_manifest(root: str | os.PathLike, manifest: dict) -> dict:
 
 
 def remove_stale_temp_files(batches: Sequence[Batch], root: str | os.PathLike) -> int:
-    """Delete the temp files a killed run left for these items (stableflow.io names them `.<name>.<random>.tmp`).
+    """Delete the temp files a killed run left for these items (`stableflow.io.temp_files`).
 
     Only this rank's own items: another rank may be writing its temp files right now.
     """
@@ -359,7 +359,7 @@ def remove_stale_temp_files(batches: Sequence[Batch], root: str | os.PathLike) -
         for item in batch:
             folder = item.path(root).parent
             if folder.is_dir():
-                for tmp in folder.glob(f".{item.filename}.*.tmp"):
+                for tmp in temp_files(folder, item.filename):
                     tmp.unlink(missing_ok=True)
                     removed += 1
     return removed
@@ -393,7 +393,7 @@ def claim(plan: SweepPlan, dist: Dist) -> Work:
     items = {plan.output(item).name: item for batch in mine for item in batch}
     state = runs.Run(root, [plan.output(item) for item in items.values()], plan.settings)
     if dist.rank == 0:
-        for tmp in root.glob(f".{MANIFEST}.*.tmp"):
+        for tmp in temp_files(root, MANIFEST):
             tmp.unlink(missing_ok=True)
         atomic_write_json(root / MANIFEST, merged)
     remove_stale_temp_files(mine, root)

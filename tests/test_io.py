@@ -20,6 +20,7 @@ from stableflow.io import (
     read_png_metadata,
     save_gif,
     save_png,
+    temp_files,
     tensor_to_pil,
 )
 
@@ -90,6 +91,18 @@ def test_json_converts_numpy_torch_paths_and_sets(tmp_path):
         "e": [1, 3],
         "f": 7,
     }
+
+
+def test_temp_files_finds_the_temp_file_of_a_write_in_progress_and_nothing_else(tmp_path):
+    """What a kill in the middle of `atomic_open` would leave is exactly what `temp_files` lists for the final name (the
+    sweep and flux-mini's checkpoints delete those on the next run); finished files and other names' are not listed."""
+    atomic_write_bytes(tmp_path / "ckpt-1.part0", b"done")
+    with atomic_open(tmp_path / "ckpt-2.part0") as f, atomic_open(tmp_path / "other.json", "w"):
+        f.write(b"half")
+        (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-2.part0")]
+        assert temp_files(tmp_path, "ckpt-2.part0") == [tmp] and temp_files(tmp_path, "ckpt-*.part*") == [tmp]
+        assert temp_files(tmp_path, "ckpt-1.part0") == [] and len(temp_files(tmp_path, "*")) == 2
+    assert temp_files(tmp_path, "*") == []
 
 
 def test_atomic_open_rejects_other_modes(tmp_path):
