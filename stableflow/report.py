@@ -241,7 +241,7 @@ def write_sweep_outputs(
             "complete": not missing,
             "missing": missing,
             "bootstrap": a.bootstrap,
-            "borderline_layers": borderline(a),
+            "borderline_layers": borderline_layers(a.scores, a.selection),
             "notes": a.notes,
         },
     )
@@ -289,11 +289,6 @@ def print_missing(sweep: Sweep, limit: int = 10) -> None:
         print(f"  ... and {len(lines) - limit} more")
 
 
-def borderline(a: Analysis) -> list[int]:
-    """The threshold rule's layers that the prompts' sample leaves undecided (none for top_k, which has no tau)."""
-    return borderline_layers(a.scores, a.selection["tau"]) if a.selection["rule"] == "threshold" else []
-
-
 def summary_lines(a: Analysis) -> list[str]:
     """What a person reads after a run: vital set, the most vital layers, how tau relates to the paper's set size."""
     lines = [
@@ -305,7 +300,7 @@ def summary_lines(a: Analysis) -> list[str]:
             f"  {s.name:<28} vitality {s.vitality:<10.4g} similarity {s.mean_similarity:.4f} "
             f"[{s.ci_low:.4f}, {s.ci_high:.4f}]  n={s.num_prompts}{'  *' if s.layer in a.vital else ''}"
         )
-    if unsure := borderline(a):
+    if unsure := borderline_layers(a.scores, a.selection):
         lines.append(
             f"borderline: layer(s) {unsure}, whose {a.bootstrap['confidence']:.0%} interval of vitality contains "
             f"tau = {a.selection['tau']:g}: another sample of prompts could move them across it; more prompts "

@@ -103,10 +103,13 @@ def select_vital(scores: Sequence[LayerScore], tau: float | None = None, top_k: 
     return sorted(s.layer for s in scores if s.vitality >= tau)
 
 
-def borderline_layers(scores: Sequence[LayerScore], tau: float) -> list[int]:
-    """Layers whose vitality interval (the bootstrap interval of the mean, over prompts) contains tau: on another
-    sample of prompts the threshold rule could put them on the other side, so more prompts would settle them."""
-    return sorted(s.layer for s in scores if 1.0 - s.ci_high <= tau <= 1.0 - s.ci_low)
+def borderline_layers(scores: Sequence[LayerScore], selection: dict) -> list[int]:
+    """Under the threshold rule (`selection_dict`), the layers whose vitality interval (the bootstrap interval of the
+    mean, over prompts) contains tau: another sample of prompts could put them on the other side, so more prompts
+    would settle them. None under top_k, which has no tau."""
+    if selection["rule"] != "threshold":
+        return []
+    return sorted(s.layer for s in scores if 1.0 - s.ci_high <= selection["tau"] <= 1.0 - s.ci_low)
 
 
 def tau_interval_for(scores: Sequence[LayerScore], k: int) -> tuple[float, float] | None:

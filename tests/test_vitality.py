@@ -264,10 +264,11 @@ def test_borderline_layers_are_those_whose_interval_of_vitality_contains_tau():
     scores = V.layer_scores(sims, num_double=2, n_bootstrap=2000, seed=0)
     for s in scores[1:3]:
         assert 0.025 < (s.ci_high - s.ci_low) / 2 < 0.05, s  # the normal approximation's 0.044, resampled
-    assert V.borderline_layers(scores, 0.1) == [1]
-    assert V.borderline_layers(scores, 0.2) == [2]
-    assert V.borderline_layers(scores, 0.15) == []
-    assert V.borderline_layers(scores, 0.5) == [0]  # no spread: undecided only exactly at its value
+    assert V.borderline_layers(scores, V.selection_dict(0.1, None)) == [1]
+    assert V.borderline_layers(scores, V.selection_dict(0.2, None)) == [2]
+    assert V.borderline_layers(scores, V.selection_dict(0.15, None)) == []
+    assert V.borderline_layers(scores, V.selection_dict(0.5, None)) == [0]  # no spread: undecided only at its value
+    assert V.borderline_layers(scores, V.selection_dict(None, 2)) == []  # top_k has no tau
 
 
 def test_summary_and_vital_layers_json_name_the_borderline_layers(tmp_path, embedder):
@@ -278,7 +279,7 @@ def test_summary_and_vital_layers_json_name_the_borderline_layers(tmp_path, embe
     lo, hi = 1 - a.scores[1].ci_high, 1 - a.scores[1].ci_low
     assert lo < hi  # the tiny sweep's layer 1 has spread over its prompts
     a = analyse(sweep, embedder, None, tau=(lo + hi) / 2, n_bootstrap=200)
-    expected = V.borderline_layers(a.scores, (lo + hi) / 2)
+    expected = V.borderline_layers(a.scores, a.selection)
     assert 1 in expected
     assert any(line.startswith(f"borderline: layer(s) {expected}, whose 95% interval") for line in R.summary_lines(a))
     out = R.write_sweep_outputs(a, tmp_path / "out", dino_model=TINY_RANDOM)
