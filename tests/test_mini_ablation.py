@@ -15,11 +15,16 @@ from mini.evaluate import ablation_generated, ablation_real, layer_sets
 from mini.train import read_manifest
 
 
+def _configured_vital_layers(repo_root) -> list[int]:
+    """The layers the mini editing configs inject in (test_mini_method.py: all three name demo_3's result)."""
+    return json.loads((repo_root / "configs" / "mini" / "demo_4_edit.json").read_text())["vital_layers"]
+
+
 @pytest.fixture(scope="module")
 def ablation(mini, repo_root):
     """Each edit family under injection in the mini configs' vital layers, none, all and the non-vital ones (12 cases
     a family: the README's table uses 64), and real world pictures with and without nudging."""
-    vital = json.loads((repo_root / "configs" / "mini" / "demo_4_edit.json").read_text())["vital_layers"]
+    vital = _configured_vital_layers(repo_root)
     return {
         "generated": ablation_generated(mini, layer_sets(mini, vital), 12, 1),
         "real": ablation_real(mini, vital, 6, 1, 30),
@@ -58,8 +63,7 @@ def _recorded_ablation(repo_root) -> dict:
 
 def test_manifest_records_the_readmes_ablation_of_demo_3s_layers(repo_root):
     record = _recorded_ablation(repo_root)
-    demo_4 = json.loads((repo_root / "configs" / "mini" / "demo_4_edit.json").read_text())
-    assert record["cases_per_family"] == 64 and record["vital_layers"] == demo_4["vital_layers"]
+    assert record["cases_per_family"] == 64 and record["vital_layers"] == _configured_vital_layers(repo_root)
     assert all(record["generated"][f]["none"][OPEN] is not None for f in record["generated"])
 
 
